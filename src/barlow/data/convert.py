@@ -1,0 +1,140 @@
+"""Write a `Source` as an FFCV ``.beton`` with a JSON manifest beside it.
+
+Layout of every dataset: ``{'image': RGBImageField, 'label': IntField}``. The file is
+written under a temporary name and renamed only once complete (and the manifest after
+it), so an interrupted conversion never leaves a valid-looking output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from barlow.data.sources import Source
+
+FIELDS = ("image", "label")
+
+
+@dataclass(frozen=True)
+class FfcvSettings:
+    """RGBImageField settings (ffcv-imagenet uses proportion, 500, 0.5, 90)."""
+
+    write_mode: str = "raw"            # raw | jpg | proportion | smart
+    max_resolution: int | None = None  # longest side after resize; None keeps native size
+    compress_probability: float = 0.5  # share stored as JPEG in proportion mode
+    jpeg_quality: int = 90
+
+
+class _Samples:
+    """Indexable view for DatasetWriter. The RNG is reseeded per sample so that
+    proportion mode's raw-or-JPEG draw (np.random inside ffcv) is the same for a given
+    image whichever worker process writes it: conversion is reproducible."""
+
+    def __init__(self, source: Source, seed: int):
+        self.source, self.seed = source, seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        np.random.seed((self.seed * 1_000_003 + i) % 2**32)
+        return self.source.load(i), int(self.source.labels[i])
+
+
+def image_stats(source: Source, max_images: int = 10_000) -> dict[str, Any]:
+    """Per-channel mean/std in [0, 255] (for normalisation) and the image-size range,
+    from an evenly spaced sample of at most ``max_images`` images."""
+    idx = np.linspace(0, len(source) - 1, num=min(len(source), max_images)).astype(int)
+    total = np.zeros(3)
+    total_sq = np.zeros(3)
+    pixels = 0
+    heights, widths = [], []
+    for i in np.unique(idx):
+        img = source.load(int(i)).astype(np.float64)
+        heights.append(img.shape[0])
+        widths.append(img.shape[1])
+        total += img.sum(axis=(0, 1))
+        total_sq += (img ** 2).sum(axis=(0, 1))
+        pixels += img.shape[0] * img.shape[1]
+    mean = total / pixels
+    std = np.sqrt(np.maximum(total_sq / pixels - mean ** 2, 0.0))
+    return {"mean": [round(float(m), 4) for m in mean], "std": [round(float(s), 4) for s in std],
+            "height": [int(min(heights)), int(max(heights))],
+            "width": [int(min(widths)), int(max(widths))]}
+
+
+def write_beton(source: Source, out: str | Path, settings: FfcvSettings, workers: int,
+                seed: int = 0) -> dict[str, Any]:
+    """Write ``source`` to ``out`` (.beton) and ``out`` with suffix .json (manifest);
+    return the manifest. Both appear only when complete."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    manifest_path = out.with_suffix(".json")
+    for stale in (out, manifest_path):
+        stale.unlink(missing_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    writer = DatasetWriter(str(tmp), {
+        "image": RGBImageField(write_mode=settings.write_mode,
+                               max_resolution=settings.max_resolution,
+                               compress_probability=settings.compress_probability,
+                               jpeg_quality=settings.jpeg_quality),
+        "label": IntField(),
+    }, num_workers=max(1, workers))
+    try:
+        writer.from_indexed_dataset(_Samples(source, seed), chunksize=256)
+        beton_sha = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        counts = np.bincount(source.labels, minlength=len(source.class_names))
+        manifest = {
+            "file": out.name,
+            "source": source.name,
+            "split": source.split,
+            "num_images": len(source),
+            "num_classes": len(source.class_names),
+            "class_names": source.class_names,
+            "class_counts": [int(c) for c in counts],
+            "fields": {"image": "RGBImageField (HxWx3 uint8 RGB)", "label": "IntField"},
+            "resolution": image_stats(source),
+            "ffcv": {"write_mode": settings.write_mode, "max_resolution": settings.max_resolution,
+                     "compress_probability": settings.compress_probability,
+                     "jpeg_quality": settings.jpeg_quality, "seed": seed},
+            "inputs_sha256": source.inputs_sha256,
+            "beton_sha256": beton_sha,
+            "skipped": source.skipped,
+        }
+        if source.files is not None:
+            # One relative path per line, in index order: maps subset lists such as
+            # SimCLR's 1percent.txt (file names) to indices in the .beton.
+            files_path = out.with_suffix(".files.txt")
+            files_path.write_text("".join(f + "\n" for f in source.files))
+            manifest["files"] = files_path.name
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    tmp_manifest = manifest_path.with_name(f".{manifest_path.name}.tmp-{os.getpid()}")
+    tmp_manifest.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    os.replace(tmp_manifest, manifest_path)
+    return manifest
+
+
+def read_manifest(beton: str | Path) -> dict[str, Any]:
+    """The manifest beside ``beton``; errors name the file."""
+    from barlow.data.sources import DataError
+
+    path = Path(beton).with_suffix(".json")
+    if not Path(beton).is_file():
+        raise DataError(f"{beton}: FFCV dataset not found (run the convert stage)")
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: manifest missing beside {beton}") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None

@@ -1,0 +1,67 @@
+"""DVC stages `convert` and `convert_transfer`: real images → FFCV .beton + manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from barlow.config import DataConfig, load_section
+from barlow.data import sources
+from barlow.data.convert import FfcvSettings, write_beton
+from barlow.stage import run_stage
+
+# Small grey data is stored raw at native size: lossless and decoded fastest.
+RAW = FfcvSettings(write_mode="raw")
+
+
+@click.group()
+def cli() -> None:
+    """Convert image sources into FFCV datasets (paths from argv, settings from params.yaml)."""
+
+
+@cli.command()
+@click.option("--params", default="params.yaml", show_default=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+def main(params: str, out_dir: Path) -> None:
+    """The pretraining/evaluation data set: OUT/train.beton and OUT/test.beton."""
+    with run_stage("convert"):
+        cfg = load_section(DataConfig, "data", params)
+        if cfg.source == "fashion_mnist":
+            train = sources.fashion_mnist(cfg.fashion_mnist_dir, "train")
+            test = sources.fashion_mnist(cfg.fashion_mnist_dir, "test")
+            settings = RAW
+        else:
+            root = Path(cfg.imagefolder_root)
+            # ImageNet's labelled "val" split is the de facto test set.
+            train = sources.image_folder(root / "train", "train", None, cfg.skip_bad, cfg.workers)
+            test = sources.image_folder(root / "val", "test", train.class_names, cfg.skip_bad,
+                                        cfg.workers)
+            settings = FfcvSettings(**vars(cfg.ffcv))
+        for source in (train, test):
+            manifest = write_beton(source, out_dir / f"{source.split}.beton", settings,
+                                   cfg.workers, cfg.seed)
+            click.echo(f"convert: {source.split}: {manifest['num_images']} images,"
+                       f" {manifest['num_classes']} classes, {len(manifest['skipped'])} skipped")
+
+
+@cli.command()
+@click.option("--params", default="params.yaml", show_default=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+def transfer(params: str, out_dir: Path) -> None:
+    """The offline transfer sets: scikit-learn digits and ELPV solar cells."""
+    with run_stage("convert_transfer"):
+        cfg = load_section(DataConfig, "data", params)
+        elpv = FfcvSettings(write_mode="raw", max_resolution=cfg.elpv_resolution)
+        for split in ("train", "test"):
+            for source, settings in (
+                    (sources.digits(split, cfg.transfer_test_fraction, cfg.seed), RAW),
+                    (sources.elpv(split, cfg.transfer_test_fraction, cfg.seed), elpv)):
+                manifest = write_beton(source, out_dir / f"{source.name}_{split}.beton",
+                                       settings, cfg.workers, cfg.seed)
+                click.echo(f"convert_transfer: {source.name} {split}: {manifest['num_images']}"
+                           f" images, {manifest['num_classes']} classes")
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,231 @@
+"""convert: real Fashion-MNIST and a hand-made ImageFolder (with bad files) round-trip
+through FFCV; every bad input stops with an error naming the file."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from barlow.data import sources
+from barlow.data.convert import FfcvSettings, read_manifest, write_beton
+from barlow.data.sources import DataError
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def read_back(beton: Path) -> tuple[np.ndarray, np.ndarray]:
+    """All images (N,H,W,3 uint8) and labels of a fixed-size .beton, in order, through an
+    FFCV Loader. The JIT is off: a few hundred images decode in a second without it."""
+    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.pipeline.compiler import Compiler
+
+    Compiler.set_enabled(False)
+    try:
+        loader = Loader(str(beton), batch_size=64, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
+                        pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]})
+        images, labels = zip(*[(np.array(x), np.array(y)) for x, y in loader])
+    finally:
+        Compiler.set_enabled(True)
+    return np.concatenate(images), np.concatenate(labels).reshape(-1)
+
+
+def head(source: sources.Source, n: int) -> sources.Source:
+    return replace(source, labels=source.labels[:n])
+
+
+@pytest.mark.skipif(not FMNIST.is_dir(), reason="dataset-fashion-mnist not installed")
+def test_fashion_mnist_slice_round_trips(tmp_path):
+    source = head(sources.fashion_mnist(FMNIST, "train"), 300)
+    manifest = write_beton(source, tmp_path / "fm.beton", FfcvSettings("raw"), workers=2)
+    images, labels = read_back(tmp_path / "fm.beton")
+    raw = sources.read_idx(FMNIST / "train-images-idx3-ubyte.gz")[:300]
+    assert images.shape == (300, 28, 28, 3)
+    for c in range(3):  # grey replicated to RGB, pixel for pixel
+        np.testing.assert_array_equal(images[..., c], raw)
+    np.testing.assert_array_equal(labels, source.labels)
+    assert manifest["num_images"] == 300 and manifest["num_classes"] == 10
+    assert sum(manifest["class_counts"]) == 300
+    assert manifest["resolution"]["height"] == [28, 28]
+    assert read_manifest(tmp_path / "fm.beton") == manifest
+    assert len(manifest["inputs_sha256"]) == 64
+
+
+def test_idx_reader_rejects_bad_files(tmp_path):
+    bad = tmp_path / "x.gz"
+    bad.write_bytes(b"not gzip")
+    with pytest.raises(DataError, match="x.gz: not a readable gzip"):
+        sources.read_idx(bad)
+    bad.write_bytes(gzip.compress(b"\x00\x00\x08\x01" + (10).to_bytes(4, "big") + b"abc"))
+    with pytest.raises(DataError, match="truncated"):
+        sources.read_idx(bad)
+    with pytest.raises(DataError, match="Fashion-MNIST directory not found"):
+        sources.fashion_mnist(tmp_path / "absent", "train")
+
+
+# ---------------------------------------------------------------- ImageFolder
+
+def _rgb(seed: int, size=(12, 10)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def tree(tmp_path) -> Path:
+    """train/<class>/ with PNGs in every colour mode a user meets, and a non-ASCII name."""
+    root = tmp_path / "imagenet" / "train"
+    (root / "cat").mkdir(parents=True)
+    (root / "dög").mkdir()
+    Image.fromarray(_rgb(0)).save(root / "cat" / "rgb.png")
+    Image.fromarray(_rgb(1)[..., 0]).save(root / "cat" / "grey.png")
+    Image.fromarray(np.dstack([_rgb(2), np.full((12, 10), 255, np.uint8)])).save(
+        root / "cat" / "rgba.png")
+    Image.fromarray(_rgb(3)).convert("CMYK").save(root / "dög" / "cmyk.jpg", quality=95)
+    Image.fromarray((_rgb(4)[..., 0].astype(np.uint16) * 257)).save(root / "dög" / "16bit.png")
+    Image.fromarray(_rgb(5)).save(root / "dög" / "ünïcødé 画像.png")
+    return root
+
+
+def test_image_folder_colour_modes_round_trip(tree, tmp_path):
+    source = sources.image_folder(tree, "train", None, skip_bad=False, workers=1)
+    assert source.class_names == ["cat", "dög"]
+    assert sorted(source.files) == sorted(
+        str(p.relative_to(tree)) for p in tree.rglob("*.*"))
+    manifest = write_beton(source, tmp_path / "out" / "train.beton", FfcvSettings("raw"), 1)
+    images, labels = read_back(tmp_path / "out" / "train.beton")
+    np.testing.assert_array_equal(labels, source.labels)
+    expected = {
+        "cat/rgb.png": _rgb(0),
+        "cat/grey.png": np.repeat(_rgb(1)[..., :1], 3, axis=2),
+        "cat/rgba.png": _rgb(2),                       # opaque alpha: colours unchanged
+        "dög/16bit.png": np.repeat(_rgb(4)[..., :1], 3, axis=2),  # 16-bit scaled back to 8
+        "dög/ünïcødé 画像.png": _rgb(5),
+    }
+    for i, rel in enumerate(source.files):
+        if rel in expected:
+            np.testing.assert_array_equal(images[i], expected[rel], err_msg=rel)
+    cmyk = images[source.files.index("dög/cmyk.jpg")].astype(int)
+    assert np.abs(cmyk - _rgb(3)).mean() < 40  # lossy JPEG/CMYK, but the same picture
+    files = (tmp_path / "out" / manifest["files"]).read_text().splitlines()
+    assert files == source.files
+
+
+@pytest.mark.parametrize("name, content, problem", [
+    ("zero.png", b"", "empty file"),
+    ("notes.png", b"this is text, not a picture", "not an image file"),
+    ("readme.txt", b"hello", "not an image file"),
+    ("cut.png", None, "corrupt or truncated"),
+    ("cut.jpg", None, "corrupt or truncated"),
+])
+def test_bad_files_are_named(tree, name, content, problem):
+    path = tree / "cat" / name
+    if content is None:  # a real PNG or JPEG cut in half
+        full = tree / "cat" / f"full{path.suffix}"
+        Image.fromarray(_rgb(9, (64, 64))).save(full)
+        content = full.read_bytes()[: len(full.read_bytes()) // 2]
+        full.unlink()
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=problem) as err:
+        sources.image_folder(tree, "train", None, skip_bad=False, workers=1)
+    assert name in str(err.value)
+    # skip_bad leaves it out and lists it.
+    source = sources.image_folder(tree, "train", None, skip_bad=True, workers=1)
+    assert [s["file"] for s in source.skipped] == [f"cat/{name}"]
+    assert f"cat/{name}" not in source.files
+
+
+def test_folder_level_errors(tree, tmp_path):
+    (tree / "empty").mkdir()
+    with pytest.raises(DataError, match="empty class folder") as err:
+        sources.image_folder(tree, "train", None, skip_bad=True, workers=1)
+    assert "empty" in str(err.value)
+    with pytest.raises(DataError, match="ImageFolder directory not found"):
+        sources.image_folder(tmp_path / "nowhere", "train", None, False, 1)
+    (tree / "empty").rmdir()
+    with pytest.raises(DataError, match="differ from the train split"):
+        sources.image_folder(tree, "test", ["cat", "dög", "eel"], False, 1)
+
+
+def test_failed_write_leaves_no_output(tree, tmp_path):
+    source = sources.image_folder(tree, "train", None, skip_bad=False, workers=1)
+    out = tmp_path / "out" / "train.beton"
+    broken = replace(source, load=lambda i: np.zeros((4, 4), np.uint8))  # not HxWx3
+    with pytest.raises(Exception):
+        write_beton(broken, out, FfcvSettings("raw"), workers=1)
+    assert list(out.parent.iterdir()) == []
+
+
+def test_proportion_mode_is_reproducible(tree, tmp_path):
+    source = sources.image_folder(tree, "train", None, skip_bad=False, workers=1)
+    settings = FfcvSettings("proportion", max_resolution=500, compress_probability=0.5)
+    a = write_beton(source, tmp_path / "a.beton", settings, workers=2, seed=3)
+    b = write_beton(source, tmp_path / "b.beton", settings, workers=1, seed=3)
+    assert a["beton_sha256"] == b["beton_sha256"]
+
+
+# ---------------------------------------------------------------- transfer sets
+
+def test_transfer_sources_are_stratified_and_disjoint():
+    train, test = sources.digits("train", 0.25, 0), sources.digits("test", 0.25, 0)
+    assert len(train) + len(test) == 1797
+    ratio = np.bincount(test.labels) / np.bincount(np.concatenate([train.labels, test.labels]))
+    assert np.allclose(ratio, 0.25, atol=0.02)
+    img = train.load(0)
+    assert img.shape == (8, 8, 3) and img.dtype == np.uint8 and img.max() > 200
+
+
+# ---------------------------------------------------------------- the stage itself
+
+def run_convert(tmp_path: Path, params: dict, *args: str) -> subprocess.CompletedProcess:
+    import yaml
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    return subprocess.run([sys.executable, "-m", "stages.convert", *args, "--params",
+                           str(tmp_path / "params.yaml")], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"sourc": "fashion_mnist"}, "data.sourc: unknown key"),
+    ({"source": "cifar"}, "data.source: 'cifar' is not one of"),
+    ({"workers": "two"}, "data.workers: expected an integer"),
+    ({"transfer_test_fraction": "1e-1"}, "write floats with a dot"),
+    ({"ffcv": {"compress_probability": 1.5}}, "data.ffcv.compress_probability: 1.5 is not a"),
+    ({"source": "imagefolder"}, "data.imagefolder_root: must be set"),
+    ({"source": "imagefolder", "imagefolder_root": "/nonexistent"}, "/nonexistent/train"),
+])
+def test_stage_rejects_bad_params_before_work(tmp_path, data, message):
+    out = tmp_path / "ffcv"
+    result = run_convert(tmp_path, {"data": data}, "main", "--out", str(out))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_stage_converts_an_imagefolder_tree(tree, tmp_path):
+    (tree.parent / "val" / "cat").mkdir(parents=True)
+    (tree.parent / "val" / "dög").mkdir()
+    Image.fromarray(_rgb(7)).save(tree.parent / "val" / "cat" / "v.png")
+    Image.fromarray(_rgb(8)).save(tree.parent / "val" / "dög" / "w.png")
+    (tree / "cat" / "broken.png").write_bytes(b"")
+    data = {"source": "imagefolder", "imagefolder_root": str(tree.parent), "workers": 1}
+    out = tmp_path / "ffcv"
+    result = run_convert(tmp_path, {"data": data}, "main", "--out", str(out))
+    assert result.returncode == 2 and "broken.png: empty file" in result.stderr
+    assert not (out / "train.beton").exists()
+    result = run_convert(tmp_path, {"data": {**data, "skip_bad": True}}, "main", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "train.json").read_text())
+    assert manifest["num_images"] == 6 and manifest["skipped"][0]["file"] == "cat/broken.png"
+    assert manifest["ffcv"]["write_mode"] == "proportion"
+    assert json.loads((out / "test.json").read_text())["class_counts"] == [1, 1]
