@@ -1,0 +1,243 @@
+"""Everything that touches torch.distributed, so the rest of the library stays testable
+in one CPU process.
+
+One code path serves 1 CPU process, N CPU processes (gloo) and N GPUs (nccl): `init`
+reads torchrun's environment and every helper here is the identity when no process
+group exists. Cross-rank reductions that feed the loss go through the functional
+collectives (``torch.distributed._functional_collectives``), whose backward is
+registered with autograd (all_gather ↔ reduce_scatter, all_reduce ↔ all_reduce); the
+older ``torch.distributed.nn.functional`` wrappers do the same but are deprecated.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parallel import DistributedDataParallel
+
+from barlow.loss import LossTerms, Variant, barlow_twins_loss
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits: its ranks, the world size and the device it computes on."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes metrics, checkpoints and logs."""
+        return self.rank == 0
+
+
+def init(backend: str | None = None, timeout_s: float = 60.0) -> DistEnv:
+    """Join the process group that torchrun describes, or run alone without one.
+
+    Without torchrun's RANK/WORLD_SIZE variables: one process, no process group,
+    device cuda:0 when CUDA is available, else cpu. With them: ``backend`` defaults
+    to nccl when CUDA is available (device cuda:LOCAL_RANK) and gloo otherwise;
+    passing "gloo" explicitly keeps the process on the CPU even where GPUs exist.
+    ``timeout_s`` bounds every collective, so a dead peer raises instead of hanging.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        return DistEnv(rank=0, local_rank=0, world_size=1, device=device)
+    rank = int(os.environ["RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        device = torch.device("cuda", local_rank)
+        # NCCL binds each process to the current device; set it before the group exists.
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def shutdown() -> None:
+    """Leave the process group, if one was joined."""
+    if _initialized():
+        dist.destroy_process_group()
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    """Number of processes in the group; 1 without a process group."""
+    return dist.get_world_size() if _initialized() else 1
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """All ranks' ``x`` concatenated along dim 0, in rank order, differentiably.
+
+    The backward is a reduce-scatter with sum: rank r receives Σ_s ∂L_s/∂x_r, the sum
+    over all ranks' losses of their gradient with respect to its own slice. Every rank
+    must pass the same shape (drop the last incomplete batch).
+    """
+    if world_size() == 1:
+        return x
+    return funcol.all_gather_single(x.contiguous(), 0, dist.group.WORLD)
+
+
+def all_reduce_sum_with_grad(x: Tensor) -> Tensor:
+    """Σ over ranks of ``x``; backward sums the gradients over ranks likewise."""
+    if world_size() == 1:
+        return x
+    return funcol.all_reduce(x, "sum", dist.group.WORLD)
+
+
+def distributed_barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float,
+                                  variant: Variant = "full") -> LossTerms:
+    """`barlow_twins_loss` of the GLOBAL batch: both views gathered over all ranks.
+
+    Every rank computes the same global loss L(z_1, ..., z_W) of all ranks' slices z_r
+    (equal per-rank batches). The gather's backward sums the W identical contributions
+    ∂L/∂z_r, so rank r back-propagates W·∂L/∂z_r and obtains W·∂L/∂θ|_r, the part of
+    the gradient that flows through its own slice. DDP averages over the W ranks:
+    (1/W)·Σ_r W·∂L/∂θ|_r = Σ_r ∂L/∂θ|_r = ∂L/∂θ, the exact gradient of the single-process
+    loss on the concatenated batch. Batch norms in the model must compute global
+    statistics the same autograd-visible way (`convert_sync_batchnorm`).
+
+    The reference code instead all-reduces c without autograd: each rank then obtains
+    only ∂L/∂θ|_r and DDP's average divides the true gradient by W.
+    """
+    return barlow_twins_loss(gather_with_grad(z1), gather_with_grad(z2), lambd, variant)
+
+
+@torch.no_grad()
+def reduce_mean(x: Tensor) -> Tensor:
+    """Mean of ``x`` over ranks, detached: for logging, never for gradients."""
+    x = x.detach().clone()
+    if world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x /= world_size()
+    return x
+
+
+def barrier() -> None:
+    """Wait until every rank reaches this point."""
+    if _initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s picklable ``obj`` on every rank (e.g. a run name chosen by rank 0)."""
+    if not _initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+class GlobalBatchNorm(_BatchNorm):
+    """Batch norm whose training statistics span the batch of all ranks, on any device.
+
+    nn.SyncBatchNorm does the same but refuses CPU tensors; this serves gloo runs. For an
+    input (N, C, *) it normalises each channel c over N and the trailing dims of every
+    rank together (n = total count over ranks):
+
+        μ_c  = Σ_ranks Σ x / n
+        σ²_c = Σ_ranks Σ (x − μ_c)² / n                      (biased, to normalise with)
+        y    = (x − μ_c) / sqrt(σ²_c + eps) · γ_c + β_c
+        running_mean ← (1 − m)·running_mean + m·μ_c
+        running_var  ← (1 − m)·running_var  + m·σ²_c·n/(n − 1)   (unbiased, as BatchNorm)
+
+    Both sums go through the autograd-visible all-reduce, so gradients flow into every
+    rank's inputs through the shared statistics. The variance is a second pass about
+    the global mean rather than Σx² − nμ², which cancels catastrophically when
+    |μ| ≫ σ. In eval mode, or without a process group, it is plain BatchNorm.
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected an (N, C, ...) input, got {input.dim()}D")
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training or world_size() == 1:
+            return super().forward(input)
+        self._check_input_dim(input)
+        dims = [0, *range(2, input.dim())]
+        shape = (1, -1) + (1,) * (input.dim() - 2)
+        x = input.to(torch.promote_types(input.dtype, torch.float32))
+        count = x.new_tensor([input.numel() / input.shape[1]])
+        totals = all_reduce_sum_with_grad(torch.cat([x.sum(dims), count]))
+        n = totals[-1].detach()
+        if n < 2:
+            raise ValueError("batch norm needs more than 1 value per channel when training")
+        mean = totals[:-1] / n
+        centred = x - mean.reshape(shape)
+        var = all_reduce_sum_with_grad(centred.square().sum(dims)) / n
+        if self.track_running_stats:
+            self._update_running_stats(mean.detach(), var.detach(), n)
+        y = centred * torch.rsqrt(var + self.eps).reshape(shape)
+        if self.affine:
+            y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
+        return y.to(input.dtype)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: Tensor, var: Tensor, n: Tensor) -> None:
+        self.num_batches_tracked += 1
+        # momentum=None means a cumulative average, as in BatchNorm.
+        factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                  else self.momentum)
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+        self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), factor)
+
+
+def convert_sync_batchnorm(module: nn.Module, env: DistEnv) -> nn.Module:
+    """Make every batch norm in ``module`` use global-batch statistics.
+
+    world_size 1: ``module`` unchanged. CUDA: nn.SyncBatchNorm. CPU: `GlobalBatchNorm`.
+    Parameters and buffers are shared with the replaced layers, not copied.
+    """
+    if env.world_size == 1:
+        return module
+    if env.device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return _to_global_batchnorm(module)
+
+
+def _to_global_batchnorm(module: nn.Module) -> nn.Module:
+    if isinstance(module, _BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        converted = GlobalBatchNorm(module.num_features, module.eps, module.momentum,
+                                    module.affine, module.track_running_stats)
+        if module.affine:
+            converted.weight = module.weight
+            converted.bias = module.bias
+        converted.running_mean = module.running_mean
+        converted.running_var = module.running_var
+        converted.num_batches_tracked = module.num_batches_tracked
+        converted.train(module.training)
+        return converted
+    for name, child in module.named_children():
+        module.add_module(name, _to_global_batchnorm(child))
+    return module
+
+
+def wrap_ddp(model: nn.Module, env: DistEnv) -> nn.Module:
+    """``model`` in DistributedDataParallel when world_size > 1, else ``model`` itself.
+
+    The model must already be on ``env.device``; DDP broadcasts rank 0's parameters
+    and buffers at construction, so all ranks start from the same weights.
+    """
+    if env.world_size == 1:
+        return model
+    device_ids = [env.device.index] if env.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)

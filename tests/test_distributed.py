@@ -1,0 +1,250 @@
+"""Two gloo processes on the CPU must reproduce one process on the concatenated batch.
+
+One spawn runs every multi-process check; the workers save what they saw and the
+assertions run here, against single-process references computed in this process.
+"""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from barlow import distributed as bdist
+from barlow.loss import barlow_twins_loss
+from barlow.models import BarlowTwins, Projector, small_resnet
+
+WORLD = 2
+BATCH = 8          # global; each rank takes a contiguous half
+LAMBD = 0.0051
+BN_SPLIT = 3       # the GlobalBatchNorm check gives rank 0 three samples, rank 1 five
+
+
+def make_model() -> nn.Module:
+    backbone, dim = small_resnet(width=4, layers=(1, 1, 1, 1))
+    return BarlowTwins(backbone, Projector(dim, "16-16")).double()
+
+
+def make_bn(case) -> nn.Module:
+    """The batch norm of one GlobalBatchNorm case, with non-trivial affine parameters."""
+    cls = nn.BatchNorm2d if case["xs"][0].dim() == 4 else nn.BatchNorm1d
+    bn = cls(case["xs"][0].shape[1], momentum=case["momentum"]).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(3))
+        bn.bias.uniform_(-1, 1, generator=torch.Generator().manual_seed(4))
+    return bn
+
+
+def run_bn_case(bn, case, rows):
+    """Training steps on the ``rows`` of each input, one backward of Σ_steps Σ y·w,
+    then an eval-mode forward of the first input."""
+    xs = [x[rows].clone().requires_grad_() for x in case["xs"]]
+    ys = [bn(x) for x in xs]
+    sum((y * w[rows]).sum() for y, w in zip(ys, case["ws"])).backward()
+    bn.eval()
+    return {
+        "y": [y.detach() for y in ys], "x_grad": [x.grad for x in xs],
+        "weight_grad": bn.weight.grad, "bias_grad": bn.bias.grad,
+        "buffers": {k: b.clone() for k, b in bn.named_buffers()},
+        "eval": bn(case["xs"][0][rows]).detach(),
+    }
+
+
+def naive_reference_code_loss(z1, z2, lambd):
+    """The reference implementation's scheme: global BN, then c all-reduced outside
+    autograd. Kept here to show the tests can tell it from the exact gradient."""
+    bn = bdist.GlobalBatchNorm(z1.shape[1], affine=False).double()
+    c = bn(z1).T @ bn(z2) / (z1.shape[0] * dist.get_world_size())
+    with torch.no_grad():  # as the reference's all_reduce(c): autograd never sees it
+        dist.all_reduce(c)
+    on = (torch.diagonal(c) - 1).square().sum()
+    off = c.square().sum() - torch.diagonal(c).square().sum()
+    return on + lambd * off
+
+
+def worker(rank: int, port: int, payload_path: str, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    env = bdist.init(backend="gloo", timeout_s=60)
+    payload = torch.load(payload_path)
+    half = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+    y1, y2 = payload["y1"][half], payload["y2"][half]
+    out = {"env": (env.rank, env.local_rank, env.world_size, str(env.device), env.is_main)}
+
+    for name, loss_fn in [("exact", None), ("naive", naive_reference_code_loss)]:
+        model = make_model()
+        model.load_state_dict(payload["state"])
+        model = bdist.wrap_ddp(bdist.convert_sync_batchnorm(model, env), env)
+        z1, z2 = model(y1, y2)
+        if loss_fn is None:
+            terms = bdist.distributed_barlow_twins_loss(z1, z2, LAMBD)
+            out["terms"] = [t.detach() for t in terms]
+            loss = terms.loss
+        else:
+            loss = loss_fn(z1, z2, LAMBD)
+        loss.backward()
+        out[name] = {k: p.grad.clone() for k, p in model.module.named_parameters()}
+        out[name + "_buffers"] = {k: b.clone() for k, b in model.module.named_buffers()}
+        out["bn_types"] = sorted({type(m).__name__ for m in model.modules()
+                                  if isinstance(m, nn.modules.batchnorm._BatchNorm)})
+
+    rows = slice(0, BN_SPLIT) if rank == 0 else slice(BN_SPLIT, None)
+    out["bn"] = []
+    for case in payload["bn_cases"]:
+        bn = bdist.convert_sync_batchnorm(make_bn(case), env)
+        out["bn"].append({"type": type(bn).__name__, **run_bn_case(bn, case, rows)})
+
+    out["reduce_mean"] = bdist.reduce_mean(torch.tensor(float(rank)))
+    out["broadcast"] = bdist.broadcast_object({"from": rank})
+    bdist.barrier()
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    bdist.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def payload():
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = make_model()
+    # Undo zero_init_residual so that every parameter receives a gradient to compare.
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            nn.init.uniform_(m.weight, 0.5, 1.5, generator=g)
+            nn.init.uniform_(m.bias, -0.5, 0.5, generator=g)
+    state = model.state_dict()
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    return {
+        "state": state,
+        "y1": rand(BATCH, 3, 8, 8), "y2": rand(BATCH, 3, 8, 8),
+        # 4D with an exponential running average and 2D with a cumulative one; the
+        # offset mean checks that the variance does not cancel catastrophically.
+        "bn_cases": [
+            {"momentum": 0.3, "xs": [rand(BATCH, 3, 4, 4) * 2 + 50, rand(BATCH, 3, 4, 4) - 1],
+             "ws": [rand(BATCH, 3, 4, 4), rand(BATCH, 3, 4, 4)]},
+            {"momentum": None, "xs": [rand(BATCH, 5) * 3 + 1, rand(BATCH, 5)],
+             "ws": [rand(BATCH, 5), rand(BATCH, 5)]},
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def results(payload, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    torch.save(payload, tmp / "payload.pt")
+    mp.spawn(worker, args=(free_port(), str(tmp / "payload.pt"), str(tmp)), nprocs=WORLD)
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def reference(payload):
+    """One process, no conversion, the whole batch."""
+    model = make_model()
+    model.load_state_dict(payload["state"])
+    terms = barlow_twins_loss(*model(payload["y1"], payload["y2"]), LAMBD)
+    terms.loss.backward()
+    return {
+        "terms": [t.detach() for t in terms],
+        "grads": {k: p.grad for k, p in model.named_parameters()},
+        "buffers": dict(model.named_buffers()),
+        "bn": [run_bn_case(make_bn(case), case, slice(None))
+               for case in payload["bn_cases"]],
+    }
+
+
+def assert_close(got, want, msg=""):
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-10, msg=lambda m: f"{msg}: {m}")
+
+
+def test_environment(results):
+    for rank, out in enumerate(results):
+        assert out["env"] == (rank, rank, WORLD, "cpu", rank == 0)
+        assert out["reduce_mean"].item() == pytest.approx(0.5)
+        assert out["broadcast"] == {"from": 0}
+        assert out["bn_types"] == ["GlobalBatchNorm"]
+
+
+def test_loss_equals_single_process_loss(results, reference):
+    for out in results:
+        for got, want in zip(out["terms"], reference["terms"]):
+            assert_close(got, want, "loss terms")
+
+
+def test_gradients_equal_single_process_gradients(results, reference):
+    assert reference["grads"]  # every parameter, backbone BN included
+    for out in results:
+        assert out["exact"].keys() == reference["grads"].keys()
+        for name, want in reference["grads"].items():
+            assert want.abs().max() > 0, name
+            assert_close(out["exact"][name], want, name)
+
+
+def test_batchnorm_buffers_equal_single_process_buffers(results, reference):
+    for out in results:
+        for name, want in reference["buffers"].items():
+            assert_close(out["exact_buffers"][name], want, name)
+
+
+def test_reference_code_scheme_divides_gradients_by_world_size(results, reference):
+    # What facebookresearch/barlowtwins computes; caught here so the exact test above
+    # is known to distinguish the two.
+    for out in results:
+        for name, want in reference["grads"].items():
+            assert_close(out["naive"][name] * WORLD, want, name)
+
+
+@pytest.mark.parametrize("case", [0, 1], ids=["4d-momentum", "2d-cumulative"])
+def test_global_batchnorm_matches_batchnorm_on_uneven_batches(results, reference, case):
+    want = reference["bn"][case]
+    parts = [out["bn"][case] for out in results]
+    assert [p["type"] for p in parts] == ["GlobalBatchNorm"] * WORLD
+
+    def cat(key):
+        return [torch.cat(step) for step in zip(*(p[key] for p in parts))]
+
+    for key in ("y", "x_grad"):
+        for got, w in zip(cat(key), want[key]):
+            assert_close(got, w, key)
+    assert_close(torch.cat([p["eval"] for p in parts]), want["eval"], "eval")
+    # Parameter gradients are each rank's share; DDP would sum them (and divide by W).
+    for key in ("weight_grad", "bias_grad"):
+        assert_close(sum(p[key] for p in parts), want[key], key)
+    for part in parts:
+        for name, w in want["buffers"].items():
+            assert_close(part["buffers"][name], w, name)
+
+
+def test_single_process_helpers_are_identities(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    env = bdist.init()
+    assert (env.rank, env.world_size, env.is_main) == (0, 1, True)
+    assert env.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    assert bdist.convert_sync_batchnorm(model, env) is model
+    assert bdist.wrap_ddp(model, env) is model
+    x = torch.randn(4, 3, requires_grad=True)
+    assert bdist.gather_with_grad(x) is x
+    z1, z2 = torch.randn(6, 4), torch.randn(6, 4)
+    for got, want in zip(bdist.distributed_barlow_twins_loss(z1, z2, LAMBD),
+                         barlow_twins_loss(z1, z2, LAMBD)):
+        assert torch.equal(got, want)
+    # Without a process group GlobalBatchNorm is BatchNorm, in both modes.
+    bn, ref = bdist.GlobalBatchNorm(3), nn.BatchNorm1d(3)
+    y = torch.randn(5, 3)
+    torch.testing.assert_close(bn(y), ref(y))
+    torch.testing.assert_close(bn.running_var, ref.running_var)
+    bdist.barrier()
+    bdist.shutdown()
