@@ -1,0 +1,527 @@
+"""Evaluation of learned representations: linear probe, fine-tuning, kNN, VOC07 SVMs.
+
+The protocols (recipe.md, paper Tables 1-3):
+
+- linear probe: frozen backbone in eval mode (BN statistics frozen), a linear head with
+  weight ~ N(0, 0.01²) and zero bias, SGD momentum 0.9, cosine schedule, cross-entropy.
+  Two paths share one training loop: ``train_linear_head`` runs the backbone on every
+  (augmented) batch, as the paper does; ``fit_linear_on_features`` trains the same head
+  on features extracted once without augmentation, which is much cheaper.
+- transfer linear (Places-205, iNat18): the same trainer with ``schedule="step"``.
+- semi-supervised fine-tuning and the supervised-from-scratch baseline: ``finetune``.
+- VOC07 classification: per-class linear SVMs, C by cross-validation (``voc07_svm_map``).
+- monitors and baselines: weighted kNN (``knn_top1``) and raw pixels
+  (``raw_pixel_features``).
+
+A *loader* is any iterable of ``(x, y)`` tensor batches (an FFCV Loader, a DataLoader, a
+list); a *backbone* is any module mapping ``x`` to ``(N, D)`` features; it must already
+be on ``device``.
+
+The trainers return a result dict, ready for dvclive::
+
+    {"history": [row, ...],  # one row per epoch
+     "best": row,            # the epoch with the highest val_top1 (first on ties)
+     "last": row}
+    row = {"epoch": int, "lr_<group>": float, "train_loss": float,
+           "val_loss": float, "val_top1": float, "val_top5": float}
+
+Accuracies are percentages. ``best`` holds the top-5 *of the best top-1 epoch*; the
+reference evaluate.py instead reports the maxima of top-1 and top-5 independently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Iterable, Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import average_precision_score
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.svm import LinearSVC
+from torch import Tensor, nn
+
+Batches = Iterable[tuple[Tensor, Tensor]]
+Schedule = Literal["cosine", "step"]
+OnEpoch = Callable[[int, dict], None]
+
+# The cost grid of the Goyal et al. (2019) benchmark's VOC07 SVM instructions
+# (fair_self_supervision_benchmark GETTING_STARTED.md), whose protocol PIRL and Barlow
+# Twins follow; VISSL's own default is only (0.1, 0.01).
+VOC07_SVM_COSTS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
+
+
+# ----------------------------------------------------------------------------- metrics
+def topk_correct(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, int]:
+    """Number of rows whose label is among the k largest logits, for each k in ``ks``;
+    k is capped at the number of classes (so top-5 of a 3-class problem counts every row)."""
+    kmax = min(max(ks), logits.shape[1])
+    hit = logits.topk(kmax, dim=1).indices.eq(labels.view(-1, 1))  # at most one hit per row
+    return {k: int(hit[:, :min(k, kmax)].sum()) for k in ks}
+
+
+def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
+    """Top-k accuracy in percent: acc_k = 100 · |{i : y_i ∈ top-k(logits_i)}| / N."""
+    if labels.numel() == 0:
+        raise ValueError("topk_accuracy: no samples")
+    return {k: 100.0 * c / labels.numel() for k, c in topk_correct(logits, labels, ks).items()}
+
+
+# --------------------------------------------------------------------- feature extraction
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode, then restore each one's own flag (a caller may
+    hold a model whose submodules are in different modes)."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def _to_input(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
+    x = x.to(device, non_blocking=True)
+    if channels_last and x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def extract_features(
+    backbone: nn.Module,
+    loader: Batches,
+    device: str | torch.device,
+    channels_last: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Run ``backbone`` in eval mode over ``loader``; return (features (N, D) float32,
+    labels (N,)) on the CPU, in loader order. Every submodule's training flag is
+    restored afterwards."""
+    device = torch.device(device)
+    feats, labels = [], []
+    # no_grad rather than inference_mode: inference tensors cannot be saved for
+    # backward, and fit_linear_on_features trains a head on these very tensors.
+    with _eval_mode(backbone), torch.no_grad():
+        for x, y in loader:
+            with _autocast(device, autocast_dtype):
+                f = backbone(_to_input(x, device, channels_last))
+            feats.append(f.float().cpu())
+            labels.append(y.cpu())
+    if not feats:
+        raise ValueError("extract_features: the loader yielded no batches")
+    return torch.cat(feats), torch.cat(labels)
+
+
+def raw_pixel_features(loader: Batches) -> tuple[Tensor, Tensor]:
+    """The raw-pixel baseline: each image flattened to one row, float32 on the CPU."""
+    return extract_features(nn.Flatten(), loader, "cpu")
+
+
+# ----------------------------------------------------------------------------------- kNN
+def knn_top1(
+    train_feats: Tensor,
+    train_labels: Tensor,
+    test_feats: Tensor,
+    test_labels: Tensor,
+    *,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.1,
+    chunk: int = 1024,
+) -> float:
+    """Weighted kNN top-1 accuracy (percent), the SSL monitor of Wu et al. (2018).
+
+    With f̂ = f / ‖f‖₂, s_ij = f̂_i · f̂_j (cosine similarity of test row i to training
+    row j) and N_k(i) the k training rows of largest s_ij:
+        score_c(i) = Σ_{j ∈ N_k(i), y_j = c} exp(s_ij / T),   ŷ_i = argmax_c score_c(i).
+    Test rows are processed ``chunk`` at a time so the similarity matrix never exceeds
+    chunk × N_train; the work runs on ``train_feats``' device."""
+    train = F.normalize(train_feats.float(), dim=1)
+    train_labels = train_labels.to(train.device)
+    k = min(k, train.shape[0])
+    correct = 0
+    for start in range(0, test_feats.shape[0], chunk):
+        query = F.normalize(test_feats[start:start + chunk].to(train.device).float(), dim=1)
+        sim, idx = (query @ train.T).topk(k, dim=1)
+        votes = torch.zeros(query.shape[0], num_classes, device=train.device)
+        votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
+        truth = test_labels[start:start + chunk].to(train.device)
+        correct += int((votes.argmax(dim=1) == truth).sum())
+    return 100.0 * correct / test_feats.shape[0]
+
+
+# ------------------------------------------------------------------ supervised training
+def lr_factor(schedule: Schedule, epoch: int, epochs: int) -> float:
+    """Multiplier of the base learning rate during ``epoch`` (0-based) of ``epochs``.
+
+    Applied once per epoch, as the reference evaluate.py steps CosineAnnealingLR:
+        cosine: (1 + cos(π · e / E)) / 2
+        step:   0.1 ^ ⌊3e / E⌋   (divided by 10 twice, at E/3 and 2E/3: the transfer
+                                  recipe, e.g. 14 epochs → 5, 5, 4)."""
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    if schedule == "step":
+        return 0.1 ** ((3 * epoch) // epochs)
+    raise ValueError(f"unknown schedule {schedule!r} (expected 'cosine' or 'step')")
+
+
+def linear_head(in_features: int, num_classes: int, seed: int = 0) -> nn.Linear:
+    """The linear classifier of the protocol: weight ~ N(0, 0.01²), bias = 0."""
+    head = nn.Linear(in_features, num_classes)
+    with torch.no_grad():
+        head.weight.normal_(0.0, 0.01, generator=torch.Generator().manual_seed(seed))
+        head.bias.zero_()
+    return head
+
+
+def _logits(embed, head, x, device, channels_last, autocast_dtype) -> Tensor:
+    with _autocast(device, autocast_dtype):
+        # The loss and the metrics are computed in fp32 whatever the autocast dtype.
+        return head(embed(_to_input(x, device, channels_last))).float()
+
+
+def _train_epoch(embed, head, batches, optimizer, scaler, device, channels_last,
+                 autocast_dtype) -> float:
+    """One pass of mini-batch SGD on cross-entropy; returns the mean per-sample loss."""
+    loss_sum = torch.zeros((), device=device)
+    seen = 0
+    for x, y in batches:
+        y = y.to(device, non_blocking=True)
+        loss = F.cross_entropy(_logits(embed, head, x, device, channels_last, autocast_dtype), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        # Summed on the device: a .item() per step would stall the GPU pipeline.
+        loss_sum += loss.detach() * y.shape[0]
+        seen += y.shape[0]
+    if seen == 0:
+        raise ValueError("the training loader yielded no batches")
+    return float(loss_sum) / seen
+
+
+def _validate(embed, head, batches, device, channels_last, autocast_dtype) -> dict[str, float]:
+    loss_sum, seen, hits = 0.0, 0, {1: 0, 5: 0}
+    with torch.no_grad():
+        for x, y in batches:
+            y = y.to(device, non_blocking=True)
+            logits = _logits(embed, head, x, device, channels_last, autocast_dtype)
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            for k, c in topk_correct(logits, y, (1, 5)).items():
+                hits[k] += c
+            seen += y.shape[0]
+    if seen == 0:
+        raise ValueError("the validation loader yielded no batches")
+    return {"val_loss": loss_sum / seen,
+            "val_top1": 100.0 * hits[1] / seen, "val_top5": 100.0 * hits[5] / seen}
+
+
+def _fit(
+    embed: Callable[[Tensor], Tensor],
+    head: nn.Module,
+    train_batches: Callable[[int], Batches],
+    val_batches: Batches,
+    optimizer: torch.optim.Optimizer,
+    trained: Sequence[nn.Module],
+    epochs: int,
+    schedule: Schedule,
+    device: torch.device,
+    channels_last: bool,
+    autocast_dtype: torch.dtype | None,
+    on_epoch: OnEpoch | None,
+    after_epoch: Callable[[], None] | None = None,
+) -> dict:
+    """The loop every trainer here shares: per epoch, set the learning rates, train the
+    modules in ``trained`` (train mode), validate (eval mode), report one row.
+
+    ``train_batches(epoch)`` yields that epoch's batches; every optimiser group carries a
+    ``name`` and its base ``lr``, logged as ``lr_<name>``; ``after_epoch`` runs after
+    validation (the frozen-backbone check). The modules are left in eval mode."""
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    # Loss scaling only matters for fp16; bf16 and fp32 have fp32's exponent range.
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+    history = []
+    for epoch in range(epochs):
+        factor = lr_factor(schedule, epoch, epochs)
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * factor
+        for module in trained:
+            module.train()
+        train_loss = _train_epoch(embed, head, train_batches(epoch), optimizer, scaler,
+                                  device, channels_last, autocast_dtype)
+        for module in trained:
+            module.eval()
+        row = {"epoch": epoch,
+               **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups},
+               "train_loss": train_loss,
+               **_validate(embed, head, val_batches, device, channels_last, autocast_dtype)}
+        if after_epoch is not None:
+            after_epoch()
+        history.append(row)
+        if on_epoch is not None:
+            on_epoch(epoch, row)
+    best = max(history, key=lambda r: r["val_top1"])  # max() keeps the first of ties
+    return {"history": history, "best": best, "last": history[-1]}
+
+
+def _sgd(groups: list[dict], momentum: float, weight_decay: float) -> torch.optim.SGD:
+    """SGD with momentum, no dampening or Nesterov (the reference evaluate.py); weight
+    decay on every parameter, head bias included, as the reference does."""
+    return torch.optim.SGD(groups, momentum=momentum, weight_decay=weight_decay)
+
+
+def train_linear_head(
+    backbone: nn.Module,
+    train_loader: Batches,
+    val_loader: Batches,
+    *,
+    feat_dim: int,
+    num_classes: int,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    device: str | torch.device,
+    momentum: float = 0.9,
+    schedule: Schedule = "cosine",
+    seed: int = 0,
+    channels_last: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+    on_epoch: OnEpoch | None = None,
+) -> tuple[nn.Linear, dict]:
+    """The paper's linear evaluation: a ``linear_head`` trained on the frozen backbone's
+    features of every (augmenting) ``train_loader`` batch, validated each epoch.
+
+    Objective: min_{W,b} E[CE(W·f(x) + b, y)] with f fixed; SGD(lr, momentum,
+    weight_decay) with ``lr_factor(schedule)`` per epoch. The backbone runs in eval mode
+    under no_grad; after every epoch its state_dict (parameters and buffers, BN running
+    statistics included) is compared with a copy taken before training, and RuntimeError
+    names the first entry that changed. Returns (head, result); see the module docstring."""
+    device = torch.device(device)
+    snapshot = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+
+    def frozen_features(x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return backbone(x)
+
+    def check_unchanged() -> None:
+        state = backbone.state_dict()
+        if state.keys() != snapshot.keys():
+            raise RuntimeError("frozen backbone changed during linear evaluation: its "
+                               "state_dict keys differ from those before training")
+        for key, value in state.items():
+            if not torch.equal(value, snapshot[key]):
+                raise RuntimeError(f"frozen backbone changed during linear evaluation: {key}")
+
+    head = linear_head(feat_dim, num_classes, seed).to(device)
+    optimizer = _sgd([{"params": head.parameters(), "lr": lr, "name": "head"}],
+                     momentum, weight_decay)
+    with _eval_mode(backbone):
+        result = _fit(frozen_features, head, lambda epoch: train_loader, val_loader,
+                      optimizer, [head], epochs, schedule, device, channels_last,
+                      autocast_dtype, on_epoch, after_epoch=check_unchanged)
+    return head, result
+
+
+def _feature_batches(feats: Tensor, labels: Tensor, batch_size: int,
+                     order: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    order = torch.arange(feats.shape[0], device=feats.device) if order is None else order
+    for start in range(0, feats.shape[0], batch_size):
+        idx = order[start:start + batch_size]
+        yield feats[idx], labels[idx]
+
+
+def fit_linear_on_features(
+    train_feats: Tensor,
+    train_labels: Tensor,
+    val_feats: Tensor,
+    val_labels: Tensor,
+    *,
+    num_classes: int,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    batch_size: int,
+    momentum: float = 0.9,
+    seed: int = 0,
+    schedule: Schedule = "cosine",
+    device: str | torch.device = "cpu",
+    on_epoch: OnEpoch | None = None,
+) -> tuple[nn.Linear, dict]:
+    """The fast linear probe: the same head, optimiser, schedule and loop as
+    ``train_linear_head``, on features extracted once (no augmentation).
+
+    Each epoch visits the training rows in a fresh permutation drawn from a generator
+    seeded with ``seed`` (the last batch may be smaller), so a seed fixes the result on
+    a given device. All features are moved to ``device`` once. Returns (head, result)."""
+    device = torch.device(device)
+    train_feats, train_labels = train_feats.float().to(device), train_labels.to(device)
+    val_feats, val_labels = val_feats.float().to(device), val_labels.to(device)
+    generator = torch.Generator().manual_seed(seed)
+
+    def epoch_batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        order = torch.randperm(train_feats.shape[0], generator=generator).to(device)
+        return _feature_batches(train_feats, train_labels, batch_size, order)
+
+    head = linear_head(train_feats.shape[1], num_classes, seed).to(device)
+    optimizer = _sgd([{"params": head.parameters(), "lr": lr, "name": "head"}],
+                     momentum, weight_decay)
+    result = _fit(nn.Identity(), head, epoch_batches,
+                  list(_feature_batches(val_feats, val_labels, batch_size)),
+                  optimizer, [head], epochs, schedule, device, False, None, on_epoch)
+    return head, result
+
+
+def finetune(
+    backbone: nn.Module,
+    head: nn.Module,
+    train_loader: Batches,
+    val_loader: Batches,
+    *,
+    epochs: int,
+    lr_backbone: float,
+    lr_head: float,
+    weight_decay: float,
+    device: str | torch.device,
+    momentum: float = 0.9,
+    schedule: Schedule = "cosine",
+    channels_last: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+    on_epoch: OnEpoch | None = None,
+) -> dict:
+    """Semi-supervised fine-tuning (paper Table 2), also the supervised-from-scratch
+    baseline when ``backbone`` is randomly initialised.
+
+    min over backbone and head of E[CE(head(backbone(x)), y)]; both in train mode (BN
+    statistics update); SGD with two groups, ``lr_backbone`` and ``lr_head``, momentum,
+    ``weight_decay`` on both, ``lr_factor(schedule)`` per epoch. Trains ``backbone`` and
+    ``head`` in place (both must be on ``device``) and leaves them in eval mode. Returns
+    the result dict of the module docstring, with ``lr_backbone`` and ``lr_head`` rows."""
+    device = torch.device(device)
+    optimizer = _sgd([{"params": backbone.parameters(), "lr": lr_backbone, "name": "backbone"},
+                      {"params": head.parameters(), "lr": lr_head, "name": "head"}],
+                     momentum, weight_decay)
+    return _fit(backbone, head, lambda epoch: train_loader, val_loader, optimizer,
+                [backbone, head], epochs, schedule, device, channels_last, autocast_dtype,
+                on_epoch)
+
+
+# ------------------------------------------------------------------------- VOC07 SVMs
+def _precision_recall(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Precision and recall after each rank of ``scores`` sorted high to low; ``targets``
+    is 1 for a positive, anything else a negative. Ties keep input order."""
+    positive = np.asarray(targets)[np.argsort(-np.asarray(scores), kind="stable")] == 1
+    if not positive.any():
+        raise ValueError("average precision is undefined without a positive sample")
+    tp = np.cumsum(positive)
+    return tp / np.arange(1, len(tp) + 1), tp / tp[-1]
+
+
+def voc07_11point_ap(scores: np.ndarray, targets: np.ndarray) -> float:
+    """VOC2007 devkit AP (VOCevalcls): AP = (1/11) Σ_{t ∈ {0, 0.1, …, 1}} max_{r ≥ t} p(r),
+    the max being 0 where no rank reaches recall t. The thresholds are k/10 exactly, so a
+    recall of 3/10 counts at t = 0.3 (the devkit's 0:0.1:1 gives 0.30000000000000004)."""
+    precision, recall = _precision_recall(scores, targets)
+    return float(np.mean([precision[recall >= k / 10].max(initial=0.0) for k in range(11)]))
+
+
+def envelope_ap(scores: np.ndarray, targets: np.ndarray) -> float:
+    """AP as the area under the monotone precision envelope (VOC2010+ devkit; the AP of
+    the SSL VOC07 SVM benchmark of Goyal et al. 2019 / PIRL / VISSL):
+        AP = Σ_n (r_n − r_{n−1}) · max_{m ≥ n} p_m,   r_0 = 0."""
+    precision, recall = _precision_recall(scores, targets)
+    envelope = np.maximum.accumulate(precision[::-1])[::-1]
+    return float(np.sum(np.diff(recall, prepend=0.0) * envelope))
+
+
+def _numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
+
+
+def _label_matrix(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(N, C) targets in VOC layout: 1 present, 0 absent, -1 difficult. Integer class
+    labels (N,) become one-vs-rest columns."""
+    if labels.ndim == 1:
+        return (labels[:, None] == np.arange(num_classes)[None, :]).astype(np.int64)
+    return labels.astype(np.int64)
+
+
+def _l2_normalise(feats: np.ndarray) -> np.ndarray:
+    # x / (‖x‖ + 1e-5) as the benchmark code does; the epsilon keeps zero rows finite.
+    feats = feats.astype(np.float64)
+    return feats / (np.linalg.norm(feats, axis=1, keepdims=True) + 1e-5)
+
+
+def _svm(cost: float, seed: int, max_iter: int) -> LinearSVC:
+    # The benchmark's settings: squared hinge, L2, dual, intercept_scaling 1, positives
+    # weighted twice (labels are ±1), tol 1e-4, max_iter 2000.
+    return LinearSVC(C=cost, class_weight={1: 2, -1: 1}, intercept_scaling=1.0,
+                     penalty="l2", loss="squared_hinge", dual=True, tol=1e-4,
+                     max_iter=max_iter, random_state=seed)
+
+
+def voc07_svm_map(
+    train_feats,
+    train_labels,
+    test_feats,
+    test_labels,
+    *,
+    costs: Sequence[float] = VOC07_SVM_COSTS,
+    folds: int = 3,
+    seed: int = 0,
+    max_iter: int = 2000,
+    n_jobs: int | None = None,
+) -> dict:
+    """VOC07 linear-SVM classification, the protocol of Goyal et al. (2019) that PIRL and
+    Barlow Twins (Table 3, 86.2 mAP) report, as VISSL implements it.
+
+    Features are L2-normalised, x / (‖x‖₂ + 1e-5). Labels are either integer classes
+    (N,), made one-vs-rest, or an (N, C) matrix in VOC layout: 1 present, 0 absent,
+    -1 difficult (a negative when training, ignored when testing, as in VISSL). For each
+    class c and each C in ``costs``, a LinearSVC (see ``_svm``) is scored by the mean
+    average precision over ``folds`` stratified folds of the training set (shuffled with
+    ``seed``; the benchmark's folds are unshuffled); the best C is refit on the whole
+    training set and its decision values rank the test set.
+
+    Returns, in percent:
+        "map"          mean over classes of ``envelope_ap`` — the benchmark's AP, so the
+                       number comparable with the paper's
+        "map_11point"  mean of ``voc07_11point_ap`` (VOC2007 devkit)
+        "map_sklearn"  mean of sklearn's average_precision_score (no interpolation)
+        "ap", "ap_11point", "ap_sklearn"  the per-class lists
+    and "cost" (chosen C per class) and "cv_ap" (classes × costs cross-validation AP,
+    percent)."""
+    train_feats, test_feats = _l2_normalise(_numpy(train_feats)), _l2_normalise(_numpy(test_feats))
+    train_labels, test_labels = _numpy(train_labels), _numpy(test_labels)
+    num_classes = (train_labels.shape[1] if train_labels.ndim == 2
+                   else int(max(train_labels.max(), test_labels.max())) + 1)
+    train_targets = _label_matrix(train_labels, num_classes)
+    test_targets = _label_matrix(test_labels, num_classes)
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    out = {name: [] for name in ("ap", "ap_11point", "ap_sklearn", "cost", "cv_ap")}
+    for c in range(num_classes):
+        target = np.where(train_targets[:, c] == 1, 1, -1)
+        cv_ap = [cross_val_score(_svm(cost, seed, max_iter), train_feats, target, cv=cv,
+                                 scoring="average_precision", n_jobs=n_jobs).mean()
+                 for cost in costs]
+        cost = costs[int(np.argmax(cv_ap))]
+        svm = _svm(cost, seed, max_iter).fit(train_feats, target)
+        keep = test_targets[:, c] != -1
+        scores, truth = svm.decision_function(test_feats[keep]), test_targets[keep, c]
+        out["ap"].append(100.0 * envelope_ap(scores, truth))
+        out["ap_11point"].append(100.0 * voc07_11point_ap(scores, truth))
+        out["ap_sklearn"].append(100.0 * float(average_precision_score(truth == 1, scores)))
+        out["cost"].append(cost)
+        out["cv_ap"].append([100.0 * float(a) for a in cv_ap])
+    return {"map": float(np.mean(out["ap"])),
+            "map_11point": float(np.mean(out["ap_11point"])),
+            "map_sklearn": float(np.mean(out["ap_sklearn"])),
+            **out}

@@ -1,0 +1,274 @@
+"""Tests of barlow.evaluate on tiny synthetic data (CPU, a few seconds)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from barlow.evaluate import (
+    envelope_ap,
+    extract_features,
+    finetune,
+    fit_linear_on_features,
+    knn_top1,
+    lr_factor,
+    raw_pixel_features,
+    topk_accuracy,
+    train_linear_head,
+    voc07_11point_ap,
+    voc07_svm_map,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+
+
+def clustered(n_per_class: int, num_classes: int, dim: int, spread: float, seed: int):
+    """Gaussian clusters around random unit-scale centres: (features (N, dim), labels (N,))."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(num_classes, dim, generator=g)
+    labels = torch.arange(num_classes).repeat_interleave(n_per_class)
+    return centres[labels] + spread * torch.randn(len(labels), dim, generator=g), labels
+
+
+def colour_images(n: int, num_classes: int, seed: int, batch_size: int = 32):
+    """3×8×8 noise images whose class-c channel is brightened: a loader (list of batches)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    images = torch.randn(n, 3, 8, 8, generator=g)
+    images[torch.arange(n), labels] += 2.0
+    return [(images[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, n, batch_size)]
+
+
+def tiny_backbone(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+# ------------------------------------------------------------------------------- top-k
+def test_topk_accuracy_hand_computed():
+    logits = torch.tensor([[0.1, 0.7, 0.2],   # label 1: top-1 hit
+                           [0.5, 0.3, 0.2],   # label 1: 2nd → top-2 hit
+                           [0.2, 0.3, 0.5],   # label 0: 3rd → top-3 only
+                           [0.6, 0.1, 0.3]])  # label 0: top-1 hit
+    labels = torch.tensor([1, 1, 0, 0])
+    assert topk_accuracy(logits, labels, ks=(1, 2, 3)) == {1: 50.0, 2: 75.0, 3: 100.0}
+    # k is capped at the number of classes: top-5 of 3 classes counts every row.
+    assert topk_accuracy(logits, labels) == {1: 50.0, 5: 100.0}
+
+
+# --------------------------------------------------------------------------------- kNN
+def test_knn_clustered_features_near_perfect():
+    feats, labels = clustered(60, 10, 32, spread=0.1, seed=0)
+    test_feats, test_labels = clustered(20, 10, 32, spread=0.1, seed=0)
+    assert knn_top1(feats, labels, test_feats, test_labels, num_classes=10, k=20) >= 99.0
+
+
+def test_knn_noise_near_chance_and_chunking_invariant():
+    g = torch.Generator().manual_seed(1)
+    train, test = torch.randn(2000, 16, generator=g), torch.randn(2000, 16, generator=g)
+    train_labels = torch.randint(0, 10, (2000,), generator=g)
+    test_labels = torch.randint(0, 10, (2000,), generator=g)
+    acc = knn_top1(train, train_labels, test, test_labels, num_classes=10, chunk=1024)
+    assert abs(acc - 10.0) < 4.0
+    assert knn_top1(train, train_labels, test, test_labels, num_classes=10, chunk=7) == acc
+
+
+def test_knn_votes_are_similarity_weighted():
+    # One close neighbour of class 1 against two farther ones of class 0: with a small
+    # temperature exp(s/T) lets the close one win; with a large one, the majority wins.
+    train = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.6, -0.8]])
+    labels = torch.tensor([1, 0, 0])
+    query, truth = torch.tensor([[1.0, 0.0]]), torch.tensor([1])
+    assert knn_top1(train, labels, query, truth, num_classes=2, k=3, temperature=0.1) == 100.0
+    assert knn_top1(train, labels, query, truth, num_classes=2, k=3, temperature=100.0) == 0.0
+
+
+# --------------------------------------------------------------------- features, pixels
+def test_extract_features_restores_modes_and_feeds_the_fast_probe():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3))
+    model.train()
+    model[1].eval()  # mixed modes must come back as they were
+    x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    loader = [(x[:25], y[:25]), (x[25:], y[25:])]
+    feats, labels = extract_features(model, loader, "cpu")
+    assert [m.training for m in model.modules()] == [True, True, False, True]
+    assert feats.dtype == torch.float32 and feats.shape == (40, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(feats, model.eval()(x))
+    assert torch.equal(labels, y)
+    # The features must be usable for training (inference-mode tensors would not be).
+    fit_linear_on_features(feats, labels, feats, labels, num_classes=3, epochs=1, lr=0.1,
+                           weight_decay=0.0, batch_size=16)
+
+
+def test_extract_features_autocast_returns_float32():
+    feats, _ = extract_features(nn.Linear(4, 3), [(torch.randn(5, 4), torch.zeros(5))],
+                                "cpu", autocast_dtype=torch.bfloat16)
+    assert feats.dtype == torch.float32
+
+
+def test_raw_pixel_features_flattens():
+    loader = colour_images(10, 3, seed=0, batch_size=4)
+    feats, labels = raw_pixel_features(loader)
+    assert feats.shape == (10, 3 * 8 * 8)
+    assert torch.equal(feats[:4], loader[0][0].reshape(4, -1))
+    assert torch.equal(labels, torch.cat([b[1] for b in loader]))
+
+
+# ---------------------------------------------------------------------------- schedules
+def test_lr_factor_cosine_and_step():
+    assert lr_factor("cosine", 0, 10) == 1.0
+    assert lr_factor("cosine", 5, 10) == pytest.approx(0.5)
+    assert lr_factor("cosine", 9, 10) == pytest.approx(0.5 * (1 + math.cos(0.9 * math.pi)))
+    # Transfer recipe: ÷10 twice at equal intervals; 14 epochs → 5, 5, 4.
+    assert [lr_factor("step", e, 14) for e in range(14)] == pytest.approx(
+        [1.0] * 5 + [0.1] * 5 + [0.01] * 4)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        lr_factor("linear", 0, 10)
+
+
+# ------------------------------------------------------------------------ linear probes
+def test_fit_linear_on_features_learns_and_is_deterministic():
+    x, y = clustered(100, 4, 16, spread=0.3, seed=2)
+    vx, vy = clustered(50, 4, 16, spread=0.3, seed=2)
+    rows = []
+    kwargs = dict(num_classes=4, epochs=5, lr=0.5, weight_decay=1e-6, batch_size=64, seed=3)
+    head, result = fit_linear_on_features(x, y, vx, vy, **kwargs,
+                                          on_epoch=lambda e, row: rows.append((e, row)))
+    assert result["last"]["val_top1"] >= 95.0
+    assert result["best"]["val_top1"] == max(r["val_top1"] for r in result["history"])
+    assert rows == list(enumerate(result["history"]))
+    assert set(result["last"]) == {"epoch", "lr_head", "train_loss", "val_loss",
+                                   "val_top1", "val_top5"}
+    assert [r["lr_head"] for r in result["history"]] == pytest.approx(
+        [0.5 * lr_factor("cosine", e, 5) for e in range(5)])
+
+    head2, result2 = fit_linear_on_features(x, y, vx, vy, **kwargs)
+    assert torch.equal(head.weight, head2.weight) and result2 == result
+    head3, _ = fit_linear_on_features(x, y, vx, vy, **{**kwargs, "seed": 4})
+    assert not torch.equal(head.weight, head3.weight)
+
+
+def test_fit_linear_on_features_step_schedule():
+    x, y = clustered(20, 3, 8, spread=0.3, seed=5)
+    _, result = fit_linear_on_features(x, y, x, y, num_classes=3, epochs=6, lr=0.01,
+                                       weight_decay=5e-4, batch_size=16, schedule="step")
+    assert [r["lr_head"] for r in result["history"]] == pytest.approx(
+        [0.01, 0.01, 0.001, 0.001, 0.0001, 0.0001])
+
+
+def test_train_linear_head_frozen_backbone_unchanged():
+    backbone = tiny_backbone()
+    backbone.train()  # the trainer must switch it to eval itself, and switch it back
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    train, val = colour_images(256, 3, seed=0), colour_images(128, 3, seed=1)
+    head, result = train_linear_head(backbone, train, val, feat_dim=8, num_classes=3,
+                                     epochs=4, lr=0.3, weight_decay=1e-6, device="cpu")
+    assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
+    assert backbone.training
+    assert result["best"]["val_top1"] >= 70.0  # chance is 33
+    assert result["history"][-1]["train_loss"] < result["history"][0]["train_loss"]
+    assert head.weight.shape == (3, 8)
+
+
+class BNForcedToTrain(nn.Module):
+    """A backbone whose BN ignores eval(): running statistics move during the probe."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = tiny_backbone()
+
+    def forward(self, x):
+        self.body[1].train()
+        return self.body(x)
+
+
+def weight_editing_backbone() -> nn.Module:
+    backbone = tiny_backbone()
+
+    def nudge(module, inputs, output):
+        module.weight.add_(1e-3)
+
+    backbone[0].register_forward_hook(nudge)
+    return backbone
+
+
+@pytest.mark.parametrize("make", [BNForcedToTrain, weight_editing_backbone],
+                         ids=["bn-in-train-mode", "hook-edits-weights"])
+def test_train_linear_head_raises_if_backbone_changes(make):
+    loader = colour_images(64, 3, seed=0)
+    with pytest.raises(RuntimeError, match="frozen backbone changed"):
+        train_linear_head(make(), loader, loader, feat_dim=8, num_classes=3, epochs=1,
+                          lr=0.1, weight_decay=0.0, device="cpu")
+
+
+# ------------------------------------------------------------------------- fine-tuning
+def test_finetune_improves_accuracy_and_changes_backbone():
+    backbone, head = tiny_backbone(seed=7), nn.Linear(8, 3)
+    train, val = colour_images(256, 3, seed=0), colour_images(128, 3, seed=1)
+    vx, vy = torch.cat([b[0] for b in val]), torch.cat([b[1] for b in val])
+    with torch.no_grad():
+        before_acc = topk_accuracy(head(backbone.eval()(vx)), vy, ks=(1,))[1]
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    result = finetune(backbone, head, train, val, epochs=4, lr_backbone=0.05, lr_head=0.5,
+                      weight_decay=0.0, device="cpu")
+    assert result["best"]["val_top1"] >= 90.0 > before_acc
+    changed = [k for k, v in backbone.state_dict().items() if not torch.equal(v, before[k])]
+    assert "0.weight" in changed and "1.running_mean" in changed  # BN ran in train mode
+    assert set(result["last"]) >= {"lr_backbone", "lr_head"}
+    assert result["last"]["lr_backbone"] == pytest.approx(0.05 * lr_factor("cosine", 3, 4))
+    assert not backbone.training and not head.training
+
+
+# --------------------------------------------------------------------------- VOC07 SVM
+def test_ap_hand_computed():
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
+    targets = np.array([1, 0, 1, 0, 1])
+    # precision 1, 1/2, 2/3, 1/2, 3/5 at recall 1/3, 1/3, 2/3, 2/3, 1.
+    # 11-point: t ∈ {0,..,.3} → 1; t ∈ {.4,.5,.6} → 2/3; t ∈ {.7,..,1} → 3/5.
+    assert voc07_11point_ap(scores, targets) == pytest.approx((4 * 1 + 3 * 2 / 3 + 4 * 0.6) / 11)
+    # Envelope: recall steps of 1/3 at envelope precisions 1, 2/3, 3/5.
+    assert envelope_ap(scores, targets) == pytest.approx((1 + 2 / 3 + 0.6) / 3)
+    # A perfect ranking has AP 1 under both.
+    assert voc07_11point_ap(np.array([3.0, 2.0, 1.0]), np.array([1, 1, 0])) == 1.0
+    assert envelope_ap(np.array([3.0, 2.0, 1.0]), np.array([1, 1, 0])) == 1.0
+    with pytest.raises(ValueError, match="without a positive"):
+        envelope_ap(np.array([1.0, 2.0]), np.array([0, 0]))
+
+
+def test_voc07_svm_separable_features_give_full_map():
+    x, y = clustered(60, 3, 8, spread=0.1, seed=0)
+    tx, ty = clustered(30, 3, 8, spread=0.1, seed=0)
+    out = voc07_svm_map(x, y, tx, ty, costs=(0.01, 0.1, 1.0))
+    assert out["map"] >= 99.0 and out["map_11point"] >= 99.0 and out["map_sklearn"] >= 99.0
+    assert len(out["ap"]) == len(out["cost"]) == 3
+    assert all(c in (0.01, 0.1, 1.0) for c in out["cost"])
+    assert np.asarray(out["cv_ap"]).shape == (3, 3)
+
+
+def test_voc07_svm_noise_gives_chance_map_and_ignores_difficult():
+    rng = np.random.default_rng(0)
+    rate = 0.3
+    x, tx = rng.normal(size=(300, 16)), rng.normal(size=(1500, 16))
+    y = (rng.random((300, 4)) < rate).astype(int)
+    ty = (rng.random((1500, 4)) < rate).astype(int)
+    out = voc07_svm_map(x, y, tx, ty, costs=(0.01, 1.0))
+    assert abs(out["map"] - 100 * rate) < 6.0
+    assert abs(out["map_11point"] - 100 * rate) < 8.0
+    assert abs(out["map_sklearn"] - 100 * rate) < 6.0
+
+    # VOC layout: -1 = difficult, ignored at test time. Class-0 rows marked difficult
+    # score like positives; were they counted as negatives, class 0's AP would drop.
+    xs, ys = clustered(60, 3, 8, spread=0.1, seed=0)
+    txs, tys = clustered(30, 3, 8, spread=0.1, seed=0)
+    train_matrix = np.eye(3, dtype=int)[ys.numpy()]
+    test_matrix = np.eye(3, dtype=int)[tys.numpy()]
+    test_matrix[np.flatnonzero(tys.numpy() == 0)[::2], 0] = -1
+    clean = voc07_svm_map(xs, train_matrix, txs, test_matrix, costs=(0.1,))
+    assert clean["ap"][0] >= 99.0
