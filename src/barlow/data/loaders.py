@@ -1,0 +1,273 @@
+"""FFCV loaders: two augmented views for pretraining, one view plus labels for evaluation.
+
+Both read .beton files with the fields ``{'image': RGBImageField, 'label': IntField}``
+and return a ``SeekableLoader`` (an ``ffcv.loader.Loader`` with ``seek``); iterate it once
+per epoch.
+
+Every pipeline decodes and crops in one step, with ``barlow.augment.RandomResizedCrop``
+(a seeded version of ffcv's RandomResizedCrop decoder) or ffcv's CenterCrop decoder.
+Both resize the crop with OpenCV's INTER_AREA (pixel-area averaging) inside ffcv's C
+extension; there is no bicubic option, so the paper's
+bicubic RandomResizedCrop becomes area interpolation here (close when downscaling,
+blockier than bicubic when upscaling small crops).
+
+The outputs are float images normalised with ``(x/255 − mean)/std`` in NCHW layout
+(optionally channels_last memory format). On the CPU the normalisation is ffcv's
+compiled lookup table, in float32. On CUDA the uint8 batch is copied with
+``non_blocking=True`` (ffcv allocates pinned buffers) and normalised there in
+``gpu_dtype``; ffcv's own GPU NormalizeImage needs cupy, which this project does not
+install.
+
+Reproducibility
+---------------
+Every random choice is a function of ``seed``: the sample order of epoch e is ffcv's,
+drawn from (seed, e) (and the world size when distributed); the crop box, flip, colour,
+grayscale, blur and solarisation parameters of a sample are functions of an
+operation seed derived from (seed, view, operation), the sample's index in the .beton
+file and the composition of its batch (see ``barlow.augment``), hence of (seed, epoch)
+too. Nothing depends on thread scheduling, ``num_workers``, ``batches_ahead``, wall
+time or earlier epochs, so on the CPU a loader built twice with the same arguments
+yields bit-identical batches, and epoch e can be produced without producing epochs
+0..e−1: ``loader.seek(e, k)`` makes the next iteration epoch e starting at its batch
+k, exactly the batches k, k+1, … an uninterrupted run gets (without decoding the
+first k). (Compiled and uncompiled runs
+of one pipeline may differ by ±1 in a pixel: ffcv compiles with ``fastmath``.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Literal, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+from ffcv.loader import Loader, OrderOption
+from ffcv.pipeline import PipelineSpec
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.operation import Operation
+from ffcv.pipeline.state import State
+from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
+
+from barlow.augment import (ColorJitter, GaussianBlur, RandomGrayscale, RandomHorizontalFlip,
+                            RandomResizedCrop, Solarization)
+
+__all__ = ["ViewSpec", "paper_views", "view_operations", "pretrain_loader", "eval_loader",
+           "SeekableLoader"]
+
+Order = Literal["random", "sequential", "quasi_random"]
+
+_ORDERS = {
+    "random": OrderOption.RANDOM,
+    "sequential": OrderOption.SEQUENTIAL,
+    "quasi_random": OrderOption.QUASI_RANDOM,
+}
+
+#: Aspect-ratio range of torchvision's RandomResizedCrop, used by the reference.
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One view's augmentations; the defaults are the paper's view A at 224 px.
+
+    A probability of 0 leaves its operation out of the pipeline altogether.
+    """
+
+    resolution: int = 224
+    crop_scale: Tuple[float, float] = (0.08, 1.0)
+    crop_ratio: Tuple[float, float] = CROP_RATIO
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: float = 1.0
+    blur_sigma: Tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+
+
+def paper_views(resolution: int = 224) -> Tuple[ViewSpec, ViewSpec]:
+    """The paper's (view A, view B): blur p 1.0 / 0.1, solarisation p 0.0 / 0.2."""
+    view_a = ViewSpec(resolution=resolution)
+    return view_a, replace(view_a, blur_p=0.1, solarize_p=0.2)
+
+
+def _op_seed(seed: int, view: int, op: int) -> int:
+    """A 64-bit seed per (loader seed, view, operation), so no two operations share draws."""
+    return int(np.random.SeedSequence([seed, view, op]).generate_state(1, np.uint64)[0])
+
+
+# Operation numbers for _op_seed (stable: changing one changes every run's augmentations).
+_JITTER, _GRAYSCALE, _BLUR, _SOLARIZE, _CROP, _FLIP = range(6)
+
+
+def view_operations(view: ViewSpec, seed: int, view_index: int = 0) -> list:
+    """Decoder and uint8 augmentations of one view, in the reference's order.
+
+    crop → flip → colour jitter → grayscale → blur → solarise, as torchvision's
+    Compose in the reference; operations with probability 0 are omitted.
+    """
+    ops: list = [RandomResizedCrop((view.resolution, view.resolution), scale=view.crop_scale,
+                                   ratio=view.crop_ratio, seed=_op_seed(seed, view_index, _CROP))]
+    if view.flip_p > 0:
+        ops.append(RandomHorizontalFlip(view.flip_p, seed=_op_seed(seed, view_index, _FLIP)))
+    if view.jitter_p > 0:
+        ops.append(ColorJitter(view.jitter_p, view.brightness, view.contrast, view.saturation,
+                               view.hue, seed=_op_seed(seed, view_index, _JITTER)))
+    if view.grayscale_p > 0:
+        ops.append(RandomGrayscale(view.grayscale_p, seed=_op_seed(seed, view_index, _GRAYSCALE)))
+    if view.blur_p > 0:
+        ops.append(GaussianBlur(view.blur_p, view.blur_sigma,
+                                seed=_op_seed(seed, view_index, _BLUR)))
+    if view.solarize_p > 0:
+        ops.append(Solarization(view.solarize_p, seed=_op_seed(seed, view_index, _SOLARIZE)))
+    return ops
+
+
+class NormalizeOnDevice(Operation):
+    """(x − 255·mean) / (255·std) on a uint8 NCHW tensor, into a float buffer on its device.
+
+    For CUDA, where ffcv's NormalizeImage would need cupy. The result goes into a
+    buffer allocated by ffcv, which keeps it alive until the consumer is done with the
+    batch (a fresh tensor made in ffcv's side stream could be recycled too early).
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype,
+                 channels_last: bool):
+        super().__init__()
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
+        self.inv_std = 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255)
+        self.dtype = dtype
+        self.channels_last = channels_last
+
+    def generate_code(self) -> Callable:
+        mean, inv_std, channels_last = self.mean, self.inv_std, self.channels_last
+
+        def normalize(images, dst):
+            batch = images.shape[0]
+            out = dst[:batch].permute(0, 3, 1, 2) if channels_last else dst[:batch]
+            out.copy_(images)
+            return out.sub_(mean).mul_(inv_std)
+
+        return normalize
+
+    def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Optional[AllocationQuery]]:
+        channels, height, width = previous_state.shape
+        # Constants go to the device once here, not once per batch.
+        self.mean = self.mean.to(previous_state.device, self.dtype)
+        self.inv_std = self.inv_std.to(previous_state.device, self.dtype)
+        shape = (height, width, channels) if self.channels_last else (channels, height, width)
+        return (replace(previous_state, dtype=self.dtype),
+                AllocationQuery(shape, self.dtype, previous_state.device))
+
+
+def _image_tail(mean: Sequence[float], std: Sequence[float], device: torch.device,
+                channels_last: bool, gpu_dtype: torch.dtype) -> list:
+    """uint8 HWC batch → normalised float NCHW tensor on ``device``."""
+    if device.type == "cpu":
+        return [NormalizeImage(np.asarray(mean) * 255, np.asarray(std) * 255, np.float32),
+                ToTensor(), ToTorchImage(channels_last=channels_last)]
+    return [ToTensor(), ToDevice(device, non_blocking=True),
+            ToTorchImage(channels_last=channels_last, convert_back_int16=False),
+            NormalizeOnDevice(mean, std, gpu_dtype, channels_last)]
+
+
+class SeekableLoader(Loader):
+    """ffcv's Loader with ``seek``: resume at any (epoch, batch) of a run."""
+
+    def __init__(self, *args, **kwargs):
+        self._skip_batches = 0  # read by next_traversal_order, which Loader.__init__ calls
+        super().__init__(*args, **kwargs)
+
+    def seek(self, epoch: int, batch: int = 0) -> None:
+        """Make the next ``iter`` yield epoch ``epoch`` from its batch ``batch`` on.
+
+        Later iterations continue with epoch + 1, … as usual. The skipped batches are
+        not decoded; since a batch's augmentations depend only on the seed and its
+        samples, the rest equal the uninterrupted run's batches ``batch``, ``batch``+1, ….
+        """
+        if epoch < 0 or not 0 <= batch <= len(self):
+            raise ValueError(f"need epoch ≥ 0 and 0 ≤ batch ≤ {len(self)}, got {epoch}, {batch}")
+        self.next_epoch = int(epoch)
+        self._skip_batches = int(batch)
+
+    def next_traversal_order(self):
+        order = super().next_traversal_order()
+        skip, self._skip_batches = self._skip_batches, 0
+        if skip:
+            # Drop whole batches from the front of this epoch's (already truncated) order,
+            # so that the remaining batches keep their composition.
+            order = order[:len(self) * self.batch_size][skip * self.batch_size:]
+        return order
+
+
+def _order(order: Order) -> OrderOption:
+    try:
+        return _ORDERS[order]
+    except KeyError:
+        raise ValueError(f"order must be one of {sorted(_ORDERS)}, got {order!r}") from None
+
+
+def pretrain_loader(beton_path: str, batch_size: int, num_workers: int,
+                    views: Tuple[ViewSpec, ViewSpec], mean: Sequence[float],
+                    std: Sequence[float], seed: int, distributed: bool = False,
+                    device: str | torch.device = "cpu", channels_last: bool = True,
+                    drop_last: bool = True, order: Order = "random",
+                    indices: Optional[Sequence[int]] = None,
+                    gpu_dtype: torch.dtype = torch.float32, batches_ahead: int = 3) -> SeekableLoader:
+    """A Loader yielding (view_a, view_b): two augmentations of the same images.
+
+    Both views read the field 'image' (two PipelineSpecs with source 'image'); labels
+    are not read. Each view is (B, 3, R, R) in float32 on the CPU or ``gpu_dtype`` on
+    CUDA, normalised as (x/255 − mean)/std with mean and std in [0, 1] units.
+    With ``distributed`` each process gets its 1/world_size share (needs an initialised
+    process group); ``seed`` must then be the same on every process.
+    """
+    device = torch.device(device)
+    pipelines = {"image": None, "label": None}
+    for index, (name, view) in enumerate(zip(("view_a", "view_b"), views, strict=True)):
+        ops = view_operations(view, seed, index)
+        pipelines[name] = PipelineSpec("image", decoder=ops[0],
+                                       transforms=ops[1:] + _image_tail(mean, std, device,
+                                                                         channels_last, gpu_dtype))
+    return SeekableLoader(str(beton_path), batch_size=batch_size, num_workers=num_workers,
+                  order=_order(order), distributed=distributed, seed=seed,
+                  indices=indices, pipelines=pipelines, drop_last=drop_last,
+                  batches_ahead=batches_ahead)
+
+
+def eval_loader(beton_path: str, batch_size: int, num_workers: int, resolution: int,
+                mean: Sequence[float], std: Sequence[float], train_aug: bool,
+                crop_ratio: float = 224 / 256, seed: int = 0, distributed: bool = False,
+                device: str | torch.device = "cpu", channels_last: bool = True,
+                drop_last: bool = False, order: Order = "sequential",
+                indices: Optional[Sequence[int]] = None,
+                gpu_dtype: torch.dtype = torch.float32, batches_ahead: int = 3) -> SeekableLoader:
+    """A Loader yielding (images, labels) for linear probing, fine-tuning and features.
+
+    ``train_aug``: RandomResizedCrop(resolution, scale 0.08–1) and a horizontal flip
+    with p = 0.5, seeded from ``seed`` like pretrain_loader's view 0. Otherwise the central square of side crop_ratio·min(H, W) resized to
+    ``resolution`` — Resize(256) + CenterCrop(224) for crop_ratio = 224/256; pass
+    crop_ratio = 1 to keep native small images (28 px) whole. Labels are int64 (B,).
+    """
+    device = torch.device(device)
+    size = (resolution, resolution)
+    if train_aug:
+        image_ops = [RandomResizedCrop(size, scale=(0.08, 1.0), ratio=CROP_RATIO,
+                                       seed=_op_seed(seed, 0, _CROP)),
+                     RandomHorizontalFlip(0.5, seed=_op_seed(seed, 0, _FLIP))]
+    else:
+        image_ops = [CenterCropRGBImageDecoder(size, ratio=crop_ratio)]
+    label_ops = [IntDecoder(), ToTensor(), Squeeze(1)]
+    if device.type != "cpu":
+        label_ops.append(ToDevice(device, non_blocking=True))
+    pipelines = {"image": image_ops + _image_tail(mean, std, device, channels_last, gpu_dtype),
+                 "label": label_ops}
+    return SeekableLoader(str(beton_path), batch_size=batch_size, num_workers=num_workers,
+                  order=_order(order), distributed=distributed, seed=seed,
+                  indices=indices, pipelines=pipelines, drop_last=drop_last,
+                  batches_ahead=batches_ahead)
