@@ -196,3 +196,246 @@ class DataConfig:
         require(0.0 < self.transfer_test_fraction < 1.0, f"{section}.transfer_test_fraction",
                 "must be in (0, 1)")
         require(self.elpv_resolution >= 8, f"{section}.elpv_resolution", "must be >= 8")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """`loss:` — the Barlow Twins objective, on + λ·off (barlow.loss)."""
+
+    lambd: float = 0.0051
+    variant: typing.Literal["full", "invariance", "redundancy"] = "full"
+
+    def check(self, section: str) -> None:
+        require(self.lambd >= 0.0, f"{section}.lambd", f"{self.lambd} is negative")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """`model:` — backbone and projector (barlow.models)."""
+
+    arch: typing.Literal["resnet50", "small_resnet"] = "small_resnet"
+    width: int = 64                       # small_resnet only: channels of the first stage
+    layers: tuple[int, ...] = (2, 2, 2, 2)  # small_resnet only: BasicBlocks per stage
+    projector: str = "8192-8192-8192"
+
+    def check(self, section: str) -> None:
+        from barlow.models import parse_projector_sizes
+
+        require(self.width >= 1, f"{section}.width", "must be >= 1")
+        require(len(self.layers) == 4 and all(n >= 1 for n in self.layers),
+                f"{section}.layers", f"{list(self.layers)} is not four block counts >= 1")
+        try:
+            parse_projector_sizes(self.projector)
+        except ValueError as err:
+            raise ConfigError(f"params: {section}.projector: {err}") from None
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """`augment:` — the two asymmetric views (view A, view B) of barlow.augment."""
+
+    resolution: int = 224
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: tuple[float, float] = (1.0, 0.1)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: tuple[float, float] = (0.0, 0.2)
+
+    def check(self, section: str) -> None:
+        require(self.resolution >= 8, f"{section}.resolution", "must be >= 8")
+        lo, hi = self.crop_scale
+        require(0.0 < lo <= hi <= 1.0, f"{section}.crop_scale", f"{[lo, hi]} is not 0 < min <= max <= 1")
+        for name in ("flip_p", "jitter_p", "grayscale_p"):
+            _check_probability(getattr(self, name), f"{section}.{name}")
+        for name in ("blur_p", "solarize_p"):
+            for i, p in enumerate(getattr(self, name)):
+                _check_probability(p, f"{section}.{name}[{i}]")
+        for name in ("brightness", "contrast", "saturation"):
+            require(getattr(self, name) >= 0.0, f"{section}.{name}", "must be >= 0")
+        require(0.0 <= self.hue <= 0.5, f"{section}.hue", f"{self.hue} is not in [0, 0.5]")
+        require(0.0 < self.blur_sigma[0] <= self.blur_sigma[1], f"{section}.blur_sigma",
+                "must be 0 < min <= max")
+
+    def views(self):
+        """The two ViewSpecs: A (blur_p[0], solarize_p[0]) and B (blur_p[1], solarize_p[1])."""
+        from barlow.data.loaders import ViewSpec
+
+        common = dict(resolution=self.resolution, crop_scale=self.crop_scale, flip_p=self.flip_p,
+                      jitter_p=self.jitter_p, brightness=self.brightness, contrast=self.contrast,
+                      saturation=self.saturation, hue=self.hue, grayscale_p=self.grayscale_p,
+                      blur_sigma=self.blur_sigma)
+        return tuple(ViewSpec(**common, blur_p=self.blur_p[i], solarize_p=self.solarize_p[i])
+                     for i in (0, 1))
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """`pretrain:` — optimisation, precision, checkpoints and monitoring (barlow.train)."""
+
+    epochs: int = 1000
+    batch_size: int = 2048            # global, over all processes
+    optimizer: typing.Literal["lars", "sgd", "adamw"] = "lars"
+    lr_weights: float = 0.2           # × batch_size/256
+    lr_biases: float = 0.0048         # × batch_size/256
+    weight_decay: float = 1.5e-6
+    momentum: float = 0.9
+    eta: float = 0.001                # LARS trust coefficient
+    warmup_epochs: float = 10.0
+    final_lr_ratio: float = 0.001
+    precision: typing.Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = True
+    compile: bool = False
+    seed: int = 0
+    nproc_per_node: int = 1
+    workers: int = 2                  # FFCV decoding threads per process
+    checkpoint_every_steps: int = 500
+    log_every_steps: int = 20
+    knn_every_epochs: int = 1         # 0: no kNN monitor
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    knn_bank_size: int = 10000        # training images in the kNN memory bank
+    collective_timeout_s: float = 60.0
+
+    def check(self, section: str) -> None:
+        require(self.epochs >= 1, f"{section}.epochs", "must be >= 1")
+        require(self.batch_size >= 2, f"{section}.batch_size", "must be >= 2")
+        for name in ("lr_weights", "lr_biases", "weight_decay", "momentum", "eta", "warmup_epochs"):
+            require(getattr(self, name) >= 0.0, f"{section}.{name}", "must be >= 0")
+        require(self.warmup_epochs <= self.epochs, f"{section}.warmup_epochs",
+                f"{self.warmup_epochs} exceeds epochs ({self.epochs})")
+        require(0.0 <= self.final_lr_ratio <= 1.0, f"{section}.final_lr_ratio", "must be in [0, 1]")
+        require(self.nproc_per_node >= 1, f"{section}.nproc_per_node", "must be >= 1")
+        require(self.workers >= 1, f"{section}.workers", "must be >= 1")
+        for name in ("checkpoint_every_steps", "log_every_steps", "knn_k", "knn_bank_size"):
+            require(getattr(self, name) >= 1, f"{section}.{name}", "must be >= 1")
+        require(self.knn_every_epochs >= 0, f"{section}.knn_every_epochs", "must be >= 0")
+        require(self.knn_temperature > 0, f"{section}.knn_temperature", "must be > 0")
+        require(self.collective_timeout_s > 0, f"{section}.collective_timeout_s", "must be > 0")
+
+    def check_world(self, world_size: int, section: str = "pretrain") -> None:
+        """The global batch must split evenly over the processes."""
+        require(self.batch_size % world_size == 0, f"{section}.batch_size",
+                f"{self.batch_size} is not divisible by the number of processes ({world_size})")
+
+
+ProbeBaseline = typing.Literal["random_init", "raw_pixels"]
+
+
+def _check_probe(cfg: Any, section: str) -> None:
+    """Checks shared by the linear and transfer probes (fields of the same names)."""
+    for name in ("epochs", "batch_size", "extract_batch_size", "workers"):
+        require(getattr(cfg, name) >= 1, f"{section}.{name}", "must be >= 1")
+    for name in ("lr", "momentum", "weight_decay"):
+        require(getattr(cfg, name) >= 0.0, f"{section}.{name}", "must be >= 0")
+    require(0.0 < cfg.crop_ratio <= 1.0, f"{section}.crop_ratio", "must be in (0, 1]")
+    require(len(set(cfg.baselines)) == len(cfg.baselines), f"{section}.baselines",
+            "lists a baseline twice")
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    """`linear:` — linear evaluation of the frozen backbone and its baselines
+    (stages/linear.py). Defaults are the paper's recipe (recipe.md, Linear evaluation)."""
+
+    mode: typing.Literal["features", "augment"] = "augment"  # features: cached, no aug
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 0.3
+    momentum: float = 0.9
+    weight_decay: float = 1e-6
+    schedule: typing.Literal["cosine", "step"] = "cosine"
+    crop_ratio: float = 224 / 256      # val/test: centre crop of this share, then resize
+    baselines: tuple[ProbeBaseline, ...] = ("random_init", "raw_pixels")
+    precision: typing.Literal["fp32", "bf16", "fp16"] = "fp32"
+    extract_batch_size: int = 1024     # feature extraction only; no effect on results
+    workers: int = 2
+    seed: int = 0                      # head init, batch order, augmentations, random init
+
+    def check(self, section: str) -> None:
+        _check_probe(self, section)
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """`transfer:` — frozen-feature transfer to the offline sets (stages/transfer.py):
+    linear heads with the Places-205 recipe (recipe.md, Transfer) and VOC07-style SVMs."""
+
+    datasets: tuple[str, ...] = ("digits", "elpv")  # <data>/<name>_{train,test}.beton
+    val_fraction: float = 0.2          # stratified share of each train set for epoch choice
+    epochs: int = 14
+    batch_size: int = 256
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: typing.Literal["cosine", "step"] = "step"
+    crop_ratio: float = 224 / 256
+    baselines: tuple[ProbeBaseline, ...] = ("random_init", "raw_pixels")
+    svm_costs: tuple[float, ...] = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
+    svm_folds: int = 3
+    svm_max_iter: int = 2000
+    precision: typing.Literal["fp32", "bf16", "fp16"] = "fp32"
+    extract_batch_size: int = 1024
+    workers: int = 2
+    seed: int = 0
+
+    def check(self, section: str) -> None:
+        _check_probe(self, section)
+        require(len(self.datasets) >= 1 and len(set(self.datasets)) == len(self.datasets),
+                f"{section}.datasets", "must list at least one data set, each once")
+        require(0.0 < self.val_fraction < 1.0, f"{section}.val_fraction", "must be in (0, 1)")
+        require(len(self.svm_costs) >= 1 and min(self.svm_costs) > 0, f"{section}.svm_costs",
+                "must list at least one cost > 0")
+        require(self.svm_folds >= 2, f"{section}.svm_folds", "must be >= 2")
+        require(self.svm_max_iter >= 1, f"{section}.svm_max_iter", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class SemisupConfig:
+    """`semisup:` — fine-tuning on label subsets (paper Table 2) and the supervised
+    from-scratch baseline, same recipe (stages/semisup.py, barlow.evaluate.finetune).
+
+    Defaults are the paper's ImageNet recipe; params.yaml scales them to the data."""
+
+    subsets: tuple[str, ...] = ("1percent", "10percent")  # files <data.subsets_dir>/<name>.txt
+    val_subset: str = "val"             # held-out training images that choose the epoch
+    epochs: tuple[int, ...] = (20, 20)  # one per entry of subsets, in the same order
+    batch_size: int = 256
+    lr_backbone: float = 0.005          # fine-tuning from the pretrained weights
+    lr_head: float = 0.5
+    scratch_lr_backbone: float = 0.005  # the from-scratch baseline's own learning rates
+    scratch_lr_head: float = 0.5
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    schedule: typing.Literal["cosine", "step"] = "cosine"
+    resolution: int = 224               # side of the train crops and the val/test crops
+    eval_crop_ratio: float = 0.875      # val/test centre crop: 224/256; 1.0 keeps 28 px whole
+    eval_batch_size: int = 256
+    class_tolerance: float = 0.1        # allowed relative gap of a subset's class counts
+    precision: typing.Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = True
+    seed: int = 0                       # scratch init, head init, sample order, augmentations
+    workers: int = 2                    # FFCV decoding threads
+
+    def check(self, section: str) -> None:
+        require(len(self.subsets) >= 1, f"{section}.subsets", "must name at least one subset")
+        require(len(set(self.subsets)) == len(self.subsets), f"{section}.subsets",
+                f"{list(self.subsets)} repeats a name")
+        require(self.val_subset not in self.subsets, f"{section}.val_subset",
+                f"{self.val_subset!r} is also a training subset")
+        require(len(self.epochs) == len(self.subsets), f"{section}.epochs",
+                f"{list(self.epochs)} needs one value per subset ({list(self.subsets)})")
+        require(all(e >= 1 for e in self.epochs), f"{section}.epochs", "must all be >= 1")
+        for name in ("batch_size", "eval_batch_size", "workers"):
+            require(getattr(self, name) >= 1, f"{section}.{name}", "must be >= 1")
+        for name in ("lr_backbone", "lr_head", "scratch_lr_backbone", "scratch_lr_head",
+                     "weight_decay", "momentum", "class_tolerance"):
+            require(getattr(self, name) >= 0.0, f"{section}.{name}", "must be >= 0")
+        require(self.resolution >= 8, f"{section}.resolution", "must be >= 8")
+        require(0.0 < self.eval_crop_ratio <= 1.0, f"{section}.eval_crop_ratio",
+                "must be in (0, 1]")

@@ -112,8 +112,9 @@ def extract_features(
         for x, y in loader:
             with _autocast(device, autocast_dtype):
                 f = backbone(_to_input(x, device, channels_last))
-            feats.append(f.float().cpu())
-            labels.append(y.cpu())
+            # FFCV reuses its output buffers batch after batch: copy, never keep views.
+            feats.append(f.float().to("cpu", copy=True))
+            labels.append(y.to("cpu", copy=True))
     if not feats:
         raise ValueError("extract_features: the loader yielded no batches")
     return torch.cat(feats), torch.cat(labels)

@@ -1,0 +1,232 @@
+"""The Barlow Twins pretraining loop: one code path for 1 CPU process, N CPU processes
+(gloo) and N GPUs (nccl), resumable at any checkpointed step.
+
+Per step t (0-based) of T = epochs · steps_per_epoch, with f = batch/256:
+    lr_weights(t) = warmup_cosine(t, T, warmup_epochs · steps_per_epoch, lr_weights · f)
+    lr_biases(t)  = the same with lr_biases · f
+    z1, z2 = projector(backbone(view_a)), projector(backbone(view_b))
+    loss   = Σ(1 − c_ii)² + λ Σ_{i≠j} c_ij²  over the global batch (barlow.distributed)
+
+Resuming: the checkpoint holds model, optimiser, scaler, RNG and the logged history;
+the loader is rebuilt with the same seed, set to the checkpoint's epoch, and the batches
+already trained on are drawn and skipped. Augmentations and order are functions of
+(seed, epoch, batch) (barlow.data.loaders), so the resumed run sees exactly the batches
+the uninterrupted one would have, and ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from barlow import distributed as dist
+from barlow.checkpoint import load_resumable, rng_state, save_atomic, set_rng_state
+from barlow.config import (AugmentConfig, LossConfig, ModelConfig, PretrainConfig, as_dict,
+                           fingerprint)
+from barlow.data.convert import read_manifest
+from barlow.data.loaders import eval_loader, pretrain_loader
+from barlow.evaluate import extract_features, knn_top1
+from barlow.models import BarlowTwins, Projector, backbone_state_dict, build_backbone
+from barlow.optim import build_optimizer, param_groups, scale_lr, warmup_cosine
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or Inf; training stops and the last checkpoint stays intact."""
+
+
+@dataclass(frozen=True)
+class PretrainSetup:
+    """All params sections the pretraining stage reads."""
+
+    model: ModelConfig
+    loss: LossConfig
+    augment: AugmentConfig
+    pretrain: PretrainConfig
+
+    def resume_config(self, data_sha256: str) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed: everything that changes the
+        weights (operational knobs such as workers or checkpoint interval excluded)."""
+        pretrain = as_dict(self.pretrain)
+        for key in ("workers", "checkpoint_every_steps", "collective_timeout_s"):
+            pretrain.pop(key)
+        return {"model": as_dict(self.model), "loss": as_dict(self.loss),
+                "augment": as_dict(self.augment), "pretrain": pretrain,
+                "data_sha256": data_sha256}
+
+
+def build_model(model: ModelConfig) -> BarlowTwins:
+    backbone, dim = build_backbone(model.arch, model.width, model.layers)
+    return BarlowTwins(backbone, Projector(dim, model.projector))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def normalisation(manifest: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """Mean and std in 0–1 units from the convert stage's manifest."""
+    res = manifest["resolution"]
+    return [m / 255 for m in res["mean"]], [max(s, 1e-3) / 255 for s in res["std"]]
+
+
+def knn_monitor(backbone: torch.nn.Module, bank_loader, query_loader, num_classes: int,
+                cfg: PretrainConfig, env: dist.DistEnv) -> float:
+    """Weighted kNN top-1 (%) of the query split against the bank's features."""
+    kwargs = dict(device=env.device, channels_last=cfg.channels_last,
+                  autocast_dtype=AUTOCAST[cfg.precision])
+    bank, bank_y = extract_features(backbone, bank_loader, **kwargs)
+    query, query_y = extract_features(backbone, query_loader, **kwargs)
+    return knn_top1(bank, bank_y, query, query_y, num_classes=num_classes, k=cfg.knn_k,
+                    temperature=cfg.knn_temperature)
+
+
+def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir: Path,
+             env: dist.DistEnv, log: Callable[[int, dict[str, float]], None],
+             stop_after_steps: int | None = None) -> dict[str, Any]:
+    """Train, checkpointing to ``out_dir/checkpoint.pt`` (rank 0); return the history.
+
+    ``log(step, metrics)`` is called on every rank with the same values (the caller
+    logs on rank 0); on resume it is first replayed with the checkpoint's history, so
+    the logs of an interrupted run equal those of an uninterrupted one.
+    ``stop_after_steps`` ends the run early (tests of resume)."""
+    cfg = setup.pretrain
+    cfg.check_world(env.world_size)
+    manifest = read_manifest(train_beton)
+    test_manifest = read_manifest(test_beton)
+    mean, std = normalisation(manifest)
+    resume_config = setup.resume_config(manifest["beton_sha256"])
+    ckpt_path = out_dir / "checkpoint.pt"
+
+    seed_everything(cfg.seed)
+    model = build_model(setup.model).to(env.device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = dist.convert_sync_batchnorm(model, env)
+    groups = param_groups(model, cfg.weight_decay)
+    optimizer = build_optimizer(cfg.optimizer, groups, momentum=cfg.momentum, eta=cfg.eta)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
+
+    local_batch = cfg.batch_size // env.world_size
+    loader = pretrain_loader(str(train_beton), local_batch, cfg.workers, setup.augment.views(),
+                             mean, std, seed=cfg.seed, distributed=env.world_size > 1,
+                             device=env.device, channels_last=cfg.channels_last)
+    steps_per_epoch = len(loader)
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), total_steps)
+    base_lr = {"weights": scale_lr(cfg.lr_weights, cfg.batch_size),
+               "biases": scale_lr(cfg.lr_biases, cfg.batch_size)}
+
+    # `window`: sums of the loss terms since the last log line; checkpointed with the
+    # rest so a resumed run logs the same averages as an uninterrupted one.
+    step, history, window, window_steps = 0, [], {}, 0
+    ckpt = load_resumable(ckpt_path, resume_config)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        step, history = ckpt["step"], ckpt["history"]
+        window, window_steps = ckpt["window"], ckpt["window_steps"]
+        for row in history:
+            log(row["step"], row["metrics"])
+        print(f"pretrain: resumed from {ckpt_path} at step {step}/{total_steps}", flush=True)
+
+    def save(path: Path) -> None:
+        if env.is_main:
+            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "rng": rng_state(), "step": step,
+                         "history": history, "window": window,
+                         "window_steps": window_steps, "finished": step == total_steps,
+                         "config": resume_config,
+                         "fingerprint": fingerprint(resume_config)}, path)
+
+    ddp_model = dist.wrap_ddp(model, env)
+    train_model = torch.compile(ddp_model) if cfg.compile else ddp_model
+    knn_loaders = None
+    if cfg.knn_every_epochs:
+        # Built once: every FFCV loader compiles its pipeline (seconds) on creation.
+        res = setup.augment.resolution
+        stored = manifest["resolution"]["height"][1]
+        ratio = 1.0 if stored <= res else 224 / 256
+        bank = np.linspace(0, manifest["num_images"] - 1,
+                           min(cfg.knn_bank_size, manifest["num_images"])).astype(np.int64)
+        common = dict(batch_size=256, num_workers=cfg.workers, resolution=res, mean=mean,
+                      std=std, train_aug=False, crop_ratio=ratio, device=env.device,
+                      channels_last=cfg.channels_last)
+        knn_loaders = (eval_loader(str(train_beton), indices=np.unique(bank), **common),
+                       eval_loader(str(test_beton), **common))
+
+    autocast_dtype = AUTOCAST[cfg.precision]
+    amp = (torch.autocast(env.device.type, dtype=autocast_dtype) if autocast_dtype
+           else contextlib.nullcontext())
+    window_start = epoch_start = time.perf_counter()
+    while step < total_steps:
+        epoch, skip = divmod(step, steps_per_epoch)
+        loader.next_epoch = epoch
+        model.train()
+        for i, (y1, y2) in enumerate(loader):
+            if i < skip:  # batches the checkpointed run already trained on
+                continue
+            lrs = {name: warmup_cosine(step, total_steps, warmup_steps, lr, cfg.final_lr_ratio)
+                   for name, lr in base_lr.items()}
+            for group in optimizer.param_groups:
+                group["lr"] = lrs[group["name"]]
+            with amp:
+                z1, z2 = train_model(y1, y2)
+            terms = dist.distributed_barlow_twins_loss(z1, z2, setup.loss.lambd,
+                                                       setup.loss.variant)
+            if not torch.isfinite(terms.loss):
+                raise NonFiniteLossError(
+                    f"pretrain: loss is {terms.loss.item()} at step {step} (epoch {epoch});"
+                    f" the last good checkpoint {ckpt_path} is untouched")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(terms.loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+
+            for key, value in (("loss", terms.loss), ("on_diag", terms.on_diag),
+                               ("off_diag", terms.off_diag)):
+                window[key] = window.get(key, 0.0) + float(value.detach())
+            window_steps += 1
+            epoch_done = step % steps_per_epoch == 0
+            if step % cfg.log_every_steps == 0 or epoch_done:
+                elapsed = time.perf_counter() - window_start
+                metrics = {k: v / window_steps for k, v in window.items()}
+                metrics.update(lr_weights=lrs["weights"], lr_biases=lrs["biases"],
+                               epoch=step / steps_per_epoch,
+                               pairs_per_s=window_steps * cfg.batch_size / elapsed)
+                if epoch_done:
+                    metrics["epoch_time_s"] = time.perf_counter() - epoch_start
+                    if knn_loaders and (epoch + 1) % cfg.knn_every_epochs == 0:
+                        metrics["knn_top1"] = knn_monitor(
+                            model.backbone, *knn_loaders, test_manifest["num_classes"], cfg, env)
+                history.append({"step": step, "metrics": metrics})
+                log(step, metrics)
+                window, window_steps = {}, 0
+                window_start = time.perf_counter()
+            if epoch_done or step % cfg.checkpoint_every_steps == 0 or step == total_steps:
+                save(ckpt_path)
+            if stop_after_steps is not None and step >= stop_after_steps:
+                return {"step": step, "history": history, "model": model}
+        epoch_start = time.perf_counter()
+    return {"step": step, "history": history, "model": model}
+
+
+def export(model: BarlowTwins, out_dir: Path, env: dist.DistEnv) -> None:
+    """Rank 0 writes the backbone in torchvision layout (loads into
+    torchvision.models.resnet50() with only fc.* missing)."""
+    if env.is_main:
+        save_atomic(backbone_state_dict(model), out_dir / "backbone.pt")
+

@@ -1,0 +1,66 @@
+"""DVC stage `pretrain`: Barlow Twins pretraining, launched through torchrun.
+
+    torchrun --nproc_per_node=N -m stages.pretrain --data data/ffcv --out models/pretrain
+
+Only rank 0 writes (checkpoints, the exported backbone, dvclive metrics and plots).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from barlow import distributed as dist
+from barlow.checkpoint import CheckpointError
+from barlow.config import (AugmentConfig, LossConfig, ModelConfig, PretrainConfig,
+                           load_section)
+from barlow.stage import run_stage
+from barlow.train import NonFiniteLossError, PretrainSetup, export, pretrain
+
+
+@click.command()
+@click.option("--params", default="params.yaml", show_default=True)
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
+              help="folder with train.beton and test.beton (the convert stage's output)")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--live", "live_dir", required=True, type=click.Path(path_type=Path),
+              help="dvclive folder (metrics.json, plots/)")
+def main(params: str, data_dir: Path, out_dir: Path, live_dir: Path) -> None:
+    with run_stage("pretrain"):
+        setup = PretrainSetup(model=load_section(ModelConfig, "model", params),
+                              loss=load_section(LossConfig, "loss", params),
+                              augment=load_section(AugmentConfig, "augment", params),
+                              pretrain=load_section(PretrainConfig, "pretrain", params))
+        env = dist.init(timeout_s=setup.pretrain.collective_timeout_s)
+        try:
+            live = None
+            if env.is_main:
+                from dvclive import Live
+
+                live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False,
+                            report=None)
+
+            def log(step: int, metrics: dict[str, float]) -> None:
+                if live is not None:
+                    live.step = step
+                    for key, value in metrics.items():
+                        live.log_metric(f"pretrain/{key}", value)
+                    live.next_step()
+
+            try:
+                result = pretrain(setup, data_dir / "train.beton", data_dir / "test.beton",
+                                  out_dir, env, log)
+            except (CheckpointError, NonFiniteLossError) as err:
+                print(f"pretrain: error: {err}", file=sys.stderr)
+                sys.exit(3)
+            export(result["model"], out_dir, env)
+            if live is not None:
+                live.end()
+        finally:
+            dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()

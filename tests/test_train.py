@@ -1,0 +1,187 @@
+"""Pretraining end to end on tiny data: it runs, exports, resumes exactly, refuses a
+checkpoint from another config, stops on a non-finite loss, and runs under torchrun
+with 2 gloo processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from barlow import distributed as dist
+from barlow.checkpoint import CheckpointError
+from barlow.config import (AugmentConfig, LossConfig, ModelConfig, PretrainConfig,
+                           from_mapping)
+from barlow.data.convert import FfcvSettings, write_beton
+from barlow.data.sources import Source
+from barlow.models import small_resnet
+from barlow.train import NonFiniteLossError, PretrainSetup, export, pretrain
+
+REPO = Path(__file__).resolve().parents[1]
+TIMING = {"pairs_per_s", "epoch_time_s"}
+
+PARAMS = {
+    "model": {"arch": "small_resnet", "width": 4, "layers": [1, 1, 1, 1], "projector": "32-32"},
+    "loss": {"lambd": 0.0051},
+    "augment": {"resolution": 16, "crop_scale": [0.3, 1.0], "blur_sigma": [0.1, 0.5]},
+    "pretrain": {"epochs": 2, "batch_size": 16, "warmup_epochs": 1.0, "workers": 1,
+                 "checkpoint_every_steps": 3, "log_every_steps": 2, "knn_every_epochs": 1,
+                 "knn_k": 5, "knn_bank_size": 32, "precision": "fp32"},
+}
+
+
+def tiny_source(split: str, n: int, seed: int) -> Source:
+    """n 16×16 images in 4 classes: a bright square whose corner encodes the class."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 4
+    images = rng.integers(0, 60, (n, 16, 16, 3), dtype=np.uint8)
+    for i, c in enumerate(labels):
+        r, q = divmod(int(c), 2)
+        images[i, 8 * r:8 * r + 8, 8 * q:8 * q + 8] += 150
+    return Source("tiny", split, ["a", "b", "c", "d"], labels.astype(np.int64),
+                  lambda i: images[i], "0" * 64)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ffcv")
+    write_beton(tiny_source("train", 64, 0), out / "train.beton", FfcvSettings("raw"), 1)
+    write_beton(tiny_source("test", 32, 1), out / "test.beton", FfcvSettings("raw"), 1)
+    return out
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_jit():
+    """Pipelines run as plain Python: seconds to start instead of a numba compile per
+    loader, and bit-for-bit the same from run to run."""
+    from ffcv.pipeline.compiler import Compiler
+
+    Compiler.set_enabled(False)
+    yield
+    Compiler.set_enabled(True)
+
+
+def setup_from(params: dict) -> PretrainSetup:
+    return PretrainSetup(model=from_mapping(ModelConfig, params["model"], "model"),
+                         loss=from_mapping(LossConfig, params["loss"], "loss"),
+                         augment=from_mapping(AugmentConfig, params["augment"], "augment"),
+                         pretrain=from_mapping(PretrainConfig, params["pretrain"], "pretrain"))
+
+
+ENV = dist.DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def run(setup: PretrainSetup, data_dir: Path, out: Path, **kwargs) -> dict:
+    logged = []
+    result = pretrain(setup, data_dir / "train.beton", data_dir / "test.beton", out, ENV,
+                      lambda step, m: logged.append((step, m)), **kwargs)
+    result["logged"] = logged
+    return result
+
+
+def strip_timing(rows):
+    return [(step, {k: v for k, v in m.items() if k not in TIMING}) for step, m in rows]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    return run(setup_from(PARAMS), data_dir, out), out
+
+
+def test_runs_logs_and_exports(uninterrupted):
+    result, out = uninterrupted
+    assert result["step"] == 8  # 64 images / batch 16 × 2 epochs
+    steps = [step for step, _ in result["logged"]]
+    assert steps == [2, 4, 6, 8]
+    last = result["logged"][-1][1]
+    for key in ("loss", "on_diag", "off_diag", "lr_weights", "lr_biases", "pairs_per_s",
+                "epoch_time_s", "knn_top1"):
+        assert np.isfinite(last[key]), key
+    # The lr of the last step, t = 7 of T = 8 with 4 warm-up steps, base 0.2 × 16/256:
+    base = 0.2 * 16 / 256
+    assert last["lr_weights"] == pytest.approx(
+        base * (0.001 + 0.999 * 0.5 * (1 + np.cos(np.pi * 3 / 4))))
+    assert result["logged"][0][1]["lr_weights"] == pytest.approx(base * 1 / 4)  # t = 1
+    assert result["logged"][0][1]["loss"] == pytest.approx(
+        result["logged"][0][1]["on_diag"] + 0.0051 * result["logged"][0][1]["off_diag"])
+    export(result["model"], out, ENV)
+    backbone, _ = small_resnet(width=4, layers=(1, 1, 1, 1))
+    backbone.load_state_dict(torch.load(out / "backbone.pt"))  # strict: torchvision layout
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["finished"] and ckpt["step"] == 8
+    assert {"model", "optimizer", "scaler", "rng", "config", "fingerprint"} <= set(ckpt)
+
+
+def test_resume_equals_uninterrupted(uninterrupted, data_dir, tmp_path):
+    full, _ = uninterrupted
+    setup = setup_from(PARAMS)
+    first = run(setup, data_dir, tmp_path, stop_after_steps=5)  # mid-epoch; ckpt at 3
+    assert first["step"] == 5
+    resumed = run(setup, data_dir, tmp_path)
+    assert resumed["step"] == 8
+    for key, value in full["model"].state_dict().items():
+        assert torch.equal(value, resumed["model"].state_dict()[key]), key
+    assert strip_timing(resumed["logged"]) == strip_timing(full["logged"])
+
+
+def test_checkpoint_from_another_config_is_refused(data_dir, tmp_path):
+    run(setup_from(PARAMS), data_dir, tmp_path, stop_after_steps=3)
+    other = setup_from({**PARAMS, "loss": {"lambd": 0.01}})
+    with pytest.raises(CheckpointError, match=r"loss\.lambd: 0\.0051 != 0\.01"):
+        run(other, data_dir, tmp_path)
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkeypatch):
+    setup = setup_from(PARAMS)
+    run(setup, data_dir, tmp_path, stop_after_steps=3)
+    import barlow.train as train
+
+    real = train.dist.distributed_barlow_twins_loss
+    calls = {"n": 0}
+
+    def poisoned(z1, z2, lambd, variant):
+        calls["n"] += 1
+        terms = real(z1, z2, lambd, variant)
+        return terms._replace(loss=terms.loss * float("nan")) if calls["n"] == 2 else terms
+
+    monkeypatch.setattr(train.dist, "distributed_barlow_twins_loss", poisoned)
+    # Resumed at step 3; step 3 trains and checkpoints (end of epoch 1); step 4 is NaN.
+    with pytest.raises(NonFiniteLossError, match="at step 4"):
+        run(setup, data_dir, tmp_path)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 4 and not ckpt["finished"]
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    monkeypatch.undo()
+    assert run(setup, data_dir, tmp_path)["step"] == 8  # and the run goes on from there
+
+
+def test_batch_must_split_over_processes():
+    cfg = from_mapping(PretrainConfig, {"batch_size": 10}, "pretrain")
+    with pytest.raises(ValueError, match=r"pretrain.batch_size: 10 is not divisible by the number of processes \(4\)"):
+        cfg.check_world(4)
+
+
+def test_stage_under_torchrun_with_two_processes(data_dir, tmp_path):
+    """The dvc.yaml launch path: torchrun, 2 gloo ranks, global BN and gathered loss;
+    rank 0 alone writes."""
+    params = {**PARAMS, "pretrain": {**PARAMS["pretrain"], "knn_every_epochs": 0,
+                                     "nproc_per_node": 2}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "stages.pretrain", "--params", str(tmp_path / "params.yaml"),
+           "--data", str(data_dir), "--out", str(tmp_path / "out"),
+           "--live", str(tmp_path / "live")]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "out" / "backbone.pt").is_file()
+    metrics = yaml.safe_load((tmp_path / "live" / "metrics.json").read_text())
+    assert metrics["step"] == 8 and np.isfinite(metrics["pretrain"]["loss"])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["backbone.pt", "checkpoint.pt"]
