@@ -36,18 +36,22 @@ def main(params: str, data_dir: Path, out_dir: Path, live_dir: Path) -> None:
         env = dist.init(timeout_s=setup.pretrain.collective_timeout_s)
         try:
             live = None
-            if env.is_main:
-                from dvclive import Live
-
-                live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False,
-                            report=None)
 
             def log(step: int, metrics: dict[str, float]) -> None:
-                if live is not None:
-                    live.step = step
-                    for key, value in metrics.items():
-                        live.log_metric(f"pretrain/{key}", value)
-                    live.next_step()
+                # Created at the first log line, after params and data were checked,
+                # so a run that fails early leaves no metrics that look valid.
+                nonlocal live
+                if not env.is_main:
+                    return
+                if live is None:
+                    from dvclive import Live
+
+                    live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False,
+                                report=None)
+                live.step = step
+                for key, value in metrics.items():
+                    live.log_metric(f"pretrain/{key}", value)
+                live.next_step()
 
             try:
                 result = pretrain(setup, data_dir / "train.beton", data_dir / "test.beton",

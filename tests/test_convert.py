@@ -229,3 +229,18 @@ def test_stage_converts_an_imagefolder_tree(tree, tmp_path):
     assert manifest["num_images"] == 6 and manifest["skipped"][0]["file"] == "cat/broken.png"
     assert manifest["ffcv"]["write_mode"] == "proportion"
     assert json.loads((out / "test.json").read_text())["class_counts"] == [1, 1]
+
+
+def test_beton_with_wrong_fields_is_refused(tmp_path):
+    from ffcv.fields import FloatField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    path = tmp_path / "odd.beton"
+    writer = DatasetWriter(str(path), {"img": RGBImageField(), "y": FloatField()}, num_workers=1)
+    writer.from_indexed_dataset([(np.zeros((4, 4, 3), np.uint8), 0.5)])
+    path.with_suffix(".json").write_text("{}")
+    with pytest.raises(DataError, match=r"odd.beton: fields \{'img': 'RGBImageField', 'y': 'FloatField'\}"):
+        read_manifest(path)
+    path.write_bytes(b"garbage" * 10)
+    with pytest.raises(DataError, match="odd.beton: not a readable FFCV .beton"):
+        read_manifest(path)

@@ -8,10 +8,10 @@ Per step t (0-based) of T = epochs · steps_per_epoch, with f = batch/256:
     loss   = Σ(1 − c_ii)² + λ Σ_{i≠j} c_ij²  over the global batch (barlow.distributed)
 
 Resuming: the checkpoint holds model, optimiser, scaler, RNG and the logged history;
-the loader is rebuilt with the same seed, set to the checkpoint's epoch, and the batches
-already trained on are drawn and skipped. Augmentations and order are functions of
-(seed, epoch, batch) (barlow.data.loaders), so the resumed run sees exactly the batches
-the uninterrupted one would have, and ends with the same weights.
+the loader is rebuilt with the same seed and seeks to the checkpoint's epoch and batch.
+Order and augmentations are functions of (seed, epoch, batch) (barlow.data.loaders), so
+the resumed run sees exactly the batches the uninterrupted one would have, and ends
+with the same weights.
 """
 
 from __future__ import annotations
@@ -172,12 +172,11 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
            else contextlib.nullcontext())
     window_start = epoch_start = time.perf_counter()
     while step < total_steps:
-        epoch, skip = divmod(step, steps_per_epoch)
-        loader.next_epoch = epoch
+        # Mid-epoch after a resume: skip the batches the checkpointed run trained on.
+        epoch = step // steps_per_epoch
+        loader.seek(epoch, step % steps_per_epoch)
         model.train()
-        for i, (y1, y2) in enumerate(loader):
-            if i < skip:  # batches the checkpointed run already trained on
-                continue
+        for y1, y2 in loader:
             lrs = {name: warmup_cosine(step, total_steps, warmup_steps, lr, cfg.final_lr_ratio)
                    for name, lr in base_lr.items()}
             for group in optimizer.param_groups:

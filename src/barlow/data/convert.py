@@ -125,13 +125,34 @@ def write_beton(source: Source, out: str | Path, settings: FfcvSettings, workers
     return manifest
 
 
+def check_fields(beton: str | Path) -> None:
+    """Raise DataError unless ``beton`` is a readable FFCV file with this project's
+    fields (image: RGBImageField, label: IntField)."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.reader import Reader
+
+    from barlow.data.sources import DataError
+
+    try:
+        handlers = Reader(str(beton)).handlers
+    except Exception as err:  # noqa: BLE001 — ffcv raises assorted errors on bad files
+        raise DataError(f"{beton}: not a readable FFCV .beton ({type(err).__name__}: {err})") from None
+    expected = {"image": RGBImageField, "label": IntField}
+    if any(not isinstance(handlers.get(k), t) for k, t in expected.items()):
+        found = {k: type(h).__name__ for k, h in handlers.items()}
+        raise DataError(f"{beton}: fields {found}; expected image: RGBImageField,"
+                        " label: IntField (re-run the convert stage)")
+
+
 def read_manifest(beton: str | Path) -> dict[str, Any]:
-    """The manifest beside ``beton``; errors name the file."""
+    """The manifest beside ``beton``, after checking the .beton's fields; errors name
+    the file."""
     from barlow.data.sources import DataError
 
     path = Path(beton).with_suffix(".json")
     if not Path(beton).is_file():
         raise DataError(f"{beton}: FFCV dataset not found (run the convert stage)")
+    check_fields(beton)
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:

@@ -25,13 +25,15 @@ drawn from (seed, e) (and the world size when distributed); the crop box, flip, 
 grayscale, blur and solarisation parameters of a sample are functions of an
 operation seed derived from (seed, view, operation), the sample's index in the .beton
 file and the composition of its batch (see ``barlow.augment``), hence of (seed, epoch)
-too. Nothing depends on thread scheduling, ``num_workers``, ``batches_ahead``, wall
-time or earlier epochs, so on the CPU a loader built twice with the same arguments
-yields bit-identical batches, and epoch e can be produced without producing epochs
-0..e−1: ``loader.seek(e, k)`` makes the next iteration epoch e starting at its batch
-k, exactly the batches k, k+1, … an uninterrupted run gets (without decoding the
-first k). (Compiled and uncompiled runs
-of one pipeline may differ by ±1 in a pixel: ffcv compiles with ``fastmath``.)
+too. Nothing depends on thread scheduling, ``batches_ahead``, wall time or earlier
+epochs, so on the CPU a loader built twice with the same arguments (``num_workers``
+included: it switches ffcv between serial and parallel compiled code) yields
+bit-identical batches, and epoch e can be produced without producing epochs 0..e−1:
+``loader.seek(e, k)`` makes the next iteration epoch e from its batch k on, exactly the
+batches k, k+1, … of an uninterrupted run (the first k are not decoded); setting
+``loader.next_epoch = e`` and discarding k batches gives the same result, slower.
+Compiled and uncompiled runs of one pipeline may differ by ±1 in a pixel (ffcv
+compiles with ``fastmath``).
 """
 
 from __future__ import annotations

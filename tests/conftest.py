@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny labelled image set as FFCV datasets, and the tiny model and
+run settings the pretraining tests use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from barlow.data.convert import FfcvSettings, write_beton
+from barlow.data.sources import Source
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Runs of 2 epochs × 4 steps on 64 images, small enough for CPU tests.
+TINY_PARAMS = {
+    "model": {"arch": "small_resnet", "width": 4, "layers": [1, 1, 1, 1], "projector": "32-32"},
+    "loss": {"lambd": 0.0051},
+    "augment": {"resolution": 16, "crop_scale": [0.3, 1.0], "blur_sigma": [0.1, 0.5]},
+    "pretrain": {"epochs": 2, "batch_size": 16, "warmup_epochs": 1.0, "workers": 1,
+                 "checkpoint_every_steps": 3, "log_every_steps": 2, "knn_every_epochs": 1,
+                 "knn_k": 5, "knn_bank_size": 32, "precision": "fp32"},
+}
+
+
+def tiny_source(split: str, n: int, seed: int) -> Source:
+    """n 16×16 images in 4 classes: a bright square whose corner encodes the class."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 4
+    images = rng.integers(0, 60, (n, 16, 16, 3), dtype=np.uint8)
+    for i, c in enumerate(labels):
+        r, q = divmod(int(c), 2)
+        images[i, 8 * r:8 * r + 8, 8 * q:8 * q + 8] += 150
+    return Source("tiny", split, ["a", "b", "c", "d"], labels.astype(np.int64),
+                  lambda i: images[i], "0" * 64)
+
+
+@pytest.fixture(scope="session")
+def tiny_ffcv(tmp_path_factory) -> Path:
+    """A folder with train.beton (64 images) and test.beton (32), manifests beside."""
+    out = tmp_path_factory.mktemp("tiny_ffcv")
+    write_beton(tiny_source("train", 64, 0), out / "train.beton", FfcvSettings("raw"), 1)
+    write_beton(tiny_source("test", 32, 1), out / "test.beton", FfcvSettings("raw"), 1)
+    return out
