@@ -14,13 +14,14 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from barlow import distributed as bdist
-from barlow.loss import barlow_twins_loss
+from barlow.loss import VARIANTS, barlow_twins_loss
 from barlow.models import BarlowTwins, Projector, small_resnet
 
 WORLD = 2
 BATCH = 8          # global; each rank takes a contiguous half
 LAMBD = 0.0051
 BN_SPLIT = 3       # the GlobalBatchNorm check gives rank 0 three samples, rank 1 five
+ODD_DIM = 5        # not divisible by WORLD
 
 
 def make_model() -> nn.Module:
@@ -75,22 +76,42 @@ def worker(rank: int, port: int, payload_path: str, out_dir: str) -> None:
     y1, y2 = payload["y1"][half], payload["y2"][half]
     out = {"env": (env.rank, env.local_rank, env.world_size, str(env.device), env.is_main)}
 
-    for name, loss_fn in [("exact", None), ("naive", naive_reference_code_loss)]:
+    # Which implementation distributed_barlow_twins_loss dispatched to, per call.
+    paths = []
+    for impl in ("sharded_barlow_twins_loss", "gathered_barlow_twins_loss"):
+        def traced(*args, _impl=impl, _real=getattr(bdist, impl)):
+            paths.append(_impl)
+            return _real(*args)
+        setattr(bdist, impl, traced)
+
+    runs = {f"exact-{v}": v for v in VARIANTS} | {"naive": None}
+    for name, variant in runs.items():
         model = make_model()
         model.load_state_dict(payload["state"])
         model = bdist.wrap_ddp(bdist.convert_sync_batchnorm(model, env), env)
         z1, z2 = model(y1, y2)
-        if loss_fn is None:
-            terms = bdist.distributed_barlow_twins_loss(z1, z2, LAMBD)
-            out["terms"] = [t.detach() for t in terms]
-            loss = terms.loss
+        if variant is None:
+            loss = naive_reference_code_loss(z1, z2, LAMBD)
         else:
-            loss = loss_fn(z1, z2, LAMBD)
+            terms = bdist.distributed_barlow_twins_loss(z1, z2, LAMBD, variant)
+            out[name + "_terms"] = [t.detach() for t in terms]
+            loss = terms.loss
         loss.backward()
         out[name] = {k: p.grad.clone() for k, p in model.module.named_parameters()}
         out[name + "_buffers"] = {k: b.clone() for k, b in model.module.named_buffers()}
         out["bn_types"] = sorted({type(m).__name__ for m in model.modules()
                                   if isinstance(m, nn.modules.batchnorm._BatchNorm)})
+
+    # D = ODD_DIM does not divide over the ranks: the gathered fallback.
+    z1, z2 = (payload[k][half].clone().requires_grad_() for k in ("odd1", "odd2"))
+    terms = bdist.distributed_barlow_twins_loss(z1, z2, LAMBD)
+    terms.loss.backward()
+    out["odd"] = {"terms": [t.detach() for t in terms], "grads": [z1.grad, z2.grad]}
+    out["paths"] = list(paths)
+    try:
+        bdist.sharded_barlow_twins_loss(z1, z2, LAMBD)
+    except ValueError as e:
+        out["odd"]["sharded_error"] = str(e)
 
     rows = slice(0, BN_SPLIT) if rank == 0 else slice(BN_SPLIT, None)
     out["bn"] = []
@@ -129,6 +150,7 @@ def payload():
     return {
         "state": state,
         "y1": rand(BATCH, 3, 8, 8), "y2": rand(BATCH, 3, 8, 8),
+        "odd1": rand(BATCH, ODD_DIM), "odd2": rand(BATCH, ODD_DIM),
         # 4D with an exponential running average and 2D with a cumulative one; the
         # offset mean checks that the variance does not cancel catastrophically.
         "bn_cases": [
@@ -151,17 +173,21 @@ def results(payload, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(payload):
     """One process, no conversion, the whole batch."""
-    model = make_model()
-    model.load_state_dict(payload["state"])
-    terms = barlow_twins_loss(*model(payload["y1"], payload["y2"]), LAMBD)
+    out = {"bn": [run_bn_case(make_bn(case), case, slice(None))
+                  for case in payload["bn_cases"]]}
+    for variant in VARIANTS:
+        model = make_model()
+        model.load_state_dict(payload["state"])
+        terms = barlow_twins_loss(*model(payload["y1"], payload["y2"]), LAMBD, variant)
+        terms.loss.backward()
+        out[variant] = {"terms": [t.detach() for t in terms],
+                        "grads": {k: p.grad for k, p in model.named_parameters()},
+                        "buffers": dict(model.named_buffers())}
+    z1, z2 = (payload[k].clone().requires_grad_() for k in ("odd1", "odd2"))
+    terms = barlow_twins_loss(z1, z2, LAMBD)
     terms.loss.backward()
-    return {
-        "terms": [t.detach() for t in terms],
-        "grads": {k: p.grad for k, p in model.named_parameters()},
-        "buffers": dict(model.named_buffers()),
-        "bn": [run_bn_case(make_bn(case), case, slice(None))
-               for case in payload["bn_cases"]],
-    }
+    out["odd"] = {"terms": [t.detach() for t in terms], "grads": [z1.grad, z2.grad]}
+    return out
 
 
 def assert_close(got, want, msg=""):
@@ -176,33 +202,54 @@ def test_environment(results):
         assert out["bn_types"] == ["GlobalBatchNorm"]
 
 
-def test_loss_equals_single_process_loss(results, reference):
+def test_sharded_path_serves_divisible_dims_and_gathered_path_the_rest(results):
     for out in results:
-        for got, want in zip(out["terms"], reference["terms"]):
+        assert out["paths"] == (["sharded_barlow_twins_loss"] * len(VARIANTS)
+                                + ["gathered_barlow_twins_loss"])
+        assert "divisible" in out["odd"]["sharded_error"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_loss_equals_single_process_loss(results, reference, variant):
+    for out in results:
+        for got, want in zip(out[f"exact-{variant}_terms"], reference[variant]["terms"]):
             assert_close(got, want, "loss terms")
 
 
-def test_gradients_equal_single_process_gradients(results, reference):
-    assert reference["grads"]  # every parameter, backbone BN included
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradients_equal_single_process_gradients(results, reference, variant):
+    grads = reference[variant]["grads"]
+    assert grads  # every parameter, backbone BN included
     for out in results:
-        assert out["exact"].keys() == reference["grads"].keys()
-        for name, want in reference["grads"].items():
+        assert out[f"exact-{variant}"].keys() == grads.keys()
+        for name, want in grads.items():
             assert want.abs().max() > 0, name
-            assert_close(out["exact"][name], want, name)
+            assert_close(out[f"exact-{variant}"][name], want, name)
 
 
 def test_batchnorm_buffers_equal_single_process_buffers(results, reference):
     for out in results:
-        for name, want in reference["buffers"].items():
-            assert_close(out["exact_buffers"][name], want, name)
+        for name, want in reference["full"]["buffers"].items():
+            assert_close(out["exact-full_buffers"][name], want, name)
 
 
 def test_reference_code_scheme_divides_gradients_by_world_size(results, reference):
     # What facebookresearch/barlowtwins computes; caught here so the exact test above
     # is known to distinguish the two.
     for out in results:
-        for name, want in reference["grads"].items():
+        for name, want in reference["full"]["grads"].items():
             assert_close(out["naive"][name] * WORLD, want, name)
+
+
+def test_gathered_fallback_when_dim_does_not_divide(results, reference):
+    want = reference["odd"]
+    for out in results:
+        for got, w in zip(out["odd"]["terms"], want["terms"]):
+            assert_close(got, w, "loss terms")
+    # Each rank's slice receives W·∂L/∂z_r, which DDP's average turns into ∂L/∂θ.
+    for view in range(2):
+        got = torch.cat([out["odd"]["grads"][view] for out in results])
+        assert_close(got / WORLD, want["grads"][view], f"view {view + 1} gradient")
 
 
 @pytest.mark.parametrize("case", [0, 1], ids=["4d-momentum", "2d-cumulative"])

@@ -144,7 +144,7 @@ def test_batch_must_split_over_processes():
 
 
 def test_stage_under_torchrun_with_two_processes(data_dir, tmp_path):
-    """The dvc.yaml launch path: torchrun, 2 gloo ranks, global BN and gathered loss;
+    """The dvc.yaml launch path: torchrun, 2 gloo ranks, global BN and the sharded loss;
     rank 0 alone writes."""
     params = {**PARAMS, "pretrain": {**PARAMS["pretrain"], "knn_every_epochs": 0,
                                      "nproc_per_node": 2}}

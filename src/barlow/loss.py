@@ -1,7 +1,8 @@
 """The Barlow Twins objective (Zbontar et al., ICML 2021, eq. 1) as a pure function.
 
-Cross-process reduction does not live here: ``barlow.distributed`` gathers the two
-views over all ranks and calls :func:`barlow_twins_loss` on the global batch.
+Cross-process reduction does not live here: ``barlow.distributed`` computes the same
+terms over all ranks' batch, sharding the features over the ranks (or, when the ranks
+do not divide D, gathering both views and calling :func:`barlow_twins_loss`).
 """
 
 from __future__ import annotations
