@@ -1,0 +1,115 @@
+"""Our pretraining step at paper scale on one GPU: pairs/s and the fraction of peak.
+
+ResNet-50 at 224 px + projector 8192-8192-8192, bf16 autocast, channels_last, the loss
+in fp32 (barlow.loss), LARS (barlow.optim) — the step of barlow.train, on random
+tensors already on the GPU (compute only; data loading is bench_loader.py's subject).
+
+FLOPs per image pair (2 FLOPs per multiply-add, backward ≈ 2 × forward):
+    backbone   3 × 2 × 4.1 GMAC × 2 views          ≈ 49.2 GFLOP
+    projector  3 × 2 × (2048·8192 + 2·8192²) × 2    ≈  1.8 GFLOP
+and, measured, torch.utils.flop_counter.FlopCounterMode over one step. The fraction of
+peak is achieved FLOP/s over the GPU's dense bf16 peak (H100 SXM ≈ 989 TFLOP/s;
+override with --peak-tflops for another card). Goal: ≥ 1,500 pairs/s on one H100.
+
+Run from the repository root:  PYTHONPATH=src python benchmarks/bench_gpu.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from barlow.config import ModelConfig
+from barlow.distributed import distributed_barlow_twins_loss
+from barlow.optim import build_optimizer, param_groups
+from barlow.train import build_model
+
+GOAL_PAIRS_PER_S = 1500
+PEAKS_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def analytic_flops_per_pair(proj: int = 8192, feat: int = 2048) -> float:
+    backbone = 3 * 2 * 4.1e9 * 2
+    projector = 3 * 2 * (feat * proj + 2 * proj * proj) * 2
+    return backbone + projector
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=256, help="pairs per step")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--peak-tflops", type=float, default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_gpu: no CUDA device here; this benchmark needs a GPU (written for one "
+              "H100) and was not run.", file=sys.stderr)
+        sys.exit(2)
+
+    device = torch.device("cuda")
+    name = torch.cuda.get_device_name(device)
+    peak = args.peak_tflops or next((v for k, v in PEAKS_TFLOPS.items() if k in name), None)
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="resnet50", projector="8192-8192-8192"))
+    model = model.to(device, memory_format=torch.channels_last).train()
+    opt = build_optimizer("lars", param_groups(model, 1.5e-6), momentum=0.9, eta=0.001)
+    for group in opt.param_groups:
+        group["lr"] = 0.2 if group["name"] == "weights" else 0.0048
+    net = torch.compile(model) if args.compile else model
+    y1, y2 = (torch.randn(args.batch, 3, 224, 224, device=device)
+              .contiguous(memory_format=torch.channels_last) for _ in range(2))
+
+    def step() -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            z1, z2 = net(y1, y2)
+        loss = distributed_barlow_twins_loss(z1, z2, 0.0051).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    for _ in range(args.warmup):
+        step()
+    torch.cuda.synchronize()
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    measured_per_pair = counter.get_total_flops() / args.batch
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    sec = statistics.median(times)
+    pairs = args.batch / sec
+    print(f"{name}, torch {torch.__version__}, batch {args.batch}, bf16 autocast, "
+          f"channels_last, compile={args.compile}; median of {args.steps} steps")
+    print(f"step {sec * 1e3:.1f} ms → {pairs:.0f} pairs/s per GPU "
+          f"(goal ≥ {GOAL_PAIRS_PER_S}: {'meets' if pairs >= GOAL_PAIRS_PER_S else 'misses'}, "
+          f"ratio {pairs / GOAL_PAIRS_PER_S:.2f}); peak memory "
+          f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    for label, flops in (("analytic", analytic_flops_per_pair()),
+                         ("measured (FlopCounterMode)", measured_per_pair)):
+        achieved = flops * pairs / 1e12
+        frac = f", {achieved / peak:.1%} of {peak:.0f} TFLOP/s peak" if peak else ""
+        print(f"FLOPs/pair {label}: {flops / 1e9:.1f} G → {achieved:.0f} TFLOP/s{frac}")
+    print("(reference: 32 V100 in the paper ≈ 90 pairs/s per GPU)")
+
+
+if __name__ == "__main__":
+    main()
