@@ -15,6 +15,14 @@ from barlow.stage import run_stage
 RAW = FfcvSettings(write_mode="raw")
 
 
+def writers(source: sources.Source, cfg: DataConfig) -> int:
+    """Processes for ffcv's writer. With several, pages land in completion order and the
+    file's bytes differ from run to run (its content does not). In-memory sources write
+    in seconds with one, and a byte-identical .beton lets DVC skip every later stage
+    when convert reruns; decoding an ImageFolder needs the parallelism."""
+    return cfg.workers if source.files is not None else 1
+
+
 @click.group()
 def cli() -> None:
     """Convert image sources into FFCV datasets (paths from argv, settings from params.yaml)."""
@@ -40,7 +48,7 @@ def main(params: str, out_dir: Path) -> None:
             settings = FfcvSettings(**vars(cfg.ffcv))
         for source in (train, test):
             manifest = write_beton(source, out_dir / f"{source.split}.beton", settings,
-                                   cfg.workers, cfg.seed)
+                                   writers(source, cfg), cfg.seed)
             click.echo(f"convert: {source.split}: {manifest['num_images']} images,"
                        f" {manifest['num_classes']} classes, {len(manifest['skipped'])} skipped")
 
@@ -58,7 +66,7 @@ def transfer(params: str, out_dir: Path) -> None:
                     (sources.digits(split, cfg.transfer_test_fraction, cfg.seed), RAW),
                     (sources.elpv(split, cfg.transfer_test_fraction, cfg.seed), elpv)):
                 manifest = write_beton(source, out_dir / f"{source.name}_{split}.beton",
-                                       settings, cfg.workers, cfg.seed)
+                                       settings, writers(source, cfg), cfg.seed)
                 click.echo(f"convert_transfer: {source.name} {split}: {manifest['num_images']}"
                            f" images, {manifest['num_classes']} classes")
 

@@ -52,7 +52,7 @@ class PretrainSetup:
     augment: AugmentConfig
     pretrain: PretrainConfig
 
-    def resume_config(self, data_sha256: str) -> dict[str, Any]:
+    def resume_config(self, data: dict[str, Any]) -> dict[str, Any]:
         """What a checkpoint must match to be resumed: everything that changes the
         weights (operational knobs such as workers or checkpoint interval excluded)."""
         pretrain = as_dict(self.pretrain)
@@ -60,7 +60,7 @@ class PretrainSetup:
             pretrain.pop(key)
         return {"model": as_dict(self.model), "loss": as_dict(self.loss),
                 "augment": as_dict(self.augment), "pretrain": pretrain,
-                "data_sha256": data_sha256}
+                "data": data}
 
 
 def build_model(model: ModelConfig) -> BarlowTwins:
@@ -105,7 +105,10 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
     manifest = read_manifest(train_beton)
     test_manifest = read_manifest(test_beton)
     mean, std = normalisation(manifest)
-    resume_config = setup.resume_config(manifest["beton_sha256"])
+    # The data's identity: its inputs and how they were written (the .beton's own bytes
+    # depend on ffcv's writer scheduling when several processes write it).
+    resume_config = setup.resume_config({"inputs_sha256": manifest["inputs_sha256"],
+                                         "ffcv": manifest["ffcv"]})
     ckpt_path = out_dir / "checkpoint.pt"
 
     seed_everything(cfg.seed)
