@@ -379,6 +379,7 @@ class TransferConfig:
     svm_costs: tuple[float, ...] = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
     svm_folds: int = 3
     svm_max_iter: int = 2000
+    svm_jobs: int = 1                  # processes for the cross-validation folds
     precision: typing.Literal["fp32", "bf16", "fp16"] = "fp32"
     extract_batch_size: int = 1024
     workers: int = 2
@@ -392,7 +393,8 @@ class TransferConfig:
         require(len(self.svm_costs) >= 1 and min(self.svm_costs) > 0, f"{section}.svm_costs",
                 "must list at least one cost > 0")
         require(self.svm_folds >= 2, f"{section}.svm_folds", "must be >= 2")
-        require(self.svm_max_iter >= 1, f"{section}.svm_max_iter", "must be >= 1")
+        for name in ("svm_max_iter", "svm_jobs"):
+            require(getattr(self, name) >= 1, f"{section}.{name}", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -439,3 +441,28 @@ class SemisupConfig:
         require(self.resolution >= 8, f"{section}.resolution", "must be >= 8")
         require(0.0 < self.eval_crop_ratio <= 1.0, f"{section}.eval_crop_ratio",
                 "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """`report:` — the reproduction report (stages/report.py, barlow.report)."""
+
+    cc_images: int = 512               # held-out test images for the cross-correlation
+    cc_batch_size: int = 256           # forward-pass chunk; eval-mode BN, so no effect on c
+    cc_views: typing.Literal["augmented", "identical"] = "augmented"
+    cc_block: int = 64                 # top-left block of c drawn (D can be 8192)
+    cc_seed: int = 0                   # the augmentations of the held-out views
+    workers: int = 1
+    # Ablation tables: the params scripts/ablations.sh sweeps, the seed param averaged
+    # over, and the metrics tabulated (the first one present is plotted).
+    ablation_params: tuple[str, ...] = ("loss.lambd", "loss.variant", "pretrain.batch_size",
+                                        "model.projector")
+    seed_param: str = "pretrain.seed"
+    ablation_metrics: tuple[str, ...] = ("linear/barlow/top1_best", "pretrain/knn_top1")
+
+    def check(self, section: str) -> None:
+        for name in ("cc_images", "cc_batch_size", "cc_block", "workers"):
+            require(getattr(self, name) >= 1, f"{section}.{name}", "must be >= 1")
+        require(self.cc_images >= 2, f"{section}.cc_images", "needs at least 2 images")
+        require(len(self.ablation_metrics) >= 1, f"{section}.ablation_metrics",
+                "must name at least one metric")

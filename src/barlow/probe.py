@@ -1,0 +1,176 @@
+"""Linear probes of a frozen backbone and their baselines: the `linear` and `transfer`
+stages' shared protocol, built on barlow.evaluate's trainers.
+
+The honest protocol: a linear head is fitted on a training split, the epoch is chosen by
+top-1 on a validation split held out of the training data, and the test split only gives
+the final figures: its top-1/top-5 at the chosen epoch and at the last epoch. Test
+accuracy is measured after every epoch (that needs each epoch's head), but never
+consulted for a choice.
+
+Embeddings compared under one recipe:
+    barlow       the pretrained backbone, weights loaded strictly from a file
+    random_init  the same architecture, randomly initialised from a seed, never trained
+    raw_pixels   the normalised input image, flattened (barlow.evaluate.raw_pixel_features
+                 as a module, so the augmenting trainer can use it too)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from barlow.checkpoint import load_backbone_weights
+from barlow.config import ModelConfig
+from barlow.data.loaders import SeekableLoader
+from barlow.evaluate import (OnEpoch, Schedule, fit_linear_on_features, topk_accuracy,
+                             train_linear_head)
+from barlow.models import build_backbone
+
+Split = tuple[Tensor, Tensor]  # (features or images, labels)
+
+#: What a probe reports, all on the test split except best_epoch.
+SUMMARY_KEYS = ("top1_best", "top5_best", "top1_last", "top5_last", "best_epoch")
+#: Per-epoch rows of barlow.evaluate's trainers that are logged as curves.
+CURVE_KEYS = ("train_loss", "val_loss", "val_top1", "val_top5")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The head's optimisation: SGD with momentum, learning rate × lr_factor(schedule)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    schedule: Schedule
+    seed: int
+
+
+def embedding(name: str, model: ModelConfig, weights: str | Path, seed: int,
+              device: torch.device) -> nn.Module:
+    """The module mapping images to features for ``name`` (see the module docstring),
+    on ``device`` in eval mode. ``weights`` is read for "barlow" only; a file that does
+    not fit the ``model`` architecture raises CheckpointError."""
+    if name == "raw_pixels":
+        return nn.Flatten()
+    if name not in ("barlow", "random_init"):
+        raise ValueError(f"unknown embedding {name!r}")
+    # build_backbone initialises from the global RNG: seeding it fixes the random baseline.
+    torch.manual_seed(seed)
+    backbone, _ = build_backbone(model.arch, model.width, model.layers)
+    if name == "barlow":
+        load_backbone_weights(backbone, weights)
+    return backbone.to(device).eval()
+
+
+def split_rows(feats: Tensor, labels: Tensor, held_out: np.ndarray) -> tuple[Split, Split]:
+    """(rows not in ``held_out``, rows in ``held_out``), each as (feats, labels)."""
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    mask[torch.as_tensor(held_out, dtype=torch.long)] = True
+    return (feats[~mask], labels[~mask]), (feats[mask], labels[mask])
+
+
+@contextlib.contextmanager
+def _stepped_optimisers() -> Iterator[list[torch.optim.Optimizer]]:
+    """Collect every optimiser that steps inside the block.
+
+    barlow.evaluate's trainers build the head internally and report only metrics per
+    epoch; the test figures at the best-validation epoch need that epoch's head, which
+    is read from the one optimiser that trains it."""
+    seen: list[torch.optim.Optimizer] = []
+
+    def hook(optimizer, args, kwargs) -> None:
+        if not any(o is optimizer for o in seen):
+            seen.append(optimizer)
+
+    handle = register_optimizer_step_post_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def fit_and_test(fit: Callable[[OnEpoch], dict], test: Split, device: torch.device,
+                 on_epoch: OnEpoch | None = None) -> dict[str, Any]:
+    """Run ``fit(callback)``, a barlow.evaluate trainer of one linear head that calls
+    ``callback(epoch, row)`` after each epoch and returns its result dict, and score that
+    head on the test features ``test`` after every epoch.
+
+    Returns the SUMMARY_KEYS (test accuracies in percent at the epoch of best val top-1,
+    the first on ties, and at the last epoch), ``history`` (the trainer's rows) and
+    ``test_pred_best`` (the predicted test classes at the best epoch, CPU)."""
+    test_feats, test_labels = test[0].float().to(device), test[1].to(device)
+    scores: list[tuple[float, float, Tensor]] = []
+    with _stepped_optimisers() as optimisers:
+        def score(epoch: int, row: dict) -> None:
+            if len(optimisers) != 1:
+                raise RuntimeError(f"fit_and_test expects one optimiser, saw {len(optimisers)}")
+            weight, bias = optimisers[0].param_groups[0]["params"]
+            with torch.no_grad():
+                logits = F.linear(test_feats, weight, bias)
+            acc = topk_accuracy(logits, test_labels)
+            scores.append((acc[1], acc[5], logits.argmax(dim=1).cpu()))
+            if on_epoch is not None:
+                on_epoch(epoch, row)
+
+        result = fit(score)
+    best, last = result["best"]["epoch"], result["last"]["epoch"]
+    return {"top1_best": scores[best][0], "top5_best": scores[best][1],
+            "top1_last": scores[last][0], "top5_last": scores[last][1],
+            "best_epoch": best, "history": result["history"], "test_pred_best": scores[best][2]}
+
+
+def probe_features(train: Split, val: Split, test: Split, num_classes: int, recipe: Recipe,
+                   device: torch.device, on_epoch: OnEpoch | None = None) -> dict[str, Any]:
+    """The fast probe: the head fitted on features extracted once (fit_linear_on_features)."""
+    def fit(callback: OnEpoch) -> dict:
+        return fit_linear_on_features(
+            *train, *val, num_classes=num_classes, epochs=recipe.epochs, lr=recipe.lr,
+            weight_decay=recipe.weight_decay, batch_size=recipe.batch_size,
+            momentum=recipe.momentum, seed=recipe.seed, schedule=recipe.schedule,
+            device=device, on_epoch=callback)[1]
+
+    return fit_and_test(fit, test, device, on_epoch)
+
+
+def probe_augmented(embed: nn.Module, train_loader: SeekableLoader, val_loader: SeekableLoader,
+                    test: Split, num_classes: int, recipe: Recipe, device: torch.device,
+                    autocast_dtype: torch.dtype | None = None,
+                    on_epoch: OnEpoch | None = None) -> dict[str, Any]:
+    """The paper's probe: ``embed`` runs on every augmented ``train_loader`` batch
+    (train_linear_head, which also checks that the backbone never changes); ``test``
+    holds the test features, extracted once since the backbone is frozen. The loader is
+    rewound first, so every embedding sees the same augmented batches."""
+    train_loader.seek(0)
+
+    def fit(callback: OnEpoch) -> dict:
+        return train_linear_head(
+            embed, train_loader, val_loader, feat_dim=test[0].shape[1],
+            num_classes=num_classes, epochs=recipe.epochs, lr=recipe.lr,
+            weight_decay=recipe.weight_decay, device=device, momentum=recipe.momentum,
+            schedule=recipe.schedule, seed=recipe.seed, channels_last=True,
+            autocast_dtype=autocast_dtype, on_epoch=callback)[1]
+
+    return fit_and_test(fit, test, device, on_epoch)
+
+
+def log_epoch(live: Any, prefix: str, epoch: int, row: dict) -> None:
+    """One trainer row as points of the ``prefix/<key>`` curves of a dvclive Live."""
+    live.step = epoch
+    for key in CURVE_KEYS:
+        live.log_metric(f"{prefix}/{key}", row[key])
+
+
+def log_summary(live: Any, prefix: str, result: dict) -> None:
+    """A probe's SUMMARY_KEYS as ``prefix/<key>`` in the Live's metrics.json."""
+    for key in SUMMARY_KEYS:
+        live.log_metric(f"{prefix}/{key}", result[key], plot=False)

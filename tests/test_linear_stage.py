@@ -1,0 +1,201 @@
+"""linear stage: end-to-end runs on tiny data in both modes (every metric, curves, the
+confusion matrix), the best-epoch bookkeeping of barlow.probe, the frozen backbone, and
+the errors a wrong weights file or params key must give."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from torch import nn
+
+from barlow.config import LinearConfig, ModelConfig, load_section
+from barlow.data.convert import read_manifest
+from barlow.data.loaders import eval_loader
+from barlow.evaluate import extract_features
+from barlow.models import build_backbone
+from barlow.probe import SUMMARY_KEYS, Recipe, embedding, fit_and_test, probe_augmented
+from barlow.train import normalisation
+from stages import linear
+
+REPO = Path(__file__).resolve().parents[1]
+EMBEDDINGS = ("barlow", "random_init", "raw_pixels")
+EPOCHS = 4
+MODEL = {"arch": "small_resnet", "width": 4, "layers": [1, 1, 1, 1]}
+
+
+def tiny_params(subsets_dir: Path, **linear_overrides) -> dict:
+    return {"data": {"subsets_dir": str(subsets_dir)}, "model": MODEL,
+            "augment": {"resolution": 16},
+            "linear": {"mode": "features", "epochs": EPOCHS, "batch_size": 16, "lr": 0.3,
+                       "crop_ratio": 1.0, "extract_batch_size": 32, "workers": 1,
+                       **linear_overrides}}
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_ffcv, tmp_path_factory) -> dict:
+    """val.txt holds 16 of tiny_ffcv's 64 training images (labels i % 4: 4 per class);
+    a tiny backbone saved as a plain state dict, as the pretrain stage exports it."""
+    root = tmp_path_factory.mktemp("linear")
+    (root / "subsets").mkdir()
+    (root / "subsets" / "val.txt").write_text("# val\n" + "".join(f"{i}\n" for i in range(16)))
+    torch.manual_seed(1)
+    backbone, _ = build_backbone(MODEL["arch"], MODEL["width"], MODEL["layers"])
+    torch.save(backbone.state_dict(), root / "backbone.pt")
+    return {"root": root, "data": tiny_ffcv, "weights": root / "backbone.pt"}
+
+
+def invoke(setup: dict, tmp: Path, weights: Path | None = None, **linear_overrides):
+    params = tmp / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params(setup["root"] / "subsets", **linear_overrides)))
+    args = ["--params", str(params), "--data", str(setup["data"]),
+            "--weights", str(weights or setup["weights"]), "--live", str(tmp / "live")]
+    return CliRunner().invoke(linear.main, args)
+
+
+@pytest.fixture(scope="module", params=["features", "augment"])
+def finished(request, setup, tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp(f"linear_{request.param}")
+    result = invoke(setup, tmp, mode=request.param)
+    assert result.exit_code == 0, result.output + result.stderr + repr(result.exception)
+    live = tmp / "live"
+    return {"result": result, "live": live,
+            "metrics": json.loads((live / "metrics.json").read_text())["linear"]}
+
+
+def test_every_metric_is_reported_and_sane(finished):
+    metrics = finished["metrics"]
+    assert set(metrics) == set(EMBEDDINGS)
+    for name in EMBEDDINGS:
+        m = metrics[name]
+        assert set(SUMMARY_KEYS) <= set(m), f"{name}: {sorted(m)}"
+        assert m["best_epoch"] in range(EPOCHS)
+        for when in ("best", "last"):
+            # 4 classes: top-5 is capped at 4 classes and counts every image.
+            assert 0.0 <= m[f"top1_{when}"] <= m[f"top5_{when}"] == 100.0
+        if m["best_epoch"] == EPOCHS - 1:
+            assert m["top1_best"] == m["top1_last"]
+    # The class is a bright quadrant: raw pixels separate it, chance is 25%.
+    assert metrics["raw_pixels"]["top1_best"] >= 75.0
+    assert "linear: raw_pixels: test top-1" in finished["result"].output
+
+
+def test_curves_and_confusion_matrix(finished, tiny_ffcv):
+    plots = finished["live"] / "plots"
+    for name in EMBEDDINGS:
+        for key in ("train_loss", "val_loss", "val_top1", "val_top5"):
+            rows = (plots / "metrics" / "linear" / name / f"{key}.tsv").read_text().splitlines()
+            assert rows[0].split("\t") == ["step", key]
+            assert [int(r.split("\t")[0]) for r in rows[1:]] == list(range(EPOCHS))
+    matrix = json.loads((plots / "sklearn" / "confusion_matrix.json").read_text())
+    manifest = read_manifest(tiny_ffcv / "test.beton")
+    assert len(matrix) == manifest["num_images"]
+    assert {row["actual"] for row in matrix} == set(manifest["class_names"])
+    correct = 100.0 * sum(r["actual"] == r["predicted"] for r in matrix) / len(matrix)
+    assert correct == pytest.approx(finished["metrics"]["barlow"]["top1_best"])
+
+
+def test_test_figures_come_from_the_epochs_val_chose():
+    """A fake trainer whose head is perfect on the test set at epoch 1 only, while the
+    validation rows make epoch 2 the best: top-1 must be read at epoch 2 and at the last
+    epoch (3), never at the test-best epoch 1."""
+    test_feats = torch.eye(3).repeat(2, 1)
+    test_labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    heads = {1: torch.eye(3),                              # all right
+             2: torch.eye(3)[[1, 2, 0]].T.contiguous(),    # all wrong
+             3: torch.eye(3)[[0, 2, 1]].T.contiguous()}    # class 0 right: 1/3
+
+    def fit(callback):
+        head = nn.Linear(3, 3)
+        optimiser = torch.optim.SGD(head.parameters(), lr=0.0)
+        history = []
+        for epoch, val_top1 in enumerate([10.0, 20.0, 90.0, 50.0]):
+            optimiser.step()  # the trainer steps; fit_and_test finds the head through it
+            with torch.no_grad():
+                head.weight.copy_(heads.get(epoch, torch.zeros(3, 3)))
+                head.bias.zero_()
+            row = {"epoch": epoch, "val_top1": val_top1}
+            callback(epoch, row)
+            history.append(row)
+        return {"history": history, "best": history[2], "last": history[3]}
+
+    seen = []
+    out = fit_and_test(fit, (test_feats, test_labels), torch.device("cpu"),
+                       lambda epoch, row: seen.append(epoch))
+    assert seen == [0, 1, 2, 3]
+    assert out["best_epoch"] == 2
+    assert out["top1_best"] == 0.0
+    assert out["top1_last"] == pytest.approx(100.0 / 3)
+    assert out["test_pred_best"].tolist() == [1, 2, 0, 1, 2, 0]
+
+
+def test_augmented_probe_leaves_the_backbone_unchanged(setup, tiny_ffcv):
+    """BN running statistics would move if the backbone ran in train mode; its weights
+    would move if the head's optimiser reached them."""
+    mean, std = normalisation(read_manifest(tiny_ffcv / "train.beton"))
+    backbone = embedding("barlow", ModelConfig(**{**MODEL, "layers": (1, 1, 1, 1)}),
+                         setup["weights"], 0, torch.device("cpu"))
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+
+    def loader(split, **kwargs):
+        return eval_loader(str(tiny_ffcv / f"{split}.beton"), 16, 1, 16, mean, std,
+                           crop_ratio=1.0, **kwargs)
+
+    test = extract_features(backbone, loader("test", train_aug=False), "cpu")
+    recipe = Recipe(2, 16, 0.3, 0.9, 1e-6, "cosine", 0)
+    result = probe_augmented(backbone, loader("train", train_aug=True, order="random"),
+                             loader("train", train_aug=False), test, 4, recipe,
+                             torch.device("cpu"))
+    assert len(result["history"]) == 2
+    after = backbone.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert not backbone.training
+    file = torch.load(setup["weights"])
+    assert all(torch.equal(after[k], v) for k, v in file.items())
+
+
+def test_mismatching_weights_give_one_line_error(setup, tmp_path):
+    wide, _ = build_backbone("small_resnet", 8, (1, 1, 1, 1))
+    torch.save(wide.state_dict(), tmp_path / "wide.pt")
+    result = invoke(setup, tmp_path, weights=tmp_path / "wide.pt")
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1
+    assert "linear: error:" in result.stderr and "does not fit the backbone" in result.stderr
+    result = invoke(setup, tmp_path, weights=tmp_path / "absent.pt")
+    assert result.exit_code == 2 and "absent.pt: weights file not found" in result.stderr
+    assert not (tmp_path / "live").exists()  # failed before any work
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"lrr": 0.1}, "params: linear.lrr: unknown key"),
+    ({"mode": "finetune"}, "linear.mode: 'finetune' is not one of"),
+    ({"baselines": ["random_init", "random_init"]}, "linear.baselines: lists a baseline twice"),
+    ({"weight_decay": "1e-6"}, "linear.weight_decay: expected a number"),
+])
+def test_bad_params_are_named(setup, tmp_path, overrides, message):
+    result = invoke(setup, tmp_path, **overrides)
+    assert result.exit_code == 2 and message in result.stderr, result.stderr
+
+
+def test_missing_val_subset_is_named(setup, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params(tmp_path / "nowhere")))
+    result = CliRunner().invoke(linear.main, [
+        "--params", str(params), "--data", str(setup["data"]),
+        "--weights", str(setup["weights"]), "--live", str(tmp_path / "live")])
+    assert result.exit_code == 2 and "val.txt: subset file not found" in result.stderr
+
+
+def test_repo_params_section_loads():
+    cfg = load_section(LinearConfig, "linear", REPO / "params.yaml")
+    assert cfg.mode == "features" and set(cfg.baselines) == {"random_init", "raw_pixels"}
+    # The dataclass defaults are the paper's recipe.
+    paper = LinearConfig()
+    assert (paper.mode, paper.epochs, paper.lr, paper.batch_size, paper.schedule) == \
+        ("augment", 100, 0.3, 256, "cosine")
+    assert np.isclose(paper.weight_decay, 1e-6) and np.isclose(paper.crop_ratio, 0.875)

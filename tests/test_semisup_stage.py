@@ -1,0 +1,186 @@
+"""semisup stage: an end-to-end run on tiny data (metrics, plots, the backbone really
+fine-tuned), the committed Fashion-MNIST subset files, and the errors a bad subset file
+or a mismatching weights file must give."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from barlow.data.subsets import balanced_subsets, read_subset
+from barlow.models import build_backbone
+from stages import semisup
+
+REPO = Path(__file__).resolve().parents[1]
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+COMMITTED = REPO / "data/subsets/fashion_mnist"
+KEYS = ("top1_best", "top5_best", "top1_last", "top5_last", "best_epoch", "val_top1_best",
+        "weight_change")
+EPOCHS = [3, 2]
+
+
+def tiny_params(subsets_dir: Path, **semisup_overrides) -> dict:
+    return {
+        "data": {"subsets_dir": str(subsets_dir)},
+        "model": {"arch": "small_resnet", "width": 4, "layers": [1, 1, 1, 1]},
+        "semisup": {"subsets": ["1percent", "10percent"], "epochs": EPOCHS, "batch_size": 8,
+                    "eval_batch_size": 32, "resolution": 16, "eval_crop_ratio": 1.0,
+                    "workers": 1, "channels_last": False, **semisup_overrides},
+    }
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_ffcv, tmp_path_factory) -> dict:
+    """Subset files over tiny_ffcv's 64 training images (labels i % 4): val 4 per class,
+    "1percent" 2 per class, "10percent" 4 per class, disjoint from val; a tiny backbone
+    saved as a plain state dict, as the pretrain stage exports it."""
+    root = tmp_path_factory.mktemp("semisup")
+    subsets = root / "subsets"
+    subsets.mkdir()
+    (subsets / "val.txt").write_text("# val\n" + "".join(f"{i}\n" for i in range(16)))
+    (subsets / "1percent.txt").write_text("".join(f"{i}\n" for i in range(16, 24)))
+    (subsets / "10percent.txt").write_text("".join(f"{i}\n" for i in range(16, 32)))
+    torch.manual_seed(1)
+    backbone, _ = build_backbone("small_resnet", 4, (1, 1, 1, 1))
+    weights = root / "backbone.pt"
+    torch.save(backbone.state_dict(), weights)
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params(subsets)))
+    return {"root": root, "subsets": subsets, "weights": weights, "params": params,
+            "data": tiny_ffcv}
+
+
+def invoke(setup: dict, params: Path | None = None, weights: Path | None = None,
+           live: Path | None = None):
+    args = ["--params", str(params or setup["params"]), "--data", str(setup["data"]),
+            "--weights", str(weights or setup["weights"]),
+            "--live", str(live or setup["root"] / "live")]
+    return CliRunner().invoke(semisup.main, args)
+
+
+@pytest.fixture(scope="module")
+def finished(setup) -> dict:
+    before = {k: v.clone() for k, v in torch.load(setup["weights"]).items()}
+    result = invoke(setup)
+    assert result.exit_code == 0, result.output + result.stderr + repr(result.exception)
+    live = setup["root"] / "live"
+    return {"result": result, "before": before, "live": live,
+            "metrics": json.loads((live / "metrics.json").read_text())}
+
+
+def test_end_to_end_metrics(finished):
+    metrics = finished["metrics"]["semisup"]
+    assert set(metrics) == {"1percent", "10percent"}
+    for subset, epochs in zip(("1percent", "10percent"), EPOCHS):
+        assert set(metrics[subset]) == {"barlow", "scratch"}
+        for run in ("barlow", "scratch"):
+            m = metrics[subset][run]
+            assert set(KEYS) <= set(m), f"{subset}/{run}: {sorted(m)}"
+            assert m["best_epoch"] in range(epochs)
+            for when in ("best", "last"):
+                assert 0.0 <= m[f"top1_{when}"] <= m[f"top5_{when}"] <= 100.0
+                # 4 classes: top-5 is capped at 4 and counts every image.
+                assert m[f"top5_{when}"] == 100.0
+            if m["best_epoch"] == epochs - 1:
+                assert m["top1_best"] == m["top1_last"]
+            # The backbone is trained, not frozen (BN in train mode, lr_backbone > 0).
+            assert m["weight_change"] > 0.0
+    assert "semisup: 10percent scratch" in finished["result"].output
+
+
+def test_per_epoch_curves(finished):
+    plots = finished["live"] / "plots" / "metrics" / "semisup"
+    for subset, epochs in zip(("1percent", "10percent"), EPOCHS):
+        for run in ("barlow", "scratch"):
+            for name in ("train_loss", "val_top1", "val_top5", "lr_backbone", "lr_head"):
+                rows = (plots / subset / run / f"{name}.tsv").read_text().splitlines()
+                assert rows[0].split("\t")[0] == "step"
+                assert [int(r.split("\t")[0]) for r in rows[1:]] == list(range(epochs))
+    lr = (plots / "1percent" / "barlow" / "lr_head.tsv").read_text().splitlines()[1:]
+    assert float(lr[0].split("\t")[-1]) == pytest.approx(0.5)  # the paper's head lr
+
+
+def test_weights_file_is_left_alone(finished, setup):
+    after = torch.load(setup["weights"])
+    assert all(torch.equal(after[k], v) for k, v in finished["before"].items())
+
+
+def test_mismatching_weights_give_one_line_error(setup, tmp_path):
+    wide, _ = build_backbone("small_resnet", 8, (1, 1, 1, 1))
+    torch.save(wide.state_dict(), tmp_path / "wide.pt")
+    result = invoke(setup, weights=tmp_path / "wide.pt", live=tmp_path / "live")
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1
+    assert "semisup: error:" in result.stderr and "does not fit the backbone" in result.stderr
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    result = invoke(setup, weights=tmp_path / "junk.pt", live=tmp_path / "live")
+    assert result.exit_code == 2 and "junk.pt: not a torch weights file" in result.stderr
+    assert not (tmp_path / "live").exists()  # failed before any work
+
+
+@pytest.mark.parametrize("content, message", [
+    ("16\n17\n18\n19\n20\n21\n22\n999\n", "index 999 out of range"),
+    ("0\n17\n18\n19\n20\n21\n22\n23\n", "entries also in"),
+    ("16\n20\n24\n28\n32\n36\n40\n44\n", "not balanced"),  # all class 0
+])
+def test_bad_subset_file_is_named(setup, tmp_path, content, message):
+    subsets = tmp_path / "subsets"
+    subsets.mkdir()
+    for name in ("val", "10percent"):
+        (subsets / f"{name}.txt").write_text((setup["subsets"] / f"{name}.txt").read_text())
+    (subsets / "1percent.txt").write_text(content)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params(subsets)))
+    result = invoke(setup, params=params, live=tmp_path / "live")
+    assert result.exit_code == 2
+    assert f"{subsets / '1percent.txt'}" in result.stderr and message in result.stderr
+
+
+def test_epochs_must_match_subsets(setup, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params(setup["subsets"], epochs=[3])))
+    result = invoke(setup, params=params, live=tmp_path / "live")
+    assert result.exit_code == 2 and "semisup.epochs" in result.stderr
+
+
+def test_repo_params_section_loads():
+    from barlow.config import SemisupConfig, load_section
+
+    cfg = load_section(SemisupConfig, "semisup", REPO / "params.yaml")
+    assert len(cfg.epochs) == len(cfg.subsets)
+
+
+# ------------------------------------------------------- the committed Fashion-MNIST files
+def committed() -> dict[str, np.ndarray]:
+    return {name: read_subset(COMMITTED / f"{name}.txt", 60_000)
+            for name in ("val", "1percent", "10percent")}
+
+
+def test_committed_subsets_sizes_and_nesting():
+    files = committed()
+    assert {k: len(v) for k, v in files.items()} == {"val": 5000, "1percent": 600,
+                                                    "10percent": 6000}
+    assert np.isin(files["1percent"], files["10percent"]).all()
+    for name in ("1percent", "10percent"):
+        assert not np.isin(files[name], files["val"]).any()
+
+
+@pytest.mark.skipif(not FMNIST.is_dir(), reason="dataset-fashion-mnist not installed")
+def test_committed_subsets_are_balanced_and_reproducible():
+    from barlow.data.sources import fashion_mnist
+
+    labels = fashion_mnist(FMNIST, "train").labels
+    files = committed()
+    for name, per_class in (("val", 500), ("1percent", 60), ("10percent", 600)):
+        assert np.bincount(labels[files[name]], minlength=10).tolist() == [per_class] * 10
+        # The stage's own check accepts them with no tolerance at all.
+        semisup.check_balance(COMMITTED / f"{name}.txt", files[name], labels, 10, 0.0)
+    regenerated = balanced_subsets(labels, seed=0)
+    for name, indices in files.items():
+        np.testing.assert_array_equal(regenerated[name], indices, err_msg=name)

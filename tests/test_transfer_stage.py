@@ -1,0 +1,136 @@
+"""transfer stage: an end-to-end run on two tiny transfer sets (one stored at 8 px, resized
+to the model's input), every metric present and sane, and the errors a wrong weights
+file, an unknown params key or a missing data set must give."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from barlow.config import TransferConfig, load_section
+from barlow.data.convert import FfcvSettings, write_beton
+from barlow.data.sources import Source
+from barlow.models import build_backbone
+from barlow.probe import SUMMARY_KEYS
+from stages import transfer
+
+REPO = Path(__file__).resolve().parents[1]
+EMBEDDINGS = ("barlow", "random_init", "raw_pixels")
+EPOCHS = 6
+MODEL = {"arch": "small_resnet", "width": 4, "layers": [1, 1, 1, 1]}
+
+
+def stripes(split: str, n: int, side: int, seed: int) -> Source:
+    """n side×side grey images in 3 classes: a bright horizontal band at a class-given
+    height over dim noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 3
+    images = rng.integers(0, 50, (n, side, side, 3), dtype=np.uint8)
+    band = side // 3
+    for i, c in enumerate(labels):
+        images[i, band * c:band * (c + 1)] += 180
+    return Source("stripes", split, ["top", "middle", "bottom"], labels.astype(np.int64),
+                  lambda i: images[i], "0" * 64)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_ffcv, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("transfer")
+    for name, side in (("small", 8), ("large", 24)):
+        for split, n, seed in (("train", 60, 0), ("test", 30, 1)):
+            write_beton(stripes(split, n, side, seed), root / "data" / f"{name}_{split}.beton",
+                        FfcvSettings("raw"), 1)
+    torch.manual_seed(1)
+    backbone, _ = build_backbone(MODEL["arch"], MODEL["width"], MODEL["layers"])
+    torch.save(backbone.state_dict(), root / "backbone.pt")
+    return {"root": root, "pretrain": tiny_ffcv, "weights": root / "backbone.pt"}
+
+
+def invoke(setup: dict, tmp: Path, weights: Path | None = None, **transfer_overrides):
+    params = tmp / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "model": MODEL, "augment": {"resolution": 16},
+        "transfer": {"datasets": ["small", "large"], "epochs": EPOCHS, "batch_size": 16,
+                     "lr": 0.05, "crop_ratio": 1.0, "svm_costs": [0.1, 10.0], "svm_folds": 2,
+                     "extract_batch_size": 32, "workers": 1, **transfer_overrides}}))
+    args = ["--params", str(params), "--data", str(setup["root"] / "data"),
+            "--pretrain-data", str(setup["pretrain"]),
+            "--weights", str(weights or setup["weights"]), "--live", str(tmp / "live")]
+    return CliRunner().invoke(transfer.main, args)
+
+
+@pytest.fixture(scope="module")
+def finished(setup, tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("transfer_run")
+    result = invoke(setup, tmp)
+    assert result.exit_code == 0, result.output + result.stderr + repr(result.exception)
+    return {"result": result, "live": tmp / "live",
+            "metrics": json.loads((tmp / "live" / "metrics.json").read_text())["transfer"]}
+
+
+def test_every_metric_is_reported_and_sane(finished):
+    metrics = finished["metrics"]
+    assert set(metrics) == {"small", "large"}
+    for dataset in ("small", "large"):
+        assert set(metrics[dataset]) == {"linear", "svm"}
+        assert set(metrics[dataset]["linear"]) == set(EMBEDDINGS)
+        assert set(metrics[dataset]["svm"]) == set(EMBEDDINGS)
+        for name in EMBEDDINGS:
+            m = metrics[dataset]["linear"][name]
+            assert set(SUMMARY_KEYS) <= set(m), f"{dataset}/{name}: {sorted(m)}"
+            assert m["best_epoch"] in range(EPOCHS)
+            for when in ("best", "last"):
+                assert 0.0 <= m[f"top1_{when}"] <= m[f"top5_{when}"] == 100.0
+            assert 0.0 < metrics[dataset]["svm"][name]["map"] <= 100.0
+        # The band position is plain in the pixels: raw pixels must find it.
+        assert metrics[dataset]["linear"]["raw_pixels"]["top1_best"] >= 80.0
+        assert metrics[dataset]["svm"]["raw_pixels"]["map"] >= 90.0
+    assert "transfer: large raw_pixels: linear top-1" in finished["result"].output
+
+
+def test_curves_per_dataset_and_embedding(finished):
+    plots = finished["live"] / "plots" / "metrics" / "transfer"
+    for dataset in ("small", "large"):
+        for name in EMBEDDINGS:
+            rows = (plots / dataset / "linear" / name / "val_top1.tsv").read_text().splitlines()
+            assert [int(r.split("\t")[0]) for r in rows[1:]] == list(range(EPOCHS))
+
+
+def test_mismatching_weights_give_one_line_error(setup, tmp_path):
+    wide, _ = build_backbone("small_resnet", 8, (1, 1, 1, 1))
+    torch.save(wide.state_dict(), tmp_path / "wide.pt")
+    result = invoke(setup, tmp_path, weights=tmp_path / "wide.pt")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "transfer: error:" in result.stderr and "does not fit the backbone" in result.stderr
+    assert not (tmp_path / "live").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"svm_cost": [1.0]}, "params: transfer.svm_cost: unknown key"),
+    ({"svm_costs": [0.0, 1.0]}, "transfer.svm_costs: must list at least one cost > 0"),
+    ({"val_fraction": 1.0}, "transfer.val_fraction: must be in (0, 1)"),
+])
+def test_bad_params_are_named(setup, tmp_path, overrides, message):
+    result = invoke(setup, tmp_path, **overrides)
+    assert result.exit_code == 2 and message in result.stderr, result.stderr
+
+
+def test_missing_dataset_is_named(setup, tmp_path):
+    result = invoke(setup, tmp_path, datasets=["small", "absent"])
+    assert result.exit_code == 2
+    assert "absent_test.beton: FFCV dataset not found" in result.stderr
+    assert not (tmp_path / "live").exists()  # checked before the first set's work
+
+
+def test_repo_params_section_loads():
+    cfg = load_section(TransferConfig, "transfer", REPO / "params.yaml")
+    assert cfg.datasets == ("digits", "elpv") and cfg.schedule == "step"
+    paper = TransferConfig()
+    assert (paper.lr, paper.epochs, paper.schedule) == (0.01, 14, "step")
+    assert np.isclose(paper.weight_decay, 5e-4)
