@@ -1,0 +1,136 @@
+"""DVC stage `report`: the reproduction report, reports/report.md and reports/report.html.
+
+    PYTHONPATH=src python -m stages.report build --live-root dvclive \
+        --checkpoint models/pretrain/checkpoint.pt --data data/ffcv \
+        --paper data/paper_results.yaml --ablations reports/ablations.json --out reports
+
+Reads every dvclive metrics file that exists (a missing one is "not run"), the pretraining
+checkpoint (cross-correlation of held-out pairs before and after training), the paper's
+numbers and claims, params.yaml, and a snapshot of the ablation experiments.
+
+    PYTHONPATH=src python -m stages.report ablations --out reports/ablations.json
+
+takes that snapshot from `dvc exp show --json`. It is a separate command, not part of the
+stage, because experiments live in git refs that DVC does not track as deps: a stage that
+ran `dvc exp show` itself would be stale whenever an experiment finished, and would run
+dvc inside `dvc repro`. The snapshot is a committed file, so the report stage reruns
+exactly when it changes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import yaml
+
+from barlow import report as rp
+from barlow.config import ReportConfig, load_section, read_params
+from barlow.stage import run_stage
+
+
+@click.group()
+def main() -> None:
+    """The reproduction report and its ablation snapshot."""
+
+
+@main.command()
+@click.option("--params", default="params.yaml", show_default=True)
+@click.option("--live-root", required=True, type=click.Path(path_type=Path),
+              help="folder with one dvclive folder per stage (pretrain, linear, ...)")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
+              help="the pretraining checkpoint (model state and the config it ran with)")
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
+              help="folder with train.beton and test.beton (held-out pairs from test)")
+@click.option("--paper", required=True, type=click.Path(path_type=Path, exists=True),
+              help="the paper's numbers and claims (data/paper_results.yaml)")
+@click.option("--ablations", "ablations_path", required=True, type=click.Path(path_type=Path),
+              help="snapshot written by `report ablations`; absent: ablations not run")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--skip-cc", is_flag=True, help="leave out the cross-correlation (no FFCV load)")
+def build(params: str, live_root: Path, checkpoint: Path, data_dir: Path, paper: Path,
+          ablations_path: Path, out_dir: Path, skip_cc: bool) -> None:
+    """Write OUT/report.md, OUT/figures/*.png and OUT/report.html."""
+    with run_stage("report"):
+        cfg = load_section(ReportConfig, "report", params)
+        all_params = read_params(params)
+        paper_data = yaml.safe_load(paper.read_text())
+        metrics, status = rp.load_metrics(live_root)
+        curves = rp.load_curves(live_root / "pretrain" / "plots" / "metrics")
+        runs = None
+        if ablations_path.is_file():
+            runs = json.loads(ablations_path.read_text()).get("runs", [])
+
+        inputs = rp.ReportInputs(paper=paper_data, params=all_params, metrics=metrics,
+                                 status=status, curves=curves, runs=runs)
+        train_manifest = data_dir / "train.json"
+        if train_manifest.is_file():
+            inputs.train_images = json.loads(train_manifest.read_text()).get("num_images")
+        if not checkpoint.is_file():
+            inputs.cc_note = f"{checkpoint} does not exist (pretraining not run)"
+        else:
+            info = rp.checkpoint_models(checkpoint)
+            inputs.checkpoint = {"config": info.config, "step": info.step,
+                                 "finished": info.finished}
+            inputs.backbone_params = sum(p.numel() for p in info.after.backbone.parameters())
+            if skip_cc:
+                inputs.cc_note = "left out (--skip-cc)"
+            elif not (data_dir / "test.beton").is_file():
+                inputs.cc_note = f"{data_dir / 'test.beton'} does not exist"
+            else:
+                pairs = rp.held_out_pairs(data_dir / "test.beton", data_dir / "train.beton",
+                                          info.config["augment"], cfg.cc_images,
+                                          cfg.cc_batch_size, cfg.cc_views, cfg.cc_seed,
+                                          cfg.workers)
+                inputs.cc = rp.cc_before_after(info, pairs, cfg.cc_block)
+                views = ("two augmented views (view A, view B of the pretraining "
+                         f"augmentations, seed {cfg.cc_seed})" if cfg.cc_views == "augmented"
+                         else "the whole image twice (identical views: c_ii = 1 by construction)")
+                unfinished = ("" if info.finished else
+                              f" The checkpoint is unfinished (step {info.step}).")
+                inputs.cc_note = (
+                    f"c = standardised z1ᵀz2 / N over the first {inputs.cc['num_images']} "
+                    f"test images, {views}; models in eval mode. Before: the same "
+                    f"architecture at the run's seeded initialisation (pretrain.seed "
+                    f"{info.config['pretrain']['seed']}); after: the checkpoint's weights. With N "
+                    f"images, independent features still give |c_ij| of order 1/√N = "
+                    f"{inputs.cc['num_images'] ** -0.5:.3f}: the floor of the off-diagonal."
+                    + unfinished)
+        doc, summary = rp.build_document(inputs, cfg)
+        rp.write_report(doc, out_dir)
+        for claim, verdict in summary["claims"].items():
+            click.echo(f"report: {claim}: {verdict['status']}")
+        click.echo(f"report: wrote {out_dir / 'report.md'} and {out_dir / 'report.html'}")
+
+
+@main.command()
+@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path))
+@click.option("--from-json", "from_json", type=click.Path(path_type=Path, exists=True),
+              help="parse this saved `dvc exp show --json` output instead of running dvc")
+def ablations(out_path: Path, from_json: Path | None) -> None:
+    """Snapshot the ablation experiments (`dvc exp show --json`) into OUT."""
+    if from_json is not None:
+        raw = json.loads(from_json.read_text())
+    else:
+        done = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"report: error: dvc exp show failed: {done.stderr.strip()}", file=sys.stderr)
+            sys.exit(2)
+        raw = json.loads(done.stdout)
+    runs = rp.parse_exp_show(raw)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    # Sorted, so that the same experiments give the same bytes (a committed dep).
+    runs.sort(key=lambda r: (str(r["baseline_rev"]), str(r["name"]), str(r["rev"])))
+    out_path.write_text(json.dumps({"source": "dvc exp show --json", "runs": runs},
+                                   indent=1, sort_keys=True) + "\n")
+    states: dict[str, int] = {}
+    for run in runs:
+        states[run["state"]] = states.get(run["state"], 0) + 1
+    click.echo(f"report: {len(runs)} experiments ({states or 'none'}) → {out_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""The reproduction report: claims marked from fabricated metrics, missing stages shown as
+"not run", a self-contained HTML, ablation grouping, and the cross-correlation maths."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from barlow import report as rp
+from barlow.config import ModelConfig, ReportConfig
+from barlow.models import Projector
+from barlow.train import build_model, seed_everything
+from conftest import REPO
+from stages.report import main as report_cli
+
+TINY_MODEL = {"arch": "small_resnet", "width": 4, "layers": [1, 1, 1, 1], "projector": "32-32"}
+
+
+def write_live(root: Path, stage: str, metrics: dict, curves: dict | None = None) -> None:
+    """A dvclive folder as the stages leave it: nested metrics.json and per-metric TSVs."""
+    live = root / stage
+    live.mkdir(parents=True)
+    tree: dict = {}
+    for key, value in metrics.items():
+        node = tree
+        *parents, leaf = key.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    (live / "metrics.json").write_text(json.dumps({**tree, "step": 3}))
+    for key, rows in (curves or {}).items():
+        path = live / "plots" / "metrics" / f"{key}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        name = key.split("/")[-1]
+        path.write_text(f"step\t{name}\n" + "".join(f"{s}\t{v}\n" for s, v in rows))
+
+
+@pytest.fixture()
+def fabricated(tmp_path: Path) -> Path:
+    """pretrain, linear and semisup (1% only) ran; transfer did not."""
+    live = tmp_path / "dvclive"
+    write_live(live, "pretrain", {"pretrain/loss": 120.0, "pretrain/knn_top1": 70.0},
+               {"pretrain/loss": [(20, 400.0), (40, 250.0), (60, 120.0)],
+                "pretrain/on_diag": [(20, 300.0), (60, 60.0)],
+                "pretrain/off_diag": [(20, 9000.0), (60, 5000.0)],
+                "pretrain/knn_top1": [(30, 60.0), (60, 70.0)]})
+    write_live(live, "linear", {"linear/barlow/top1_best": 85.0, "linear/barlow/top5_best": 99.5,
+                                "linear/random_init/top1_best": 72.0,
+                                "linear/raw_pixels/top1_best": 83.0})
+    # Barlow below scratch at 1%: the claim must be marked "not held".
+    write_live(live, "semisup", {"semisup/1percent/barlow/top1_best": 60.0,
+                                 "semisup/1percent/scratch/top1_best": 65.0})
+    return tmp_path
+
+
+def build(tmp: Path, ablations: dict | None = None, extra: tuple = ()) -> tuple[str, str]:
+    abl = tmp / "ablations.json"
+    abl.write_text(json.dumps(ablations or {"runs": []}))
+    result = CliRunner().invoke(report_cli, [
+        "build", "--params", str(REPO / "params.yaml"), "--live-root", str(tmp / "dvclive"),
+        "--checkpoint", str(tmp / "missing.pt"), "--data", str(tmp / "no_data"),
+        "--paper", str(REPO / "data" / "paper_results.yaml"), "--ablations", str(abl),
+        "--out", str(tmp / "reports"), *extra])
+    assert result.exit_code == 0, result.output
+    return ((tmp / "reports" / "report.md").read_text(),
+            (tmp / "reports" / "report.html").read_text())
+
+
+def claim_row(md: str, statement_start: str) -> str:
+    rows = [line for line in md.splitlines() if line.startswith(f"| {statement_start}")]
+    assert len(rows) == 1, statement_start
+    return rows[0]
+
+
+def test_claims_marked_from_metrics(fabricated: Path) -> None:
+    md, _ = build(fabricated)
+    assert "| held |" in claim_row(md, "Barlow Twins features beat random-init")
+    assert "| not held |" in claim_row(md, "With 1% of the labels")
+    assert "| not run |" in claim_row(md, "With 10% of the labels")
+    assert "| not run |" in claim_row(md, "On every transfer set, a linear head")
+    assert "| held |" in claim_row(md, "The Barlow Twins loss decreases")
+    # No checkpoint: the cross-correlation claims cannot be tested.
+    assert "| not run |" in claim_row(md, "Training pulls the diagonal")
+
+
+def test_paper_vs_ours_table(fabricated: Path) -> None:
+    md, _ = build(fabricated)
+    row = next(l for l in md.splitlines() if l.startswith("| Table 1 | linear evaluation, top-1"))
+    assert "| 73.2 % | 85.0 |" in row
+    assert re.search(r"\| Table 3 \| transfer, Places-205 linear top-1 \| 54.1 % \| not run \|", md)
+    assert "| 56.8 AP | out of scope |" in md
+    assert "fashion_mnist" in md and "ImageNet-1k" in md  # the scale is stated
+
+
+def test_missing_stages_not_run(fabricated: Path) -> None:
+    md, _ = build(fabricated)
+    assert "| transfer | not run |" in md
+    assert "| linear | ok |" in md
+    assert "transfer: not run." in md
+    assert "Cross-correlation" in md and "does not exist" in md
+    assert "bash scripts/ablations.sh" in md  # ablations not run: the command is printed
+
+
+def test_html_is_self_contained(fabricated: Path) -> None:
+    _, page = build(fabricated)
+    assert "<img" in page and 'src="data:image/png;base64,' in page
+    assert not re.search(r"https?://", page)
+    for tag in re.findall(r"<(?:script|link|img|iframe)[^>]*>", page):
+        assert not re.search(r"(src|href)\s*=\s*[\"']?(https?:)?//", tag), tag
+
+
+def test_figures_written_for_markdown(fabricated: Path) -> None:
+    md, _ = build(fabricated)
+    for name in re.findall(r"\]\((figures/[^)]+\.png)\)", md):
+        assert (fabricated / "reports" / name).stat().st_size > 1000
+
+
+def exp_show(runs: list[tuple[dict, dict]], base: dict) -> list[dict]:
+    """`dvc exp show --json` as DVC 3.67 prints it: workspace, then the commit with its
+    experiments (params and metrics nested per file)."""
+    def data(params, metrics):
+        return {"params": {"params.yaml": {"data": params}},
+                "metrics": {"dvclive/linear/metrics.json": {"data": metrics}} if metrics else {}}
+
+    exps = [{"revs": [{"rev": f"{i:040x}", "name": f"exp-{i}", "data": data(p, m),
+                       "error": None, "experiments": None}],
+             "executor": None if m else {"state": "queued"}, "name": f"exp-{i}"}
+            for i, (p, m) in enumerate(runs)]
+    return [{"rev": "workspace", "data": data(base, {}), "experiments": None},
+            {"rev": "a" * 40, "name": "main", "data": data(base, {}), "experiments": exps}]
+
+
+def params(variant="full", lambd=0.0051, seed=0, epochs=5):
+    return {"loss": {"lambd": lambd, "variant": variant},
+            "pretrain": {"seed": seed, "epochs": epochs, "batch_size": 256},
+            "model": {"projector": "512-512-512"}}
+
+
+def top1(x: float) -> dict:
+    return {"linear": {"barlow": {"top1_best": x}}}
+
+
+def test_ablations_grouped_with_seeds(fabricated: Path) -> None:
+    runs = [(params(seed=s, epochs=2), top1(80.0 + s)) for s in (0, 1, 2)]
+    runs += [(params("redundancy", seed=s, epochs=2), top1(40.0)) for s in (0, 1)]
+    runs += [(params("invariance", seed=0, epochs=2), top1(79.0))]
+    runs += [(params(lambd=0.02, seed=0, epochs=2), top1(81.5))]
+    runs += [(params(lambd=0.02, seed=1, epochs=2), {})]            # still queued
+    runs += [(params(seed=0, epochs=7), top1(99.0))]                # other budget
+    parsed = rp.parse_exp_show(exp_show(runs, params()))
+    assert [r["state"] for r in parsed].count("queued") == 1
+    cfg = ReportConfig()
+    abl = rp.group_ablations(parsed, cfg.ablation_params, cfg.seed_param, cfg.ablation_metrics)
+    assert abl.context == {"pretrain.epochs": 2} and abl.other_blocks == 1
+    full = abl.studies["loss.variant"]["full"]["linear/barlow/top1_best"]
+    assert (full.mean, full.n) == (81.0, 3) and full.std == pytest.approx(1.0)
+    assert abl.studies["loss.lambd"]["0.02"]["linear/barlow/top1_best"].n == 1
+    assert "pretrain.batch_size" not in abl.studies  # only the baseline ran
+
+    snapshot = {"runs": parsed}
+    md, _ = build(fabricated, snapshot)
+    assert "| held |" in claim_row(md, "The redundancy-reduction term alone")
+    assert "| held |" in claim_row(md, "The invariance term alone")
+    assert "| held |" in claim_row(md, "Accuracy is insensitive to λ")
+    assert "| not run |" in claim_row(md, "Small batches work")
+    assert "| full | 81.0 ± 1.0 (n=3) |" in md
+    assert "pretrain.epochs=2" in md
+
+
+def test_ablations_snapshot_command(tmp_path: Path) -> None:
+    raw = tmp_path / "exp.json"
+    raw.write_text(json.dumps(exp_show([(params(seed=1), top1(80.0))], params())))
+    out = tmp_path / "abl.json"
+    result = CliRunner().invoke(report_cli, ["ablations", "--out", str(out), "--from-json", str(raw)])
+    assert result.exit_code == 0, result.output
+    runs = json.loads(out.read_text())["runs"]
+    assert runs[0]["params"]["pretrain.seed"] == 1
+    assert runs[0]["metrics"] == {"linear/barlow/top1_best": 80.0}
+
+
+def test_cross_correlation_identity_for_identical_white_views() -> None:
+    torch.manual_seed(0)
+    head = Projector(16, "16")  # one bias-free Linear: the tiny model of barlow.models
+    torch.nn.init.orthogonal_(head[0].weight)
+    x = torch.randn(8192, 16)
+    with torch.no_grad():
+        z = head(x)
+    c = rp.cross_correlation(z, z)
+    assert torch.allclose(torch.diagonal(c), torch.ones(16, dtype=c.dtype), atol=1e-4)
+    stats = rp.cc_stats(c)
+    # Orthogonal map of white noise: off-diagonal only sampling noise, ~1/sqrt(N).
+    assert stats["offdiag_abs_mean"] < 0.03
+    # Standardisation: per-feature affine changes of either view leave c unchanged.
+    scale, shift = torch.rand(16) + 0.5, torch.randn(16)
+    assert torch.allclose(rp.cross_correlation(z * scale + shift, z), c, atol=1e-4)
+
+
+def test_checkpoint_models_rebuild_init_and_weights(tmp_path: Path) -> None:
+    seed_everything(3)
+    init = build_model(ModelConfig(**TINY_MODEL))
+    trained = build_model(ModelConfig(**TINY_MODEL))
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(1.0)
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": trained.state_dict(), "step": 8, "finished": True,
+                "config": {"model": TINY_MODEL, "pretrain": {"seed": 3}, "augment": {}}}, path)
+    info = rp.checkpoint_models(path)
+    for a, b in zip(info.before.state_dict().values(), init.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(info.after.state_dict().values(), trained.state_dict().values()):
+        assert torch.equal(a, b)
+    # Identical views through the whole model: c_ii = 1 exactly, after standardisation.
+    images = torch.randn(64, 3, 16, 16)
+    out = rp.cc_before_after(info, [(images, images)], block=8)
+    assert out["after"]["block"].shape == (8, 8)
+    assert out["after"]["stats"]["diag_mean"] == pytest.approx(1.0, abs=1e-4)
