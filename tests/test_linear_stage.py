@@ -199,3 +199,16 @@ def test_repo_params_section_loads():
     assert (paper.mode, paper.epochs, paper.lr, paper.batch_size, paper.schedule) == \
         ("augment", 100, 0.3, 256, "cosine")
     assert np.isclose(paper.weight_decay, 1e-6) and np.isclose(paper.crop_ratio, 0.875)
+
+
+def test_standardise_uses_the_training_split_statistics():
+    from barlow.probe import standardise
+
+    g = torch.Generator().manual_seed(0)
+    train = (torch.randn(500, 3, generator=g) * torch.tensor([0.01, 1.0, 50.0]) + 7, torch.zeros(500))
+    test = (train[0][:10] * 2, torch.zeros(10))
+    (tx, _), (sx, _) = standardise(train, test)
+    assert torch.allclose(tx.mean(0), torch.zeros(3), atol=1e-4)
+    assert torch.allclose(tx.std(0), torch.ones(3), atol=1e-4)
+    mu, sd = train[0].mean(0), train[0].std(0)
+    assert torch.allclose(sx, (test[0] - mu) / sd)  # the train map, not the test's own

@@ -129,9 +129,22 @@ def fit_and_test(fit: Callable[[OnEpoch], dict], test: Split, device: torch.devi
             "best_epoch": best, "history": result["history"], "test_pred_best": scores[best][2]}
 
 
+def standardise(train: Split, *others: Split) -> list[Split]:
+    """Every split's features mapped by x ↦ (x − μ)/σ with the training split's per-feature
+    mean and std. A fixed affine map composed with a linear head is still a linear head
+    on the backbone's features; it only conditions SGD, whose one lr otherwise serves
+    features of very different scales (a random-init backbone's are ~50× smaller)."""
+    mu = train[0].mean(dim=0)
+    sd = train[0].std(dim=0).clamp_min(1e-6)
+    return [((x - mu) / sd, y) for x, y in (train, *others)]
+
+
 def probe_features(train: Split, val: Split, test: Split, num_classes: int, recipe: Recipe,
                    device: torch.device, on_epoch: OnEpoch | None = None) -> dict[str, Any]:
-    """The fast probe: the head fitted on features extracted once (fit_linear_on_features)."""
+    """The fast probe: the head fitted on features extracted once and standardised
+    (fit_linear_on_features)."""
+    train, val, test = standardise(train, val, test)
+
     def fit(callback: OnEpoch) -> dict:
         return fit_linear_on_features(
             *train, *val, num_classes=num_classes, epochs=recipe.epochs, lr=recipe.lr,
