@@ -159,8 +159,17 @@ def test_failed_write_leaves_no_output(tree, tmp_path):
     source = sources.image_folder(tree, "train", None, skip_bad=False, workers=1)
     out = tmp_path / "out" / "train.beton"
     broken = replace(source, load=lambda i: np.zeros((4, 4), np.uint8))  # not HxWx3
-    with pytest.raises(Exception):
-        write_beton(broken, out, FfcvSettings("raw"), workers=1)
+    with pytest.raises(DataError, match=r"image 0: expected an HxWx3 uint8 image"):
+        write_beton(broken, out, FfcvSettings("raw"), workers=2)
+    assert list(out.parent.iterdir()) == []
+
+    def flaky(i):  # a failure inside ffcv's worker process must not hang the writer
+        if i == 3:
+            raise OSError("disk read failed")
+        return source.load(i)
+
+    with pytest.raises(DataError, match="image 3: disk read failed"):
+        write_beton(replace(source, load=flaky), out, FfcvSettings("raw"), workers=2)
     assert list(out.parent.iterdir()) == []
 
 

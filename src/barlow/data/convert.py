@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from barlow.data.sources import Source
+from barlow.data.sources import DataError, Source
 
 FIELDS = ("image", "label")
 
@@ -32,19 +32,34 @@ class FfcvSettings:
 
 
 class _Samples:
-    """Indexable view for DatasetWriter. The RNG is reseeded per sample so that
-    proportion mode's raw-or-JPEG draw (np.random inside ffcv) is the same for a given
-    image whichever worker process writes it: conversion is reproducible."""
+    """Indexable view for DatasetWriter, run inside ffcv's worker processes.
+
+    The RNG is reseeded per sample so that proportion mode's raw-or-JPEG draw
+    (np.random inside ffcv) is the same for a given image whichever worker writes it:
+    conversion is reproducible. A sample that cannot be loaded must not kill its worker:
+    ffcv's writer never notices a dead worker and would wait forever. Its error is
+    queued for the parent instead, and a 1×1 placeholder is written in its place (the
+    file is then discarded)."""
 
     def __init__(self, source: Source, seed: int):
+        import multiprocessing
+
         self.source, self.seed = source, seed
+        self.errors = multiprocessing.get_context("fork").SimpleQueue()
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
         np.random.seed((self.seed * 1_000_003 + i) % 2**32)
-        return self.source.load(i), int(self.source.labels[i])
+        try:
+            image = self.source.load(i)
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ValueError(f"expected an HxWx3 uint8 image, got {image.dtype} {image.shape}")
+            return image, int(self.source.labels[i])
+        except Exception as err:  # noqa: BLE001 — reported by write_beton
+            self.errors.put(f"{self.source.name} {self.source.split}, image {i}: {err}")
+            return np.zeros((1, 1, 3), np.uint8), 0
 
 
 def image_stats(source: Source, max_images: int = 10_000) -> dict[str, Any]:
@@ -89,8 +104,11 @@ def write_beton(source: Source, out: str | Path, settings: FfcvSettings, workers
                                jpeg_quality=settings.jpeg_quality),
         "label": IntField(),
     }, num_workers=max(1, workers))
+    samples = _Samples(source, seed)
     try:
-        writer.from_indexed_dataset(_Samples(source, seed), chunksize=256)
+        writer.from_indexed_dataset(samples, chunksize=256)
+        if not samples.errors.empty():
+            raise DataError(samples.errors.get())
         beton_sha = hashlib.sha256(tmp.read_bytes()).hexdigest()
         counts = np.bincount(source.labels, minlength=len(source.class_names))
         manifest = {
@@ -131,8 +149,6 @@ def check_fields(beton: str | Path) -> None:
     from ffcv.fields import IntField, RGBImageField
     from ffcv.reader import Reader
 
-    from barlow.data.sources import DataError
-
     try:
         handlers = Reader(str(beton)).handlers
     except Exception as err:  # noqa: BLE001 — ffcv raises assorted errors on bad files
@@ -147,8 +163,6 @@ def check_fields(beton: str | Path) -> None:
 def read_manifest(beton: str | Path) -> dict[str, Any]:
     """The manifest beside ``beton``, after checking the .beton's fields; errors name
     the file."""
-    from barlow.data.sources import DataError
-
     path = Path(beton).with_suffix(".json")
     if not Path(beton).is_file():
         raise DataError(f"{beton}: FFCV dataset not found (run the convert stage)")
