@@ -160,3 +160,22 @@ def test_stage_under_torchrun_with_two_processes(data_dir, tmp_path):
     metrics = yaml.safe_load((tmp_path / "live" / "metrics.json").read_text())
     assert metrics["step"] == 8 and np.isfinite(metrics["pretrain"]["loss"])
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["backbone.pt", "checkpoint.pt"]
+
+
+def test_fp16_overflow_is_absorbed_by_the_grad_scaler(data_dir, tmp_path, monkeypatch):
+    """A loss scale far too large for fp16 makes the first backward passes overflow:
+    the scaler skips those steps and lowers its scale; training goes on, weights finite."""
+    import barlow.train as train
+
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(train.torch.amp, "GradScaler",
+                        lambda device, enabled: real(device, init_scale=2.0 ** 40, enabled=enabled))
+    params = {**PARAMS, "pretrain": {**PARAMS["pretrain"], "precision": "fp16",
+                                     "knn_every_epochs": 0}}
+    result = run(setup_from(params), data_dir, tmp_path)
+    assert result["step"] == 8
+    scaler = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["scaler"]
+    assert scaler["scale"] < 2.0 ** 40  # overflow seen and handled, not fatal
+    assert all(np.isfinite(m["loss"]) for _, m in result["logged"])
+    assert all(torch.isfinite(v).all() for v in result["model"].state_dict().values()
+               if v.is_floating_point())

@@ -869,6 +869,19 @@ def build_document(inp: ReportInputs, report_cfg: Any) -> tuple[Document, dict[s
             if fig:
                 doc.figure(fig)
                 break
+    # -- determinism (what tests/test_reliability.py checks, and where it stops holding)
+    doc.heading("Determinism")
+    doc.para("On CPU the same seed gives bit-identical weights and metrics, also after kill -9 "
+             "and resume (tests/test_reliability.py): order, crops and every augmentation are "
+             "functions of (seed, epoch, sample, batch), and checkpoints carry every RNG. "
+             "Settings that break bit-identity: any CUDA run (cuDNN picks convolution "
+             "algorithms by timing and some backward kernels add atomically; the kNN "
+             "monitor's scatter_add is atomic on GPU), NCCL (its reduction order depends on "
+             "the topology), a different number of processes (another data order and "
+             "floating-point summation order), possibly a different number of FFCV workers "
+             "(serial vs parallel numba code; untested), torch.compile (fused kernels "
+             "round differently), and bf16/fp16 autocast across hardware. Such runs agree in "
+             "distribution, not bit for bit.")
     summary = {"claims": {k: {"status": v.status, "detail": v.detail} for k, v in verdicts.items()},
                "cc": {n: inp.cc[n]["stats"] for n in ("before", "after")} if inp.cc else None,
                "stages": inp.status}
