@@ -297,9 +297,12 @@ def train_linear_head(
     channels_last: bool = False,
     autocast_dtype: torch.dtype | None = None,
     on_epoch: OnEpoch | None = None,
+    head: nn.Linear | None = None,
 ) -> tuple[nn.Linear, dict]:
     """The paper's linear evaluation: a ``linear_head`` trained on the frozen backbone's
     features of every (augmenting) ``train_loader`` batch, validated each epoch.
+    ``head``: train this head (already on ``device``) instead of a new
+    ``linear_head(feat_dim, num_classes, seed)``, e.g. to read it after every epoch.
 
     Objective: min_{W,b} E[CE(W·f(x) + b, y)] with f fixed; SGD(lr, momentum,
     weight_decay) with ``lr_factor(schedule)`` per epoch. The backbone runs in eval mode
@@ -322,7 +325,8 @@ def train_linear_head(
             if not torch.equal(value, snapshot[key]):
                 raise RuntimeError(f"frozen backbone changed during linear evaluation: {key}")
 
-    head = linear_head(feat_dim, num_classes, seed).to(device)
+    if head is None:
+        head = linear_head(feat_dim, num_classes, seed).to(device)
     optimizer = _sgd([{"params": head.parameters(), "lr": lr, "name": "head"}],
                      momentum, weight_decay)
     with _eval_mode(backbone):
@@ -356,9 +360,11 @@ def fit_linear_on_features(
     schedule: Schedule = "cosine",
     device: str | torch.device = "cpu",
     on_epoch: OnEpoch | None = None,
+    head: nn.Linear | None = None,
 ) -> tuple[nn.Linear, dict]:
     """The fast linear probe: the same head, optimiser, schedule and loop as
-    ``train_linear_head``, on features extracted once (no augmentation).
+    ``train_linear_head``, on features extracted once (no augmentation); ``head`` as
+    there.
 
     Each epoch visits the training rows in a fresh permutation drawn from a generator
     seeded with ``seed`` (the last batch may be smaller), so a seed fixes the result on
@@ -372,7 +378,8 @@ def fit_linear_on_features(
         order = torch.randperm(train_feats.shape[0], generator=generator).to(device)
         return _feature_batches(train_feats, train_labels, batch_size, order)
 
-    head = linear_head(train_feats.shape[1], num_classes, seed).to(device)
+    if head is None:
+        head = linear_head(train_feats.shape[1], num_classes, seed).to(device)
     optimizer = _sgd([{"params": head.parameters(), "lr": lr, "name": "head"}],
                      momentum, weight_decay)
     result = _fit(nn.Identity(), head, epoch_batches,

@@ -16,22 +16,19 @@ Embeddings compared under one recipe:
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from barlow.checkpoint import load_backbone_weights
 from barlow.config import ModelConfig
 from barlow.data.loaders import SeekableLoader
-from barlow.evaluate import (OnEpoch, Schedule, fit_linear_on_features, topk_accuracy,
-                             train_linear_head)
+from barlow.evaluate import (OnEpoch, Schedule, fit_linear_on_features, linear_head,
+                             topk_accuracy, train_linear_head)
 from barlow.models import build_backbone
 
 Split = tuple[Tensor, Tensor]  # (features or images, labels)
@@ -79,50 +76,27 @@ def split_rows(feats: Tensor, labels: Tensor, held_out: np.ndarray) -> tuple[Spl
     return (feats[~mask], labels[~mask]), (feats[mask], labels[mask])
 
 
-@contextlib.contextmanager
-def _stepped_optimisers() -> Iterator[list[torch.optim.Optimizer]]:
-    """Collect every optimiser that steps inside the block.
-
-    barlow.evaluate's trainers build the head internally and report only metrics per
-    epoch; the test figures at the best-validation epoch need that epoch's head, which
-    is read from the one optimiser that trains it."""
-    seen: list[torch.optim.Optimizer] = []
-
-    def hook(optimizer, args, kwargs) -> None:
-        if not any(o is optimizer for o in seen):
-            seen.append(optimizer)
-
-    handle = register_optimizer_step_post_hook(hook)
-    try:
-        yield seen
-    finally:
-        handle.remove()
-
-
-def fit_and_test(fit: Callable[[OnEpoch], dict], test: Split, device: torch.device,
-                 on_epoch: OnEpoch | None = None) -> dict[str, Any]:
-    """Run ``fit(callback)``, a barlow.evaluate trainer of one linear head that calls
-    ``callback(epoch, row)`` after each epoch and returns its result dict, and score that
-    head on the test features ``test`` after every epoch.
+def fit_and_test(fit: Callable[[nn.Linear, OnEpoch], dict], head: nn.Linear, test: Split,
+                 device: torch.device, on_epoch: OnEpoch | None = None) -> dict[str, Any]:
+    """Run ``fit(head, callback)``, a barlow.evaluate trainer of ``head`` that calls
+    ``callback(epoch, row)`` after each epoch and returns its result dict, and score
+    ``head`` on the test features ``test`` after every epoch.
 
     Returns the SUMMARY_KEYS (test accuracies in percent at the epoch of best val top-1,
     the first on ties, and at the last epoch), ``history`` (the trainer's rows) and
     ``test_pred_best`` (the predicted test classes at the best epoch, CPU)."""
     test_feats, test_labels = test[0].float().to(device), test[1].to(device)
     scores: list[tuple[float, float, Tensor]] = []
-    with _stepped_optimisers() as optimisers:
-        def score(epoch: int, row: dict) -> None:
-            if len(optimisers) != 1:
-                raise RuntimeError(f"fit_and_test expects one optimiser, saw {len(optimisers)}")
-            weight, bias = optimisers[0].param_groups[0]["params"]
-            with torch.no_grad():
-                logits = F.linear(test_feats, weight, bias)
-            acc = topk_accuracy(logits, test_labels)
-            scores.append((acc[1], acc[5], logits.argmax(dim=1).cpu()))
-            if on_epoch is not None:
-                on_epoch(epoch, row)
 
-        result = fit(score)
+    def score(epoch: int, row: dict) -> None:
+        with torch.no_grad():
+            logits = head(test_feats)
+        acc = topk_accuracy(logits, test_labels)
+        scores.append((acc[1], acc[5], logits.argmax(dim=1).cpu()))
+        if on_epoch is not None:
+            on_epoch(epoch, row)
+
+    result = fit(head, score)
     best, last = result["best"]["epoch"], result["last"]["epoch"]
     return {"top1_best": scores[best][0], "top5_best": scores[best][1],
             "top1_last": scores[last][0], "top5_last": scores[last][1],
@@ -145,14 +119,15 @@ def probe_features(train: Split, val: Split, test: Split, num_classes: int, reci
     (fit_linear_on_features)."""
     train, val, test = standardise(train, val, test)
 
-    def fit(callback: OnEpoch) -> dict:
+    def fit(head: nn.Linear, callback: OnEpoch) -> dict:
         return fit_linear_on_features(
             *train, *val, num_classes=num_classes, epochs=recipe.epochs, lr=recipe.lr,
             weight_decay=recipe.weight_decay, batch_size=recipe.batch_size,
             momentum=recipe.momentum, seed=recipe.seed, schedule=recipe.schedule,
-            device=device, on_epoch=callback)[1]
+            device=device, on_epoch=callback, head=head)[1]
 
-    return fit_and_test(fit, test, device, on_epoch)
+    head = linear_head(train[0].shape[1], num_classes, recipe.seed).to(device)
+    return fit_and_test(fit, head, test, device, on_epoch)
 
 
 def probe_augmented(embed: nn.Module, train_loader: SeekableLoader, val_loader: SeekableLoader,
@@ -165,15 +140,16 @@ def probe_augmented(embed: nn.Module, train_loader: SeekableLoader, val_loader: 
     rewound first, so every embedding sees the same augmented batches."""
     train_loader.seek(0)
 
-    def fit(callback: OnEpoch) -> dict:
+    def fit(head: nn.Linear, callback: OnEpoch) -> dict:
         return train_linear_head(
             embed, train_loader, val_loader, feat_dim=test[0].shape[1],
             num_classes=num_classes, epochs=recipe.epochs, lr=recipe.lr,
             weight_decay=recipe.weight_decay, device=device, momentum=recipe.momentum,
             schedule=recipe.schedule, seed=recipe.seed, channels_last=True,
-            autocast_dtype=autocast_dtype, on_epoch=callback)[1]
+            autocast_dtype=autocast_dtype, on_epoch=callback, head=head)[1]
 
-    return fit_and_test(fit, test, device, on_epoch)
+    head = linear_head(test[0].shape[1], num_classes, recipe.seed).to(device)
+    return fit_and_test(fit, head, test, device, on_epoch)
 
 
 def log_epoch(live: Any, prefix: str, epoch: int, row: dict) -> None:
