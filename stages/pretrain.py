@@ -13,7 +13,6 @@ from pathlib import Path
 import click
 
 from barlow import distributed as dist
-from barlow.checkpoint import CheckpointError
 from barlow.config import (AugmentConfig, LossConfig, ModelConfig, PretrainConfig,
                            load_section)
 from barlow.stage import run_stage
@@ -56,7 +55,7 @@ def main(params: str, data_dir: Path, out_dir: Path, live_dir: Path) -> None:
             try:
                 result = pretrain(setup, data_dir / "train.beton", data_dir / "test.beton",
                                   out_dir, env, log)
-            except (CheckpointError, NonFiniteLossError) as err:
+            except NonFiniteLossError as err:  # a fault mid-run; bad input exits 2 (run_stage)
                 print(f"pretrain: error: {err}", file=sys.stderr)
                 sys.exit(3)
             export(result["model"], out_dir, env)

@@ -169,3 +169,14 @@ def test_missing_dataset_is_named(params_file, tmp_path):
                             env=ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "nodata/train.beton: FFCV dataset not found" in result.stderr
+
+
+def test_foreign_checkpoint_is_refused_by_the_stage(params_file, tiny_ffcv, tmp_path):
+    """An interrupted run's checkpoint made with other params: exit 2, keys named."""
+    (tmp_path / "out").mkdir()
+    torch.save({"config": {"loss": {"lambd": 0.5}}, "fingerprint": "other", "finished": False},
+               tmp_path / "out" / "checkpoint.pt")
+    result = subprocess.run(stage_cmd(params_file, tiny_ffcv, tmp_path), cwd=REPO, env=ENV,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "made with another config" in result.stderr and "loss.lambd: 0.5 != 0.0051" in result.stderr
