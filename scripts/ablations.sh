@@ -16,8 +16,9 @@
 # per seed (not once per study), and the report counts it in every study.
 #
 # Each experiment reproduces TARGETS (default: linear, i.e. pretrain then the linear
-# probe, which the ablation tables read); semisup and transfer are left out to save
-# hours. Queued runs execute a copy of the last commit plus tracked changes: commit
+# probe, which the ablation tables read) with linear.baselines=[] (the random-init and
+# raw-pixel probes do not depend on the ablated settings; the main run has them);
+# semisup and transfer are left out to save hours. Queued runs execute a copy of the last commit plus tracked changes: commit
 # (or at least `git add`) the code first; the script refuses a dirty params.yaml,
 # because `-S` edits apply on top of the workspace's params and would silently mix.
 # Afterwards:  PYTHONPATH=src python -m stages.report ablations --out reports/ablations.json
@@ -69,6 +70,7 @@ if [ "$DRY_RUN" != 1 ]; then
     fi
 fi
 
+fixed=(-S "linear.baselines=[]")
 budget=()
 if [ -n "${BUDGET_EPOCHS:-}" ]; then
     if ! [[ "$BUDGET_EPOCHS" =~ ^[1-9][0-9]*$ ]]; then
@@ -104,7 +106,7 @@ for study in $STUDIES; do
             baseline_done=1
         fi
         for seed in $SEEDS; do
-            overrides=(-S "pretrain.seed=${seed}" "${budget[@]}")
+            overrides=(-S "pretrain.seed=${seed}" "${budget[@]}" "${fixed[@]}")
             [ "$is_base" = 1 ] || overrides+=(-S "${key}=${value}")
             run dvc exp run --queue "${overrides[@]}" $TARGETS
             queued=$((queued + 1))
@@ -115,7 +117,7 @@ done
 # the studies still need it.
 if [ "$baseline_done" = 0 ]; then
     for seed in $SEEDS; do
-        run dvc exp run --queue -S "pretrain.seed=${seed}" "${budget[@]}" $TARGETS
+        run dvc exp run --queue -S "pretrain.seed=${seed}" "${budget[@]}" "${fixed[@]}" $TARGETS
         queued=$((queued + 1))
     done
 fi

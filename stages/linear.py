@@ -69,7 +69,8 @@ def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
         else:
             fit_rows = np.setdiff1d(np.arange(manifest["num_images"]), val)
             train_loader = loader(train_beton, cfg.batch_size, train_aug=True,
-                                  indices=fit_rows, order="random")
+                                  train_crop_scale=cfg.train_crop_scale, indices=fit_rows,
+                                  order="random")
             val_loader = loader(train_beton, train_aug=False, indices=val)
 
         from dvclive import Live

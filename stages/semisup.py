@@ -198,7 +198,8 @@ def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
         live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
         for name, epochs in zip(cfg.subsets, cfg.epochs):
             train = eval_loader(str(train_beton), cfg.batch_size, train_aug=True, seed=cfg.seed,
-                                order="random", indices=subsets[name], **common)
+                                train_crop_scale=cfg.train_crop_scale, order="random",
+                                indices=subsets[name], **common)
             for run in RUNS:
                 prefix = f"semisup/{name}/{run}"
 

@@ -142,11 +142,16 @@ def test_bad_subset_file_is_named(setup, tmp_path, content, message):
     assert f"{subsets / '1percent.txt'}" in result.stderr and message in result.stderr
 
 
-def test_epochs_must_match_subsets(setup, tmp_path):
+@pytest.mark.parametrize("overrides, message", [
+    ({"epochs": [3]}, "semisup.epochs"),
+    ({"train_crop_scale": [0.5, 0.2]}, "semisup.train_crop_scale: [0.5, 0.2] is not 0 < min"),
+])
+def test_bad_semisup_params_are_named(setup, tmp_path, overrides, message):
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(tiny_params(setup["subsets"], epochs=[3])))
+    params.write_text(yaml.safe_dump(tiny_params(setup["subsets"], **overrides)))
     result = invoke(setup, params=params, live=tmp_path / "live")
-    assert result.exit_code == 2 and "semisup.epochs" in result.stderr
+    assert result.exit_code == 2 and message in result.stderr
+    assert not (tmp_path / "live").exists()
 
 
 def test_repo_params_section_loads():

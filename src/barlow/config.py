@@ -249,8 +249,7 @@ class AugmentConfig:
 
     def check(self, section: str) -> None:
         require(self.resolution >= 8, f"{section}.resolution", "must be >= 8")
-        lo, hi = self.crop_scale
-        require(0.0 < lo <= hi <= 1.0, f"{section}.crop_scale", f"{[lo, hi]} is not 0 < min <= max <= 1")
+        _check_crop_scale(self.crop_scale, f"{section}.crop_scale")
         for name in ("flip_p", "jitter_p", "grayscale_p"):
             _check_probability(getattr(self, name), f"{section}.{name}")
         for name in ("blur_p", "solarize_p"):
@@ -327,6 +326,13 @@ class PretrainConfig:
 ProbeBaseline = typing.Literal["random_init", "raw_pixels"]
 
 
+def _check_crop_scale(scale: tuple[float, float], key: str) -> None:
+    """RandomResizedCrop's area range: 0 < min <= max <= 1."""
+    require(len(scale) == 2, key, f"{list(scale)} is not [min, max]")
+    lo, hi = scale
+    require(0.0 < lo <= hi <= 1.0, key, f"{[lo, hi]} is not 0 < min <= max <= 1")
+
+
 def _check_probe(cfg: Any, section: str) -> None:
     """Checks shared by the linear and transfer probes (fields of the same names)."""
     for name in ("epochs", "batch_size", "extract_batch_size", "workers"):
@@ -351,6 +357,7 @@ class LinearConfig:
     weight_decay: float = 1e-6
     schedule: typing.Literal["cosine", "step"] = "cosine"
     crop_ratio: float = 224 / 256      # val/test: centre crop of this share, then resize
+    train_crop_scale: tuple[float, float] = (0.08, 1.0)  # augment mode's RandomResizedCrop
     baselines: tuple[ProbeBaseline, ...] = ("random_init", "raw_pixels")
     precision: typing.Literal["fp32", "bf16", "fp16"] = "fp32"
     extract_batch_size: int = 1024     # feature extraction only; no effect on results
@@ -359,6 +366,7 @@ class LinearConfig:
 
     def check(self, section: str) -> None:
         _check_probe(self, section)
+        _check_crop_scale(self.train_crop_scale, f"{section}.train_crop_scale")
 
 
 @dataclass(frozen=True)
@@ -416,6 +424,7 @@ class SemisupConfig:
     momentum: float = 0.9
     schedule: typing.Literal["cosine", "step"] = "cosine"
     resolution: int = 224               # side of the train crops and the val/test crops
+    train_crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop's area range
     eval_crop_ratio: float = 0.875      # val/test centre crop: 224/256; 1.0 keeps 28 px whole
     eval_batch_size: int = 256
     class_tolerance: float = 0.1        # allowed relative gap of a subset's class counts
@@ -441,6 +450,7 @@ class SemisupConfig:
         require(self.resolution >= 8, f"{section}.resolution", "must be >= 8")
         require(0.0 < self.eval_crop_ratio <= 1.0, f"{section}.eval_crop_ratio",
                 "must be in (0, 1]")
+        _check_crop_scale(self.train_crop_scale, f"{section}.train_crop_scale")
 
 
 @dataclass(frozen=True)

@@ -244,22 +244,24 @@ def pretrain_loader(beton_path: str, batch_size: int, num_workers: int,
 
 def eval_loader(beton_path: str, batch_size: int, num_workers: int, resolution: int,
                 mean: Sequence[float], std: Sequence[float], train_aug: bool,
-                crop_ratio: float = 224 / 256, seed: int = 0, distributed: bool = False,
+                crop_ratio: float = 224 / 256, train_crop_scale: Tuple[float, float] = (0.08, 1.0),
+                seed: int = 0, distributed: bool = False,
                 device: str | torch.device = "cpu", channels_last: bool = True,
                 drop_last: bool = False, order: Order = "sequential",
                 indices: Optional[Sequence[int]] = None,
                 gpu_dtype: torch.dtype = torch.float32, batches_ahead: int = 3) -> SeekableLoader:
     """A Loader yielding (images, labels) for linear probing, fine-tuning and features.
 
-    ``train_aug``: RandomResizedCrop(resolution, scale 0.08–1) and a horizontal flip
-    with p = 0.5, seeded from ``seed`` like pretrain_loader's view 0. Otherwise the central square of side crop_ratio·min(H, W) resized to
+    ``train_aug``: RandomResizedCrop(resolution, scale ``train_crop_scale``; the paper's
+    0.08–1 at 224 px) and a horizontal flip with p = 0.5, seeded from ``seed`` like
+    pretrain_loader's view 0. Otherwise the central square of side crop_ratio·min(H, W) resized to
     ``resolution`` — Resize(256) + CenterCrop(224) for crop_ratio = 224/256; pass
     crop_ratio = 1 to keep native small images (28 px) whole. Labels are int64 (B,).
     """
     device = torch.device(device)
     size = (resolution, resolution)
     if train_aug:
-        image_ops = [RandomResizedCrop(size, scale=(0.08, 1.0), ratio=CROP_RATIO,
+        image_ops = [RandomResizedCrop(size, scale=tuple(train_crop_scale), ratio=CROP_RATIO,
                                        seed=_op_seed(seed, 0, _CROP)),
                      RandomHorizontalFlip(0.5, seed=_op_seed(seed, 0, _FLIP))]
     else:
