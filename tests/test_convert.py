@@ -208,7 +208,7 @@ def run_convert(tmp_path: Path, params: dict, *args: str) -> subprocess.Complete
     ({"sourc": "fashion_mnist"}, "data.sourc: unknown key"),
     ({"source": "cifar"}, "data.source: 'cifar' is not one of"),
     ({"workers": "two"}, "data.workers: expected an integer"),
-    ({"transfer_test_fraction": "1e-1"}, "write floats with a dot"),
+    ({"transfer_test_fraction": "1e-1"}, "write numbers unquoted"),
     ({"ffcv": {"compress_probability": 1.5}}, "data.ffcv.compress_probability: 1.5 is not a"),
     ({"source": "imagefolder"}, "data.imagefolder_root: must be set"),
     ({"source": "imagefolder", "imagefolder_root": "/nonexistent"}, "/nonexistent/train"),

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from barlow.config import (AugmentConfig, LinearConfig, LossConfig, ModelConfig,
-                           PretrainConfig, SemisupConfig, TransferConfig, from_mapping)
+                           PretrainConfig, SemisupConfig, TransferConfig, from_mapping,
+                           load_section)
 from conftest import REPO
 
 PAPER = yaml.safe_load((REPO / "configs" / "paper.yaml").read_text())
@@ -60,8 +61,40 @@ def test_ffcv_and_data_settings():
 
 @pytest.mark.parametrize("profile", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_profiles_apply_to_params_yaml(profile):
-    """Every profile key exists in params.yaml (the switch fails on a typo)."""
-    result = subprocess.run([sys.executable, "scripts/params_args.py", f"configs/{profile}"],
-                            cwd=REPO, capture_output=True, text=True)
+    """Every profile key exists in params.yaml (the switch fails on a typo), and the
+    arguments survive the unquoted $(...) of the documented command value for value."""
+    script = f'printf "%s\\n" $("{sys.executable}" scripts/params_args.py configs/{profile})'
+    result = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "--set-param=" in result.stdout
+    args = result.stdout.splitlines()
+    assert args and all(a.startswith("--set-param=") for a in args)
+    parsed = {}
+    for arg in args:
+        key, value = arg[len("--set-param="):].split("=", 1)
+        parsed[key] = yaml.safe_load(value)
+    expected = {}
+
+    def flatten(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                flatten(value, f"{prefix}{key}.")
+            else:
+                expected[f"{prefix}{key}"] = value
+
+    flatten(yaml.safe_load((REPO / "configs" / profile).read_text()))
+    assert parsed == expected
+
+
+def test_dvc_set_param_floats_load_as_floats(tmp_path):
+    """`dvc exp run -S pretrain.weight_decay=1.0e-6` makes DVC write `1e-06`, which
+    YAML 1.1 (PyYAML's default) reads as a string; the stages read it as DVC does."""
+    from dvc.utils.hydra import apply_overrides
+
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    apply_overrides(str(params), ["pretrain.weight_decay=1.0e-6", "loss.lambd=5e-3",
+                                  "pretrain.batch_size=128"])
+    assert "weight_decay: 1e-06" in params.read_text()  # DVC's spelling, no dot
+    pre = load_section(PretrainConfig, "pretrain", params)
+    assert pre.weight_decay == 1e-6 and pre.batch_size == 128
+    assert load_section(LossConfig, "loss", params).lambd == 5e-3

@@ -149,7 +149,7 @@ def test_a_killed_rank_ends_the_run_then_repro_resumes(params_file, tiny_ffcv, t
     ("augment", {"grayscale_p": 1.2}, "augment.grayscale_p: 1.2 is not a probability"),
     ("augment", {"blur_p": [1.0, -0.1]}, r"augment.blur_p[1]: -0.1 is not a probability"),
     ("pretrain", {"batch_size": "big"}, "pretrain.batch_size: expected an integer"),
-    ("pretrain", {"weight_decay": "1.5e-6"}, "write floats with a dot"),
+    ("pretrain", {"weight_decay": "1.5e-6"}, "write numbers unquoted"),
     ("pretrain", {"optimizer": "adam"}, "pretrain.optimizer: 'adam' is not one of"),
     ("model", {"projector": "512-x"}, "model.projector"),
     ("model", {"arch": "vit"}, "model.arch: 'vit' is not one of"),

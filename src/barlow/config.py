@@ -15,6 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 import hashlib
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -23,6 +24,21 @@ from typing import Any, Mapping, TypeVar
 import yaml
 
 T = TypeVar("T")
+
+
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader reading floats as YAML 1.2 does (and DVC, which writes
+    params.yaml on `dvc exp run -S`): ``1e-06`` is a float, not the string YAML 1.1
+    makes of it. DVC itself writes ``-S wd=1.0e-6`` back as ``1e-06``."""
+
+
+# YAML 1.1 floats need a dot; YAML 1.2 also reads 1e-06. Checked before PyYAML's own
+# resolvers, which match everything else as before (ints stay ints).
+_EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$")
+ParamsLoader.yaml_implicit_resolvers = {
+    first: ([("tag:yaml.org,2002:float", _EXPONENT_FLOAT)] if first in "-+0123456789" else [])
+    + list(resolvers)
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
 
 class ConfigError(ValueError):
@@ -62,11 +78,11 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return from_mapping(hint, value, key)
     if hint is float:
-        # YAML reads "1e-3" as a string; say so rather than a bare type error.
+        # A quoted number is a string; say so rather than a bare type error.
         if isinstance(value, str):
             raise ConfigError(
                 f"params: {key}: expected a number, got the string {value!r}"
-                " (write floats with a dot, e.g. 1.0e-3)")
+                " (write numbers unquoted, e.g. 1.0e-3)")
         require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
                 f"expected a number, got {value!r}")
         return float(value)
@@ -115,7 +131,7 @@ def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"params file not found: {path}")
     try:
-        params = yaml.safe_load(path.read_text())
+        params = yaml.load(path.read_text(), Loader=ParamsLoader)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     require(isinstance(params, dict), str(path), "top level must be a mapping of sections")
