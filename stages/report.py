@@ -29,6 +29,7 @@ import yaml
 
 from barlow import report as rp
 from barlow.config import ReportConfig, load_section, read_params
+from barlow.data.sources import DataError
 from barlow.stage import run_stage
 
 
@@ -49,10 +50,12 @@ def main() -> None:
               help="the paper's numbers and claims (data/paper_results.yaml)")
 @click.option("--ablations", "ablations_path", required=True, type=click.Path(path_type=Path),
               help="snapshot written by `report ablations`; absent: ablations not run")
+@click.option("--profiles", "profiles_dir", type=click.Path(path_type=Path),
+              help="folder of `report profile` snapshots (*.json) to set beside this run")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
 @click.option("--skip-cc", is_flag=True, help="leave out the cross-correlation (no FFCV load)")
 def build(params: str, live_root: Path, checkpoint: Path, data_dir: Path, paper: Path,
-          ablations_path: Path, out_dir: Path, skip_cc: bool) -> None:
+          ablations_path: Path, profiles_dir: Path | None, out_dir: Path, skip_cc: bool) -> None:
     """Write OUT/report.md, OUT/figures/*.png and OUT/report.html."""
     with run_stage("report"):
         cfg = load_section(ReportConfig, "report", params)
@@ -66,6 +69,14 @@ def build(params: str, live_root: Path, checkpoint: Path, data_dir: Path, paper:
 
         inputs = rp.ReportInputs(paper=paper_data, params=all_params, metrics=metrics,
                                  status=status, curves=curves, runs=runs)
+        if profiles_dir is not None and profiles_dir.is_dir():
+            for path in sorted(profiles_dir.glob("*.json")):
+                try:
+                    snapshot = json.loads(path.read_text())
+                    assert {"name", "rev", "params", "metrics"} <= snapshot.keys()
+                except (json.JSONDecodeError, AssertionError, AttributeError):
+                    raise DataError(f"{path}: not a `report profile` snapshot") from None
+                inputs.profiles.append(snapshot)
         train_manifest = data_dir / "train.json"
         if train_manifest.is_file():
             inputs.train_images = json.loads(train_manifest.read_text()).get("num_images")
@@ -111,11 +122,14 @@ def build(params: str, live_root: Path, checkpoint: Path, data_dir: Path, paper:
 @click.option("--from-json", "from_json", type=click.Path(path_type=Path, exists=True),
               help="parse this saved `dvc exp show --json` output instead of running dvc")
 def ablations(out_path: Path, from_json: Path | None) -> None:
-    """Snapshot the ablation experiments (`dvc exp show --json`) into OUT."""
+    """Snapshot the ablation experiments (`dvc exp show --json --all-commits`) into OUT."""
     if from_json is not None:
         raw = json.loads(from_json.read_text())
     else:
-        done = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True)
+        # --all-commits: queued runs branch from the commit they were queued at, which
+        # need not be HEAD any more; each run carries its own baseline's params.
+        done = subprocess.run(["dvc", "exp", "show", "--json", "--all-commits"],
+                              capture_output=True, text=True)
         if done.returncode != 0:
             print(f"report: error: dvc exp show failed: {done.stderr.strip()}", file=sys.stderr)
             sys.exit(2)
@@ -130,6 +144,33 @@ def ablations(out_path: Path, from_json: Path | None) -> None:
     for run in runs:
         states[run["state"]] = states.get(run["state"], 0) + 1
     click.echo(f"report: {len(runs)} experiments ({states or 'none'}) → {out_path}")
+
+
+@main.command()
+@click.option("--name", required=True, help="the profile's name (e.g. long)")
+@click.option("--rev", required=True,
+              help="the git revision whose dvc.lock and metrics are this run's")
+@click.option("--params", "params_path", required=True,
+              type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="the params.yaml the run was made with")
+@click.option("--live-root", required=True,
+              type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="the run's dvclive folder (one sub-folder per stage)")
+@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path))
+def profile(name: str, rev: str, params_path: Path, live_root: Path, out_path: Path) -> None:
+    """Snapshot a finished run of another profile into OUT for `build --profiles`."""
+    with run_stage("report"):
+        metrics, status = rp.load_metrics(live_root)
+        missing = [stage for stage, state in status.items() if state != "ok"]
+        if missing:
+            raise DataError(f"{live_root}: no metrics for {', '.join(missing)}; "
+                                 "snapshot a finished run")
+        snapshot = rp.profile_snapshot(name, rev, read_params(params_path), metrics)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_name(out_path.name + ".tmp")
+        tmp.write_text(json.dumps(snapshot, indent=1, sort_keys=True) + "\n")
+        tmp.replace(out_path)
+        click.echo(f"report: profile {name} ({rev}): {len(metrics)} metrics → {out_path}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 from click.testing import CliRunner
 
@@ -220,3 +221,39 @@ def test_checkpoint_models_rebuild_init_and_weights(tmp_path: Path) -> None:
     out = rp.cc_before_after(info, [(images, images)], block=8)
     assert out["after"]["block"].shape == (8, 8)
     assert out["after"]["stats"]["diag_mean"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_profile_snapshot_set_beside_this_run(fabricated: Path, tmp_path: Path) -> None:
+    """`report profile` snapshots a finished run of another profile; `build --profiles`
+    prints the params it differs on and the profile metrics beside this run's."""
+    other = tmp_path / "long"
+    for stage, value in (("pretrain", 80.0), ("linear", 91.25), ("semisup", 75.0),
+                         ("transfer", 96.0)):
+        write_live(other, stage, {f"{stage}/barlow/top1_best": value,
+                                  "pretrain/knn_top1": 80.0} if stage == "linear"
+                   else {f"{stage}/x": value})
+    long_params = yaml.safe_load((REPO / "params.yaml").read_text())
+    long_params["pretrain"]["epochs"] = 50
+    long_params["pretrain"]["workers"] = 7           # not a difference worth a row
+    (other / "params.yaml").write_text(yaml.safe_dump(long_params))
+    profiles = tmp_path / "profiles"
+    cmd = ["profile", "--name", "long", "--rev", "abc1234", "--params",
+           str(other / "params.yaml"), "--live-root", str(other), "--out",
+           str(profiles / "long.json")]
+    result = CliRunner().invoke(report_cli, cmd)
+    assert result.exit_code == 0, result.output
+    snapshot = json.loads((profiles / "long.json").read_text())
+    assert snapshot["params"]["pretrain.epochs"] == 50
+    assert snapshot["metrics"]["linear/barlow/top1_best"] == 91.25
+
+    md, _ = build(fabricated, extra=("--profiles", str(profiles)))
+    assert "| quantity | this run | long (abc1234) |" in md
+    assert "| pretrain.epochs | 10 | 50 |" in md
+    assert "| linear/barlow/top1_best | 85.0 | 91.2 |" in md
+    assert "pretrain.workers" not in md
+
+    # An unfinished run (a stage without metrics) is refused, and nothing is written.
+    (other / "semisup" / "metrics.json").unlink()
+    result = CliRunner().invoke(report_cli, cmd[:-1] + [str(profiles / "bad.json")])
+    assert result.exit_code == 2 and "no metrics for semisup" in result.output
+    assert not (profiles / "bad.json").exists()

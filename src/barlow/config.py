@@ -485,6 +485,8 @@ class ReportConfig:
                                         "model.projector")
     seed_param: str = "pretrain.seed"
     ablation_metrics: tuple[str, ...] = ("linear/barlow/top1_best", "pretrain/knn_top1")
+    # Profiles table: these metrics of this run beside each committed profile snapshot.
+    profile_metrics: tuple[str, ...] = ("linear/barlow/top1_best", "pretrain/knn_top1")
 
     def check(self, section: str) -> None:
         for name in ("cc_images", "cc_batch_size", "cc_block", "workers"):

@@ -100,6 +100,37 @@ def load_curves(plots_dir: Path) -> dict[str, Curve]:
     return curves
 
 
+def profile_snapshot(name: str, rev: str, params: Mapping[str, Any],
+                     metrics: Mapping[str, float]) -> dict[str, Any]:
+    """A finished run of another profile (e.g. configs/long.yaml), kept as a committed
+    file so that the report can set it beside this run: its name, the git revision
+    holding its dvc.lock and metrics, its flattened params ("pretrain.epochs") and
+    metrics ("linear/barlow/top1_best")."""
+    return {"name": name, "rev": rev, "params": flatten(params, "."),
+            "metrics": dict(sorted(metrics.items()))}
+
+
+def profile_rows(this_params: Mapping[str, Any], this_metrics: Mapping[str, float],
+                 profiles: Sequence[Mapping[str, Any]], metric_names: Sequence[str]
+                 ) -> list[list[str]]:
+    """Rows "quantity | this run | profile…": first every param on which any profile
+    differs from this run (data paths and worker counts aside), then METRIC_NAMES."""
+    mine = flatten(this_params, ".")
+    skip = ("workers", "dir", "root", "nproc_per_node", "log_every_steps",
+            "checkpoint_every_steps", "extract_batch_size", "eval_batch_size")
+    keys = sorted({k for p in profiles for k, v in p["params"].items()
+                   if v != mine.get(k) and not k.rsplit(".", 1)[-1].endswith(skip)})
+    rows = [[k, format_value(mine.get(k, "—"))]
+            + [format_value(p["params"].get(k, "—")) for p in profiles] for k in keys]
+
+    def number(value: float | None) -> str:
+        return "—" if value is None else f"{value:.1f}"
+
+    rows += [[m, number(this_metrics.get(m))] + [number(p["metrics"].get(m)) for p in profiles]
+             for m in metric_names]
+    return rows
+
+
 # ---------------------------------------------------------------------- cross-correlation
 
 def cross_correlation(z1: Tensor, z2: Tensor) -> Tensor:
@@ -705,6 +736,7 @@ class ReportInputs:
     checkpoint: dict[str, Any] | None = None  # {"config", "step", "finished"} or None
     train_images: int | None = None
     backbone_params: int | None = None
+    profiles: list[dict[str, Any]] = field(default_factory=list)  # profile_snapshot()s
 
 
 def _scale_rows(inp: ReportInputs) -> list[list[str]]:
@@ -787,6 +819,17 @@ def build_document(inp: ReportInputs, report_cfg: Any) -> tuple[Document, dict[s
                      entry.get("scope", "")])
     doc.table(["source", "quantity", "paper", "this run", "not the same experiment because"],
               rows)
+
+    # -- other profiles
+    if inp.profiles:
+        doc.heading("Profiles: this run beside the committed longer runs")
+        doc.para("Each profile column is a snapshot of a finished run (reports/profiles/); "
+                 "its dvc.lock and metrics are at the git revision named, so "
+                 "`dvc metrics diff <rev>` compares it with the workspace. Params listed "
+                 "are those on which a profile differs from this run.")
+        doc.table(["quantity", "this run"] + [f"{p['name']} ({str(p['rev'])[:10]})"
+                                              for p in inp.profiles],
+                  profile_rows(inp.params, metrics, inp.profiles, report_cfg.profile_metrics))
 
     # -- pretraining
     doc.heading("Pretraining")
