@@ -303,7 +303,9 @@ class PretrainConfig:
     eta: float = 0.001                # LARS trust coefficient
     warmup_epochs: float = 10.0
     final_lr_ratio: float = 0.001
-    precision: typing.Literal["fp32", "bf16", "fp16"] = "fp32"
+    # auto: bf16 on a CPU with native bf16 or a bf16 GPU, fp16 on older GPUs, else fp32
+    # (barlow.train.resolve_precision).
+    precision: typing.Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = True
     compile: bool = False
     seed: int = 0

@@ -39,6 +39,32 @@ from barlow.optim import build_optimizer, param_groups, scale_lr, warmup_cosine
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bf16 in hardware: the x86 flags avx512_bf16 or
+    amx_bf16 in /proc/cpuinfo (Zen 4+, Cooper Lake, Sapphire Rapids+). Elsewhere bf16
+    is emulated and slower than fp32, so "auto" keeps fp32 (also where /proc is absent)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
+                  if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision a run uses: "fp32", "bf16" and "fp16" as given; "auto" is bf16 on a
+    CUDA device that has it (else fp16, with the grad scaler) and on a CPU with native
+    bf16 (measured 2x the fp32 step here, benchmarks/README.md), fp32 on other CPUs.
+    The loss is fp32 in every case (barlow.loss)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or Inf; training stops and the last checkpoint stays intact."""
 
@@ -84,7 +110,7 @@ def knn_monitor(backbone: torch.nn.Module, bank_loader, query_loader, num_classe
                 cfg: PretrainConfig, env: dist.DistEnv) -> float:
     """Weighted kNN top-1 (%) of the query split against the bank's features."""
     kwargs = dict(device=env.device, channels_last=cfg.channels_last,
-                  autocast_dtype=AUTOCAST[cfg.precision])
+                  autocast_dtype=AUTOCAST[resolve_precision(cfg.precision, env.device)])
     bank, bank_y = extract_features(backbone, bank_loader, **kwargs)
     query, query_y = extract_features(backbone, query_loader, **kwargs)
     return knn_top1(bank, bank_y, query, query_y, num_classes=num_classes, k=cfg.knn_k,
@@ -118,7 +144,11 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
     model = dist.convert_sync_batchnorm(model, env)
     groups = param_groups(model, cfg.weight_decay)
     optimizer = build_optimizer(cfg.optimizer, groups, momentum=cfg.momentum, eta=cfg.eta)
-    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
+    precision = resolve_precision(cfg.precision, env.device)
+    if env.is_main and precision != cfg.precision:
+        print(f"pretrain: precision {cfg.precision} -> {precision} on {env.device.type}",
+              flush=True)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
 
     local_batch = cfg.batch_size // env.world_size
     loader = pretrain_loader(str(train_beton), local_batch, cfg.workers, setup.augment.views(),
@@ -170,7 +200,7 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
         knn_loaders = (eval_loader(str(train_beton), indices=np.unique(bank), **common),
                        eval_loader(str(test_beton), **common))
 
-    autocast_dtype = AUTOCAST[cfg.precision]
+    autocast_dtype = AUTOCAST[precision]
     amp = (torch.autocast(env.device.type, dtype=autocast_dtype) if autocast_dtype
            else contextlib.nullcontext())
     window_start = epoch_start = time.perf_counter()
