@@ -332,23 +332,24 @@ def group_ablations(runs: Sequence[Mapping[str, Any]], sweep: Sequence[str],
     """Group finished runs by the one swept param they change from their baseline.
 
     A run that changes no swept param (only the seed) is the baseline of every study.
-    Runs that also differ from the baseline in other params (an epoch budget) form a
-    context; the context with the most finished runs is reported, so that runs made
-    with different budgets are never averaged together."""
+    Runs are blocked by all their other params (absolute values, so runs queued from
+    commits with other defaults, e.g. another precision, never mix); the block with the
+    most finished runs is reported, and its context is how it differs from its baseline
+    commit (e.g. an epoch budget)."""
     result = Ablations()
     for run in runs:
         result.counts[run["state"]] = result.counts.get(run["state"], 0) + 1
     done = [r for r in runs if r["state"] == "done"]
     blocks: dict[str, list] = {}
     for run in done:
-        base, params = run["baseline_params"], run["params"]
-        context = {k: v for k, v in params.items()
-                   if k not in sweep and k != seed_param and base.get(k) != v}
-        blocks.setdefault(json.dumps(context, sort_keys=True, default=str), []).append(run)
+        fixed = {k: v for k, v in run["params"].items() if k not in sweep and k != seed_param}
+        blocks.setdefault(json.dumps(fixed, sort_keys=True, default=str), []).append(run)
     if not blocks:
         return result
     key = max(blocks, key=lambda k: len(blocks[k]))
-    result.context = json.loads(key)
+    first = blocks[key][0]
+    result.context = {k: v for k, v in json.loads(key).items()
+                      if first["baseline_params"].get(k) != v}
     result.other_blocks = sum(len(v) for k, v in blocks.items() if k != key)
     values: dict[str, dict[str, dict[str, list[float]]]] = {}
     for run in blocks[key]:
