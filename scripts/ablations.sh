@@ -6,6 +6,8 @@
 #   DRY_RUN=1 bash scripts/ablations.sh       # print the commands only
 #   BUDGET_EPOCHS=2 bash scripts/ablations.sh # every run with -S pretrain.epochs=2
 #   STUDIES="lambda loss" SEEDS="0 1" bash scripts/ablations.sh
+#   VALUES_lambda="0.002 0.02" bash scripts/ablations.sh   # fewer values of one study
+#   EXTRA_SET="pretrain.knn_every_epochs=0" bash ...     # more -S for every run
 #
 # Studies (each value × each seed in SEEDS, default 0 1 2 → pretrain.seed):
 #   lambda     loss.lambd        0.002 0.005 0.0051 0.01 0.02
@@ -37,9 +39,10 @@ export DVC_NO_ANALYTICS=1
 
 declare -A KEY=([lambda]=loss.lambd [batch]=pretrain.batch_size
                 [projector]=model.projector [loss]=loss.variant)
-declare -A VALUES=([lambda]="0.002 0.005 0.0051 0.01 0.02" [batch]="32 64 128 256 512"
-                   [projector]="128-128-128 512-512-512 2048-2048-2048"
-                   [loss]="invariance redundancy full")
+declare -A VALUES=([lambda]="${VALUES_lambda:-0.002 0.005 0.0051 0.01 0.02}"
+                   [batch]="${VALUES_batch:-32 64 128 256 512}"
+                   [projector]="${VALUES_projector:-128-128-128 512-512-512 2048-2048-2048}"
+                   [loss]="${VALUES_loss:-invariance redundancy full}")
 
 # The committed value of a dotted key (the baseline of every study).
 current() {
@@ -71,6 +74,9 @@ if [ "$DRY_RUN" != 1 ]; then
 fi
 
 fixed=(-S "linear.baselines=[]")
+for setting in ${EXTRA_SET:-}; do
+    fixed+=(-S "$setting")
+done
 budget=()
 if [ -n "${BUDGET_EPOCHS:-}" ]; then
     if ! [[ "$BUDGET_EPOCHS" =~ ^[1-9][0-9]*$ ]]; then
