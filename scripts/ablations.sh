@@ -8,6 +8,7 @@
 #   STUDIES="lambda loss" SEEDS="0 1" bash scripts/ablations.sh
 #   VALUES_lambda="0.002 0.02" bash scripts/ablations.sh   # fewer values of one study
 #   EXTRA_SET="pretrain.knn_every_epochs=0" bash ...     # more -S for every run
+#   NO_START=1 bash scripts/ablations.sh         # queue only; `dvc queue start -j 1` later
 #
 # Studies (each value × each seed in SEEDS, default 0 1 2 → pretrain.seed):
 #   lambda     loss.lambd        0.002 0.005 0.0051 0.01 0.02
@@ -128,4 +129,4 @@ if [ "$baseline_done" = 0 ]; then
     done
 fi
 echo "ablations: ${queued} experiments queued${BUDGET_EPOCHS:+ (pretrain.epochs=${BUDGET_EPOCHS})}" >&2
-run dvc queue start -j "$JOBS"
+[ "${NO_START:-0}" = 1 ] || run dvc queue start -j "$JOBS"
