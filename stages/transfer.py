@@ -1,15 +1,18 @@
 """DVC stage `transfer`: frozen-feature transfer of the pretrained backbone to the
-offline transfer sets (paper Table 3 protocols), with the random-init and raw-pixel
-baselines.
+offline transfer sets, and to PASCAL VOC2007 when data.voc07_root is set (paper Table 3
+protocols), with the random-init and raw-pixel baselines.
 
     python -m stages.transfer --data data/transfer --pretrain-data data/ffcv \
         --weights models/pretrain/backbone.pt --live dvclive/transfer
 
-Per data set NAME (NAME_train.beton / NAME_test.beton under --data) and embedding:
+Per data set NAME (NAME_train.beton / NAME_test.beton under --data: transfer.datasets,
+then voc07) and embedding:
 - linear: a head with the Places-205 recipe (SGD, lr ÷10 twice), fitted on the train
   set minus a stratified validation share that chooses the epoch (barlow.probe);
+  single-label sets only;
 - svm: the VOC07 protocol, one linear SVM per class on L2-normalised features, C by
-  cross-validation on the whole train set, mAP on the test set.
+  cross-validation on the whole train set, mAP on the test set. A multi-label set
+  (VOC2007) gets this protocol only, as in the paper: a softmax head picks one class.
 Images are resized to the model's input resolution and normalised with the pretraining
 data's statistics, as transfer protocols use the ImageNet statistics for every set.
 """
@@ -21,12 +24,13 @@ from pathlib import Path
 import click
 import torch
 
-from barlow.config import AugmentConfig, ModelConfig, TransferConfig, load_section
+from barlow.config import AugmentConfig, DataConfig, ModelConfig, TransferConfig, load_section
 from barlow.data.convert import read_manifest
 from barlow.data.loaders import eval_loader
 from barlow.data.sources import split_indices
-from barlow.evaluate import extract_features, voc07_svm_map
-from barlow.probe import Recipe, embedding, log_epoch, log_summary, probe_features, split_rows
+from barlow.evaluate import extract_features, voc07_svm_map, voc_devkit_targets
+from barlow.probe import (Recipe, embedding, log_epoch, log_summary, multilabel_batches,
+                          probe_features, split_rows)
 from barlow.stage import run_stage
 from barlow.train import AUTOCAST, normalisation
 
@@ -34,7 +38,8 @@ from barlow.train import AUTOCAST, normalisation
 @click.command()
 @click.option("--params", default="params.yaml", show_default=True)
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
-              help="folder with NAME_train.beton and NAME_test.beton per transfer.datasets")
+              help="folder with NAME_train.beton and NAME_test.beton per transfer.datasets"
+                   " (and voc07 when data.voc07_root is set)")
 @click.option("--pretrain-data", "pretrain_dir", required=True, type=click.Path(path_type=Path),
               help="folder with the pretraining train.beton; its manifest gives the "
                    "normalisation the backbone was trained with")
@@ -48,12 +53,13 @@ def main(params: str, data_dir: Path, pretrain_dir: Path, weights: Path, live_di
         model = load_section(ModelConfig, "model", params)
         resolution = load_section(AugmentConfig, "augment", params).resolution
         mean, std = normalisation(read_manifest(pretrain_dir / "train.beton"))
+        voc07 = ("voc07",) if load_section(DataConfig, "data", params).voc07_root else ()
         sets = {name: (data_dir / f"{name}_train.beton", data_dir / f"{name}_test.beton")
-                for name in cfg.datasets}
-        num_classes = {}
+                for name in (*cfg.datasets, *voc07)}
+        manifests = {}
         for name, (train, test) in sets.items():
             read_manifest(test)  # a missing test set fails now, not after the first set
-            num_classes[name] = read_manifest(train)["num_classes"]
+            manifests[name] = read_manifest(train)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         autocast = AUTOCAST[cfg.precision]
         recipe = Recipe(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay,
@@ -65,6 +71,7 @@ def main(params: str, data_dir: Path, pretrain_dir: Path, weights: Path, live_di
 
         live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
         for dataset, betons in sets.items():
+            multilabel = manifests[dataset].get("multilabel", False)
             # Whole images (crop_ratio 1 keeps 8 px digits whole) resized to the model's
             # input; sequential order, so rows line up across embeddings.
             train_loader, test_loader = (
@@ -74,25 +81,30 @@ def main(params: str, data_dir: Path, pretrain_dir: Path, weights: Path, live_di
             for name, embed in embeds.items():
                 prefix = f"transfer/{dataset}/linear/{name}"
 
-                def features(batches):
-                    return extract_features(embed, batches, device, channels_last=True,
-                                            autocast_dtype=autocast)
+                def features(loader):
+                    batches = multilabel_batches(loader) if multilabel else loader
+                    feats, labels = extract_features(embed, batches, device, channels_last=True,
+                                                     autocast_dtype=autocast)
+                    return feats, voc_devkit_targets(labels) if multilabel else labels
 
                 def on_epoch(epoch: int, row: dict) -> None:
                     log_epoch(live, prefix, epoch, row)
 
                 train, test = features(train_loader), features(test_loader)
-                held_out = split_indices(train[1].numpy(), cfg.val_fraction, cfg.seed)[1]
-                fit, val = split_rows(*train, held_out)
-                result = probe_features(fit, val, test, num_classes[dataset],
-                                        recipe, device, on_epoch)
-                log_summary(live, prefix, result)
+                linear = ""
+                if not multilabel:
+                    held_out = split_indices(train[1].numpy(), cfg.val_fraction, cfg.seed)[1]
+                    fit, val = split_rows(*train, held_out)
+                    result = probe_features(fit, val, test, manifests[dataset]["num_classes"],
+                                            recipe, device, on_epoch)
+                    log_summary(live, prefix, result)
+                    linear = (f"linear top-1 {result['top1_best']:.2f} (best-val epoch"
+                              f" {result['best_epoch']}), ")
                 svm = voc07_svm_map(*train, *test, costs=cfg.svm_costs, folds=cfg.svm_folds,
                                     seed=cfg.seed, max_iter=cfg.svm_max_iter,
                                     n_jobs=cfg.svm_jobs)
                 live.log_metric(f"transfer/{dataset}/svm/{name}/map", svm["map"], plot=False)
-                click.echo(f"transfer: {dataset} {name}: linear top-1 {result['top1_best']:.2f}"
-                           f" (best-val epoch {result['best_epoch']}), SVM mAP {svm['map']:.2f}")
+                click.echo(f"transfer: {dataset} {name}: {linear}SVM mAP {svm['map']:.2f}")
         live.end()
 
 

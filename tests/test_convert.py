@@ -1,11 +1,13 @@
-"""convert: real Fashion-MNIST and a hand-made ImageFolder (with bad files) round-trip
-through FFCV; every bad input stops with an error naming the file."""
+"""convert: real Fashion-MNIST, a hand-made ImageFolder (with bad files) and a synthetic
+PASCAL VOC2007 devkit round-trip through FFCV; every bad input stops with an error
+naming the file."""
 
 from __future__ import annotations
 
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -208,10 +210,11 @@ def run_convert(tmp_path: Path, params: dict, *args: str) -> subprocess.Complete
     ({"sourc": "fashion_mnist"}, "data.sourc: unknown key"),
     ({"source": "cifar"}, "data.source: 'cifar' is not one of"),
     ({"workers": "two"}, "data.workers: expected an integer"),
-    ({"transfer_test_fraction": "1e-1"}, "write numbers unquoted"),
+    ({"transfer_test_fraction": "0.25"}, "write numbers unquoted"),
     ({"ffcv": {"compress_probability": 1.5}}, "data.ffcv.compress_probability: 1.5 is not a"),
     ({"source": "imagefolder"}, "data.imagefolder_root: must be set"),
     ({"source": "imagefolder", "imagefolder_root": "/nonexistent"}, "/nonexistent/train"),
+    ({"voc07_resolution": 4}, "data.voc07_resolution: must be >= 8"),
 ])
 def test_stage_rejects_bad_params_before_work(tmp_path, data, message):
     out = tmp_path / "ffcv"
@@ -253,3 +256,153 @@ def test_beton_with_wrong_fields_is_refused(tmp_path):
     path.write_bytes(b"garbage" * 10)
     with pytest.raises(DataError, match="odd.beton: not a readable FFCV .beton"):
         read_manifest(path)
+
+
+# ---------------------------------------------------------------- PASCAL VOC2007 devkit
+
+@pytest.fixture
+def devkit(tmp_path) -> tuple[Path, dict]:
+    """(VOCdevkit/VOC2007 folder, {devkit split: (ids, labels)}) of voc_devkit."""
+    from voc_devkit import make_devkit
+
+    truth = make_devkit(tmp_path)
+    return tmp_path / "VOCdevkit" / "VOC2007", truth
+
+
+def read_multilabel(beton: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images, labels and targets of a fixed-size multi-label .beton, in order (JIT off,
+    as in read_back)."""
+    from ffcv.fields.decoders import IntDecoder, NDArrayDecoder, SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.pipeline.compiler import Compiler
+
+    Compiler.set_enabled(False)
+    try:
+        loader = Loader(str(beton), batch_size=64, num_workers=1, order=OrderOption.SEQUENTIAL,
+                        drop_last=False, pipelines={"image": [SimpleRGBImageDecoder()],
+                                                    "label": [IntDecoder()],
+                                                    "targets": [NDArrayDecoder()]})
+        batches = [[np.array(field) for field in batch] for batch in loader]
+    finally:
+        Compiler.set_enabled(True)
+    return tuple(np.concatenate(part) for part in zip(*batches))
+
+
+def test_voc07_reader_parses_the_class_files(devkit):
+    root, truth = devkit
+    for split, devkit_split in (("train", "trainval"), ("test", "test")):
+        source = sources.voc07(root, split, skip_bad=False, workers=1)
+        ids, labels = truth[devkit_split]
+        assert source.class_names == sources.VOC07_CLASSES and len(source.class_names) == 20
+        assert source.files == [f"JPEGImages/{i}.jpg" for i in ids]
+        np.testing.assert_array_equal(source.targets, labels)
+        assert source.targets.dtype == np.int8 and set(np.unique(labels)) == {-1, 0, 1}
+        np.testing.assert_array_equal(source.labels, np.arange(len(ids)))  # row index
+        assert source.load(0).shape == (40, 40, 3)
+    # The checksum covers the class files: one changed label changes it.
+    before = sources.voc07(root, "train", False, 1).inputs_sha256
+    cow = root / "ImageSets" / "Main" / "cow_trainval.txt"
+    lines = cow.read_text().splitlines()
+    lines[0] = lines[0][:-2] + ("-1" if lines[0].endswith(" 1") else " 1")
+    cow.write_text("\n".join(lines) + "\n")
+    assert sources.voc07(root, "train", False, 1).inputs_sha256 != before
+
+
+def _drop_first_line(path: Path) -> None:
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[1:]))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda root: (root / "JPEGImages").rename(root / "jpegs"), "JPEGImages: folder not found"),
+    (lambda root: (root / "ImageSets" / "Main" / "cow_test.txt").unlink(),
+     "cow_test.txt: class file not found"),
+    (lambda root: (root / "ImageSets" / "Main" / "dog_test.txt").write_text(
+        "001000  1\n001001 2\n"), "dog_test.txt, line 2: expected '<image id> <1|-1|0>'"),
+    (lambda root: (root / "ImageSets" / "Main" / "bus_test.txt").write_text(
+        "001000  1 extra\n"), "bus_test.txt, line 1: expected"),
+    (lambda root: _drop_first_line(root / "ImageSets" / "Main" / "sofa_test.txt"),
+     "sofa_test.txt: lists other images than aeroplane_test.txt (extra: [], missing: ['001000'])"),
+    (lambda root: (root / "JPEGImages" / "001003.jpg").unlink(),
+     "001003.jpg: image 001003 listed in"),
+])
+def test_voc07_reader_errors_name_the_file(devkit, damage, message):
+    root, _ = devkit
+    damage(root)
+    with pytest.raises(DataError, match=re.escape(message)):
+        sources.voc07(root, "test", skip_bad=True, workers=1)
+    with pytest.raises(DataError, match="VOC2007/nowhere: folder not found"):
+        sources.voc07(root / "nowhere", "test", False, 1)
+
+
+def test_voc07_corrupt_image_stops_or_is_skipped(devkit):
+    root, truth = devkit
+    jpeg = root / "JPEGImages" / "000004.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])
+    with pytest.raises(DataError, match="000004.jpg: corrupt or truncated"):
+        sources.voc07(root, "train", skip_bad=False, workers=1)
+    source = sources.voc07(root, "train", skip_bad=True, workers=1)
+    assert source.skipped[0]["file"] == "JPEGImages/000004.jpg" and len(source) == 59
+    np.testing.assert_array_equal(source.targets, np.delete(truth["trainval"][1], 4, axis=0))
+
+
+def test_voc07_round_trips_byte_identically(devkit, tmp_path):
+    root, truth = devkit
+    source = sources.voc07(root, "test", skip_bad=False, workers=1)
+    settings = FfcvSettings("raw", max_resolution=32)
+    manifest = write_beton(source, tmp_path / "a" / "voc07_test.beton", settings, 1)
+    images, rows, targets = read_multilabel(tmp_path / "a" / "voc07_test.beton")
+    np.testing.assert_array_equal(targets, truth["test"][1])
+    np.testing.assert_array_equal(rows.reshape(-1), np.arange(40))
+    assert images.shape == (40, 32, 32, 3)  # 40 px JPEGs stored at 32
+    assert read_manifest(tmp_path / "a" / "voc07_test.beton") == manifest
+    assert manifest["multilabel"] is True and manifest["num_classes"] == 20
+    assert manifest["class_counts"] == [int(c) for c in (truth["test"][1] == 1).sum(axis=0)]
+    assert manifest["difficult_counts"] == [int(c) for c in (truth["test"][1] == 0).sum(axis=0)]
+    files = (tmp_path / "a" / manifest["files"]).read_text().splitlines()
+    assert files == [f"JPEGImages/{i}.jpg" for i in truth["test"][0]]
+    again = write_beton(sources.voc07(root, "test", False, 1),
+                        tmp_path / "b" / "voc07_test.beton", settings, 1)
+    assert again["beton_sha256"] == manifest["beton_sha256"]
+
+
+def test_repo_params_skip_voc07():
+    from barlow.config import DataConfig, load_section
+
+    assert load_section(DataConfig, "data", REPO / "params.yaml").voc07_root == ""
+
+
+def test_stage_converts_voc07_when_its_root_is_set(devkit, tmp_path, monkeypatch):
+    """The convert_transfer command, its offline sets swapped for tiny ones."""
+    import yaml
+    from click.testing import CliRunner
+
+    from conftest import tiny_source
+    from stages import convert
+
+    root, truth = devkit
+    for name in ("digits", "elpv"):
+        monkeypatch.setattr(sources, name, lambda split, *_, name=name:
+                            replace(tiny_source(split, 8, 0), name=name))
+
+    def run(data: dict, out: Path):
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": data}))
+        args = ["transfer", "--params", str(tmp_path / "params.yaml"), "--out", str(out)]
+        return CliRunner().invoke(convert.cli, args)
+
+    result = run({"workers": 1}, tmp_path / "offline")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "offline").glob("*.beton")) == [
+        "digits_test.beton", "digits_train.beton", "elpv_test.beton", "elpv_train.beton"]
+    result = run({"voc07_root": str(root), "voc07_resolution": 24, "workers": 1},
+                 tmp_path / "with_voc")
+    assert result.exit_code == 0, result.output
+    assert "convert_transfer: voc07 test: 40 images, 20 classes, 0 skipped" in result.output
+    for split, devkit_split in (("train", "trainval"), ("test", "test")):
+        beton = tmp_path / "with_voc" / f"voc07_{split}.beton"
+        np.testing.assert_array_equal(read_multilabel(beton)[2], truth[devkit_split][1])
+        assert read_manifest(beton)["ffcv"]["max_resolution"] == 24
+    # A broken test split stops the stage before anything is written.
+    (root / "ImageSets" / "Main" / "cat_test.txt").unlink()
+    result = run({"voc07_root": str(root), "workers": 1}, tmp_path / "broken")
+    assert result.exit_code == 2 and "cat_test.txt: class file not found" in result.stderr
+    assert not (tmp_path / "broken").exists()

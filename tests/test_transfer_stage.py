@@ -1,6 +1,8 @@
 """transfer stage: an end-to-end run on two tiny transfer sets (one stored at 8 px, resized
 to the model's input), every metric present and sane, and the errors a wrong weights
-file, an unknown params key or a missing data set must give."""
+file, an unknown params key or a missing data set must give; the multi-label VOC07 path
+on a synthetic devkit (SVMs only), and the VOC07 SVM protocol's mAP on multi-label
+targets with difficult entries."""
 
 from __future__ import annotations
 
@@ -14,8 +16,10 @@ import yaml
 from click.testing import CliRunner
 
 from barlow.config import TransferConfig, load_section
+from barlow.data import sources
 from barlow.data.convert import FfcvSettings, write_beton
 from barlow.data.sources import Source
+from barlow.evaluate import voc07_svm_map, voc_devkit_targets
 from barlow.models import build_backbone
 from barlow.probe import SUMMARY_KEYS
 from stages import transfer
@@ -52,10 +56,11 @@ def setup(tiny_ffcv, tmp_path_factory) -> dict:
     return {"root": root, "pretrain": tiny_ffcv, "weights": root / "backbone.pt"}
 
 
-def invoke(setup: dict, tmp: Path, weights: Path | None = None, **transfer_overrides):
+def invoke(setup: dict, tmp: Path, weights: Path | None = None, data: dict | None = None,
+           **transfer_overrides):
     params = tmp / "params.yaml"
     params.write_text(yaml.safe_dump({
-        "model": MODEL, "augment": {"resolution": 16},
+        "model": MODEL, "augment": {"resolution": 16}, "data": data or {},
         "transfer": {"datasets": ["small", "large"], "epochs": EPOCHS, "batch_size": 16,
                      "lr": 0.05, "crop_ratio": 1.0, "svm_costs": [0.1, 10.0], "svm_folds": 2,
                      "extract_batch_size": 32, "workers": 1, **transfer_overrides}}))
@@ -134,3 +139,98 @@ def test_repo_params_section_loads():
     paper = TransferConfig()
     assert (paper.lr, paper.epochs, paper.schedule) == (0.01, 14, "step")
     assert np.isclose(paper.weight_decay, 5e-4)
+
+
+# ---------------------------------------------------------------- PASCAL VOC2007
+
+@pytest.fixture(scope="module")
+def voc(setup, tmp_path_factory) -> dict:
+    """voc07_{train,test}.beton of the synthetic devkit beside the tiny sets, as
+    convert_transfer writes them; the devkit's path for data.voc07_root."""
+    from voc_devkit import make_devkit
+
+    tmp = tmp_path_factory.mktemp("voc")
+    make_devkit(tmp)
+    root = tmp / "VOCdevkit" / "VOC2007"
+    for split in ("train", "test"):
+        write_beton(sources.voc07(root, split, False, 1),
+                    setup["root"] / "data" / f"voc07_{split}.beton", FfcvSettings("raw"), 1)
+    return {"voc07_root": str(root)}
+
+
+def test_voc07_gets_the_svm_protocol_only(setup, voc, tmp_path):
+    result = invoke(setup, tmp_path, data=voc, datasets=["small"])
+    assert result.exit_code == 0, result.output + result.stderr + repr(result.exception)
+    metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())["transfer"]
+    assert set(metrics) == {"small", "voc07"}
+    assert set(metrics["voc07"]) == {"svm"}  # a softmax head has no place on 20 labels
+    assert set(metrics["voc07"]["svm"]) == set(EMBEDDINGS)
+    for name in EMBEDDINGS:
+        assert set(metrics["voc07"]["svm"][name]) == {"map"}
+        assert 0.0 < metrics["voc07"]["svm"][name]["map"] <= 100.0
+    # Each class lights its own cell: raw pixels rank the images almost perfectly.
+    assert metrics["voc07"]["svm"]["raw_pixels"]["map"] >= 90.0
+    assert "transfer: voc07 raw_pixels: SVM mAP" in result.output
+    assert not (tmp_path / "live" / "plots" / "metrics" / "transfer" / "voc07").exists()
+
+
+def test_voc07_set_but_not_converted_is_named(setup, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("small_train.beton", "small_train.json", "small_test.beton", "small_test.json"):
+        (data / name).symlink_to(setup["root"] / "data" / name)
+    result = invoke({**setup, "root": tmp_path}, tmp_path, data={"voc07_root": "/VOC2007"},
+                    datasets=["small"])
+    assert result.exit_code == 2, result.output
+    assert "voc07_test.beton: FFCV dataset not found (run the convert stage)" in result.stderr
+    assert not (tmp_path / "live").exists()
+
+
+def multilabel(n: int, seed: int) -> np.ndarray:
+    """(n, 20) devkit labels: present p 0.3, difficult p 0.1, else absent."""
+    u = np.random.default_rng(seed).random((n, 20))
+    return np.where(u < 0.3, 1, np.where(u < 0.4, 0, -1))
+
+
+def test_voc07_svm_multilabel_separable_and_noise():
+    rng = np.random.default_rng(0)
+    train, test = multilabel(200, 1), multilabel(600, 2)
+    # Separable: one feature per class, 1 where present, 0.5 where difficult, 0 absent.
+    tx, ttx = ((np.clip(y, 0, None) + 0.5 * (y == 0)) + 0.05 * rng.normal(size=y.shape)
+               for y in (train, test))
+    out = voc07_svm_map(tx, voc_devkit_targets(train), ttx, voc_devkit_targets(test),
+                        costs=(0.1, 1.0, 10.0))
+    assert out["map"] >= 99.0 and len(out["ap"]) == 20
+    # Noise: AP is the positive share of the rows scored, difficult ones left out: 1/3.
+    chance = 100 * (test == 1).sum() / (test != 0).sum()
+    noise = voc07_svm_map(rng.normal(size=(200, 32)), voc_devkit_targets(train),
+                          rng.normal(size=(600, 32)), voc_devkit_targets(test),
+                          costs=(0.01, 1.0))
+    assert abs(chance - 100 / 3) < 3.0 and abs(noise["map"] - chance) < 6.0
+
+
+def test_voc07_svm_difficult_is_a_training_negative_and_left_out_of_the_test_ap():
+    """As the benchmark (Goyal et al. 2019) does: train_svm_kfold.py trains on every
+    image with targets ±1, difficult as −1; test_svm.py drops difficult rows."""
+    rng = np.random.default_rng(3)
+    train, test = multilabel(200, 4), multilabel(300, 5)
+    x, tx = rng.normal(size=(200, 24)), rng.normal(size=(300, 24))
+    x[:, :20] += 5.0 * (train == 1)
+    tx[:, :20] += 5.0 * (test != -1)  # difficult test images look like positives
+    kwargs = {"costs": (0.1, 1.0)}
+    out = voc07_svm_map(x, voc_devkit_targets(train), tx, voc_devkit_targets(test), **kwargs)
+    # Training: the same as if every difficult entry said absent.
+    as_absent = voc07_svm_map(x, voc_devkit_targets(np.where(train == 0, -1, train)), tx,
+                              voc_devkit_targets(test), **kwargs)
+    assert out["ap"] == as_absent["ap"] and out["cv_ap"] == as_absent["cv_ap"]
+    # Test: left out, not counted as negatives (which would cost their class AP).
+    counted = voc07_svm_map(x, voc_devkit_targets(train), tx,
+                            voc_devkit_targets(np.where(test == 0, -1, test)), **kwargs)
+    assert out["map"] >= 95.0 and counted["map"] < out["map"] - 5.0
+
+
+def test_devkit_targets_mapping():
+    devkit = np.array([[1, -1, 0]])
+    np.testing.assert_array_equal(voc_devkit_targets(devkit), [[1, 0, -1]])
+    with pytest.raises(ValueError, match="must be 1, -1 or 0"):
+        voc_devkit_targets(np.array([[2]]))

@@ -203,6 +203,8 @@ class DataConfig:
     ffcv: FfcvConfig = FfcvConfig()
     transfer_test_fraction: float = 0.25
     elpv_resolution: int = 64
+    voc07_root: str = ""                # VOCdevkit/VOC2007; "" skips PASCAL VOC2007
+    voc07_resolution: int = 256         # longest side VOC2007 images are stored at
 
     def check(self, section: str) -> None:
         if self.source == "imagefolder":
@@ -212,6 +214,7 @@ class DataConfig:
         require(0.0 < self.transfer_test_fraction < 1.0, f"{section}.transfer_test_fraction",
                 "must be in (0, 1)")
         require(self.elpv_resolution >= 8, f"{section}.elpv_resolution", "must be >= 8")
+        require(self.voc07_resolution >= 8, f"{section}.voc07_resolution", "must be >= 8")
 
 
 @dataclass(frozen=True)

@@ -454,9 +454,19 @@ def _numpy(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
 
 
+def voc_devkit_targets(devkit) -> np.ndarray:
+    """VOC devkit class-file values (1 present, −1 absent, 0 difficult) → the benchmark's
+    target layout that ``voc07_svm_map`` reads (1 present, 0 absent, −1 difficult), the
+    mapping of the benchmark's create_voc_data_files.py: 1 ↦ 1, −1 ↦ 0, 0 ↦ −1."""
+    devkit = _numpy(devkit)
+    if not np.isin(devkit, (-1, 0, 1)).all():
+        raise ValueError(f"VOC devkit labels must be 1, -1 or 0, got {np.unique(devkit)}")
+    return np.select([devkit == 1, devkit == -1], [1, 0], -1).astype(np.int64)
+
+
 def _label_matrix(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """(N, C) targets in VOC layout: 1 present, 0 absent, -1 difficult. Integer class
-    labels (N,) become one-vs-rest columns."""
+    """(N, C) targets in the benchmark's layout: 1 present, 0 absent, -1 difficult.
+    Integer class labels (N,) become one-vs-rest columns."""
     if labels.ndim == 1:
         return (labels[:, None] == np.arange(num_classes)[None, :]).astype(np.int64)
     return labels.astype(np.int64)
@@ -492,12 +502,19 @@ def voc07_svm_map(
     Barlow Twins (Table 3, 86.2 mAP) report, as VISSL implements it.
 
     Features are L2-normalised, x / (‖x‖₂ + 1e-5). Labels are either integer classes
-    (N,), made one-vs-rest, or an (N, C) matrix in VOC layout: 1 present, 0 absent,
-    -1 difficult (a negative when training, ignored when testing, as in VISSL). For each
-    class c and each C in ``costs``, a LinearSVC (see ``_svm``) is scored by the mean
-    average precision over ``folds`` stratified folds of the training set (shuffled with
-    ``seed``; the benchmark's folds are unshuffled); the best C is refit on the whole
-    training set and its decision values rank the test set.
+    (N,), made one-vs-rest, or an (N, C) matrix in the benchmark's layout: 1 present,
+    0 absent, -1 difficult (``voc_devkit_targets`` maps the devkit's files to it). For
+    each class c and each C in ``costs``, a LinearSVC (see ``_svm``) is scored by the
+    mean average precision over ``folds`` stratified folds of the training set (shuffled
+    with ``seed``; the benchmark's folds are unshuffled); the best C is refit on the
+    whole training set and its decision values rank the test set.
+
+    Difficult images: an image marked difficult for class c is a negative of c's SVM in
+    training and in the cross-validation that chooses C, and is left out of c's test AP,
+    as the benchmark's code does: its train_svm_kfold.py maps every target but 1 to −1 before
+    ``cross_val_score`` and ``fit``, and its test_svm.py drops the −1 rows before the AP
+    (VISSL's SVMTrainer does the same; only the low-shot variants also drop them in
+    training).
 
     Returns, in percent:
         "map"          mean over classes of ``envelope_ap`` — the benchmark's AP, so the
@@ -516,13 +533,13 @@ def voc07_svm_map(
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     out = {name: [] for name in ("ap", "ap_11point", "ap_sklearn", "cost", "cv_ap")}
     for c in range(num_classes):
-        target = np.where(train_targets[:, c] == 1, 1, -1)
+        target = np.where(train_targets[:, c] == 1, 1, -1)  # difficult trains as negative
         cv_ap = [cross_val_score(_svm(cost, seed, max_iter), train_feats, target, cv=cv,
                                  scoring="average_precision", n_jobs=n_jobs).mean()
                  for cost in costs]
         cost = costs[int(np.argmax(cv_ap))]
         svm = _svm(cost, seed, max_iter).fit(train_feats, target)
-        keep = test_targets[:, c] != -1
+        keep = test_targets[:, c] != -1  # difficult: out of the test AP
         scores, truth = svm.decision_function(test_feats[keep]), test_targets[keep, c]
         out["ap"].append(100.0 * envelope_ap(scores, truth))
         out["ap_11point"].append(100.0 * voc07_11point_ap(scores, truth))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -67,6 +67,16 @@ def embedding(name: str, model: ModelConfig, weights: str | Path, seed: int,
     if name == "barlow":
         load_backbone_weights(backbone, weights)
     return backbone.to(device).eval()
+
+
+def multilabel_batches(loader: Iterable) -> Iterator[Split]:
+    """(images, targets (B, C)) from an eval loader over a multi-label .beton (fields
+    image, label = row index, targets; barlow.data.convert). The loader decodes image and
+    label as for any set and ffcv adds targets with its default pipeline, so its batches
+    are (images, rows, targets). Like every batch, they live in buffers that ffcv reuses
+    (extract_features copies them out)."""
+    for images, _rows, targets in loader:
+        yield images, torch.as_tensor(targets)
 
 
 def split_rows(feats: Tensor, labels: Tensor, held_out: np.ndarray) -> tuple[Split, Split]:

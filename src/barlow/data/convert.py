@@ -1,8 +1,10 @@
 """Write a `Source` as an FFCV ``.beton`` with a JSON manifest beside it.
 
-Layout of every dataset: ``{'image': RGBImageField, 'label': IntField}``. The file is
-written under a temporary name and renamed only once complete (and the manifest after
-it), so an interrupted conversion never leaves a valid-looking output.
+Layout of every dataset: ``{'image': RGBImageField, 'label': IntField}``; a multi-label
+source (``Source.targets``) adds ``'targets': NDArrayField`` int8 (C,), its label then
+being the row index. The file is written under a temporary name and renamed only once
+complete (and the manifest after it), so an interrupted conversion never leaves a
+valid-looking output.
 """
 
 from __future__ import annotations
@@ -50,16 +52,18 @@ class _Samples:
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+    def __getitem__(self, i: int) -> tuple:
         np.random.seed((self.seed * 1_000_003 + i) % 2**32)
+        targets = self.source.targets
         try:
             image = self.source.load(i)
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(f"expected an HxWx3 uint8 image, got {image.dtype} {image.shape}")
-            return image, int(self.source.labels[i])
+            sample: tuple = (image, int(self.source.labels[i]))
         except Exception as err:  # noqa: BLE001 — reported by write_beton
             self.errors.put(f"{self.source.name} {self.source.split}, image {i}: {err}")
-            return np.zeros((1, 1, 3), np.uint8), 0
+            sample = (np.zeros((1, 1, 3), np.uint8), 0)
+        return sample if targets is None else (*sample, targets[i])
 
 
 def image_stats(source: Source, max_images: int = 10_000) -> dict[str, Any]:
@@ -88,7 +92,7 @@ def write_beton(source: Source, out: str | Path, settings: FfcvSettings, workers
                 seed: int = 0) -> dict[str, Any]:
     """Write ``source`` to ``out`` (.beton) and ``out`` with suffix .json (manifest);
     return the manifest. Both appear only when complete."""
-    from ffcv.fields import IntField, RGBImageField
+    from ffcv.fields import IntField, NDArrayField, RGBImageField
     from ffcv.writer import DatasetWriter
 
     out = Path(out)
@@ -97,20 +101,29 @@ def write_beton(source: Source, out: str | Path, settings: FfcvSettings, workers
     for stale in (out, manifest_path):
         stale.unlink(missing_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    writer = DatasetWriter(str(tmp), {
+    fields = {
         "image": RGBImageField(write_mode=settings.write_mode,
                                max_resolution=settings.max_resolution,
                                compress_probability=settings.compress_probability,
                                jpeg_quality=settings.jpeg_quality),
         "label": IntField(),
-    }, num_workers=max(1, workers))
+    }
+    targets = source.targets
+    if targets is not None:
+        # Checked here: a wrong row length would crash ffcv's worker, not this process.
+        if targets.shape != (len(source), len(source.class_names)):
+            raise ValueError(f"{source.name} {source.split}: targets of shape {targets.shape}"
+                             f" for {len(source)} images of {len(source.class_names)} classes")
+        fields["targets"] = NDArrayField(np.dtype(np.int8), (len(source.class_names),))
+    writer = DatasetWriter(str(tmp), fields, num_workers=max(1, workers))
     samples = _Samples(source, seed)
     try:
         writer.from_indexed_dataset(samples, chunksize=256)
         if not samples.errors.empty():
             raise DataError(samples.errors.get())
         beton_sha = hashlib.sha256(tmp.read_bytes()).hexdigest()
-        counts = np.bincount(source.labels, minlength=len(source.class_names))
+        counts = (np.bincount(source.labels, minlength=len(source.class_names))
+                  if targets is None else (targets == 1).sum(axis=0))
         manifest = {
             "file": out.name,
             "source": source.name,
@@ -128,6 +141,13 @@ def write_beton(source: Source, out: str | Path, settings: FfcvSettings, workers
             "beton_sha256": beton_sha,
             "skipped": source.skipped,
         }
+        if targets is not None:
+            # Only here, so single-label manifests stay byte-identical to earlier runs.
+            manifest["multilabel"] = True
+            manifest["fields"]["label"] = "IntField (row index)"
+            manifest["fields"]["targets"] = (f"NDArrayField int8 ({targets.shape[1]},):"
+                                             " 1 present, -1 absent, 0 difficult")
+            manifest["difficult_counts"] = [int(c) for c in (targets == 0).sum(axis=0)]
         if source.files is not None:
             # One relative path per line, in index order: maps subset lists such as
             # SimCLR's 1percent.txt (file names) to indices in the .beton.

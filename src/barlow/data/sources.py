@@ -1,8 +1,9 @@
 """Image sources that the convert stage turns into FFCV datasets.
 
 Each source yields a `Source`: an indexable list of (HxWx3 uint8 image, int label)
-samples plus class names and the provenance the manifest records. Images are always
-RGB: grey data (Fashion-MNIST, digits, ELPV) is replicated to three channels so every
+samples plus class names and the provenance the manifest records; a multi-label source
+(PASCAL VOC2007) adds an (N, C) ``targets`` matrix, its label being the row index.
+Images are always RGB: grey data (Fashion-MNIST, digits, ELPV) is replicated to three channels so every
 data set goes through the same decoders, augmentations and backbones. On such images the
 colour augmentations reduce to brightness and contrast (see barlow.augment).
 """
@@ -16,7 +17,7 @@ import struct
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -39,8 +40,11 @@ class Source:
     labels: np.ndarray                      # (N,) int64
     load: Callable[[int], np.ndarray]       # index -> HxWx3 uint8
     inputs_sha256: str                      # checksum of everything read
-    files: list[str] | None = None          # relative paths (ImageFolder), for subset lists
+    files: list[str] | None = None          # relative paths (ImageFolder, VOC): subset lists
     skipped: list[dict] = field(default_factory=list)
+    # Multi-label sources: (N, C) int8 in the VOC devkit's values, 1 present, -1 absent,
+    # 0 difficult; ``labels`` is then the row index (an image has no single class).
+    targets: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -230,22 +234,116 @@ def image_folder(root: str | Path, split: str, class_names: Sequence[str] | None
             else:
                 raise DataError(f"{p}: not an image file (suffix {p.suffix!r};"
                                 f" expected one of {sorted(IMAGE_SUFFIXES)})")
+    digest = hashlib.sha256()
+    good = _scan(files, root, skip_bad, workers, digest, skipped)
+    paths = [files[i] for i in good]
+    return Source(f"imagefolder:{root}", split, list(class_names),
+                  np.asarray([labels[i] for i in good], dtype=np.int64),
+                  lambda i: decode_image(paths[i]), digest.hexdigest(),
+                  files=[os.path.relpath(p, root) for p in paths], skipped=skipped)
+
+
+def _scan(files: list[Path], root: Path, skip_bad: bool, workers: int, digest: Any,
+          skipped: list[dict]) -> list[int]:
+    """Decode every file once, in ``workers`` processes, so that a bad image stops the
+    run before any output is written; return the indices of the readable ones. A bad
+    file raises DataError, or with ``skip_bad`` is appended to ``skipped``. ``digest``
+    (a hashlib object) takes ``relative path \\0 sha256 \\n`` of every file, in order."""
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
         results = list(pool.map(_scan_one, map(str, files), chunksize=64))
-    good, digest = [], hashlib.sha256()
-    for (path, error, sha), label in zip(results, labels):
+    good = []
+    for i, (path, error, sha) in enumerate(results):
         rel = os.path.relpath(path, root)
         digest.update(f"{rel}\0{sha}\n".encode())
         if error is None:
-            good.append((Path(path), label))
+            good.append(i)
         elif skip_bad:
             skipped.append({"file": rel, "error": error})
         else:
             raise DataError(error)
     if not good:
         raise DataError(f"{root}: no readable images")
-    paths = [p for p, _ in good]
-    return Source(f"imagefolder:{root}", split, list(class_names),
-                  np.asarray([lab for _, lab in good], dtype=np.int64),
+    return good
+
+
+# ---------------------------------------------------------------- PASCAL VOC2007 devkit
+
+#: The 20 classes in the devkit's order (VOCdevkit/VOCcode/VOCinit.m), which is also the
+#: alphabetical order the SSL benchmarks' label matrices use.
+VOC07_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
+                 "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person",
+                 "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
+#: Devkit class-file values: 1 present, -1 absent, 0 difficult (only difficult objects).
+VOC_LABELS = (1, -1, 0)
+_VOC_SPLITS = {"train": "trainval", "test": "test"}
+
+
+def read_voc_class_file(path: Path) -> dict[str, int]:
+    """``<image id> <label>`` per line, label in VOC_LABELS → {image id: label}. A missing
+    file, a malformed line or an image listed twice raises DataError naming the file."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise DataError(f"{path}: class file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: unreadable ({err})") from None
+    labels: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2 or parts[1] not in {str(v) for v in VOC_LABELS}:
+            raise DataError(f"{path}, line {number}: expected '<image id> <1|-1|0>',"
+                            f" got {line!r}")
+        if parts[0] in labels:
+            raise DataError(f"{path}, line {number}: image {parts[0]} listed twice")
+        labels[parts[0]] = int(parts[1])
+    if not labels:
+        raise DataError(f"{path}: no images listed")
+    return labels
+
+
+def voc07(root: str | Path, split: str, skip_bad: bool, workers: int) -> Source:
+    """PASCAL VOC2007 in the devkit layout: ``root`` is VOCdevkit/VOC2007, holding
+    ``JPEGImages/<id>.jpg`` and ``ImageSets/Main/<class>_{trainval,test}.txt``; the
+    train split is trainval (5,011 images), the test split test (4,952).
+
+    A multi-label source: ``targets`` (N, 20) int8 holds the class files' values (1
+    present, -1 absent, 0 difficult) in VOC07_CLASSES order, rows in image-id order.
+    Every class file of a split must list the same images. An image listed but absent
+    from JPEGImages/ is always an error (an incomplete extraction would silently change
+    the benchmark); a corrupt one stops the run, or with ``skip_bad`` is left out and
+    listed in the manifest, as in ``image_folder``."""
+    root = Path(root)
+    for folder in (root, root / "JPEGImages", root / "ImageSets" / "Main"):
+        if not folder.is_dir():
+            raise DataError(f"{folder}: folder not found (data.voc07_root must be the"
+                            " VOCdevkit/VOC2007 folder, holding JPEGImages/ and"
+                            " ImageSets/Main/)")
+    class_files = [root / "ImageSets" / "Main" / f"{name}_{_VOC_SPLITS[split]}.txt"
+                   for name in VOC07_CLASSES]
+    columns = [read_voc_class_file(path) for path in class_files]
+    for path, column in zip(class_files[1:], columns[1:]):
+        if column.keys() != columns[0].keys():
+            # One class file per class: lists that disagree leave some label undefined.
+            extra = sorted(column.keys() - columns[0].keys())
+            missing = sorted(columns[0].keys() - column.keys())
+            raise DataError(f"{path}: lists other images than {class_files[0].name}"
+                            f" (extra: {extra[:5]}, missing: {missing[:5]})")
+    digest = hashlib.sha256()
+    for path in class_files:
+        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest.update(f"{path.relative_to(root)}\0{sha}\n".encode())
+    ids = sorted(columns[0])
+    files = [root / "JPEGImages" / f"{image_id}.jpg" for image_id in ids]
+    for image_id, file in zip(ids, files):
+        if not file.is_file():
+            raise DataError(f"{file}: image {image_id} listed in {class_files[0]} is absent")
+    skipped: list[dict] = []
+    good = _scan(files, root, skip_bad, workers, digest, skipped)
+    targets = np.array([[column[ids[i]] for column in columns] for i in good], dtype=np.int8)
+    paths = [files[i] for i in good]
+    return Source("voc07", split, list(VOC07_CLASSES), np.arange(len(good), dtype=np.int64),
                   lambda i: decode_image(paths[i]), digest.hexdigest(),
-                  files=[os.path.relpath(p, root) for p in paths], skipped=skipped)
+                  files=[os.path.relpath(p, root) for p in paths], skipped=skipped,
+                  targets=targets)
