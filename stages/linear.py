@@ -22,7 +22,7 @@ from barlow.data.convert import read_manifest
 from barlow.data.loaders import eval_loader
 from barlow.data.subsets import read_subset
 from barlow.evaluate import extract_features
-from barlow.probe import (Recipe, embedding, log_epoch, log_summary, probe_augmented,
+from barlow.probe import (Recipe, embedding, epoch_logger, log_summary, probe_augmented,
                           probe_features, split_rows)
 from barlow.stage import run_stage
 from barlow.train import AUTOCAST, normalisation
@@ -83,18 +83,15 @@ def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
                 return extract_features(embed, batches, device, channels_last=True,
                                         autocast_dtype=autocast)
 
-            def on_epoch(epoch: int, row: dict) -> None:
-                log_epoch(live, prefix, epoch, row)
-
             test = features(test_loader)
             if cfg.mode == "features":
                 fit, held_out = split_rows(*features(train_loader), val)
                 result = probe_features(fit, held_out, test, manifest["num_classes"], recipe,
-                                        device, on_epoch)
+                                        device, epoch_logger(live, prefix))
             else:
                 result = probe_augmented(embed, train_loader, val_loader, test,
                                          manifest["num_classes"], recipe, device, autocast,
-                                         on_epoch)
+                                         epoch_logger(live, prefix))
             log_summary(live, prefix, result)
             if name == "barlow":
                 classes = np.asarray(manifest["class_names"])

@@ -29,7 +29,7 @@ from barlow.data.convert import read_manifest
 from barlow.data.loaders import eval_loader
 from barlow.data.sources import split_indices
 from barlow.evaluate import extract_features, voc07_svm_map, voc_devkit_targets
-from barlow.probe import (Recipe, embedding, log_epoch, log_summary, multilabel_batches,
+from barlow.probe import (Recipe, embedding, epoch_logger, log_summary, multilabel_batches,
                           probe_features, split_rows)
 from barlow.stage import run_stage
 from barlow.train import AUTOCAST, normalisation
@@ -87,16 +87,13 @@ def main(params: str, data_dir: Path, pretrain_dir: Path, weights: Path, live_di
                                                      autocast_dtype=autocast)
                     return feats, voc_devkit_targets(labels) if multilabel else labels
 
-                def on_epoch(epoch: int, row: dict) -> None:
-                    log_epoch(live, prefix, epoch, row)
-
                 train, test = features(train_loader), features(test_loader)
                 linear = ""
                 if not multilabel:
                     held_out = split_indices(train[1].numpy(), cfg.val_fraction, cfg.seed)[1]
                     fit, val = split_rows(*train, held_out)
                     result = probe_features(fit, val, test, manifests[dataset]["num_classes"],
-                                            recipe, device, on_epoch)
+                                            recipe, device, epoch_logger(live, prefix))
                     log_summary(live, prefix, result)
                     linear = (f"linear top-1 {result['top1_best']:.2f} (best-val epoch"
                               f" {result['best_epoch']}), ")

@@ -172,7 +172,7 @@ def test_mismatching_weights_give_one_line_error(setup, tmp_path):
     ({"lrr": 0.1}, "params: linear.lrr: unknown key"),
     ({"mode": "finetune"}, "linear.mode: 'finetune' is not one of"),
     ({"baselines": ["random_init", "random_init"]}, "linear.baselines: lists a baseline twice"),
-    ({"weight_decay": "1e-6"}, "linear.weight_decay: expected a number"),
+    ({"weight_decay": "1.0e-6"}, "linear.weight_decay: expected a number"),
 ])
 def test_bad_params_are_named(setup, tmp_path, overrides, message):
     result = invoke(setup, tmp_path, **overrides)

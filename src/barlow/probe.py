@@ -162,11 +162,14 @@ def probe_augmented(embed: nn.Module, train_loader: SeekableLoader, val_loader: 
     return fit_and_test(fit, head, test, device, on_epoch)
 
 
-def log_epoch(live: Any, prefix: str, epoch: int, row: dict) -> None:
-    """One trainer row as points of the ``prefix/<key>`` curves of a dvclive Live."""
-    live.step = epoch
-    for key in CURVE_KEYS:
-        live.log_metric(f"{prefix}/{key}", row[key])
+def epoch_logger(live: Any, prefix: str) -> OnEpoch:
+    """The trainers' on_epoch callback writing each row as points of the
+    ``prefix/<key>`` curves (CURVE_KEYS) of a dvclive Live, at step = epoch."""
+    def log(epoch: int, row: dict) -> None:
+        live.step = epoch
+        for key in CURVE_KEYS:
+            live.log_metric(f"{prefix}/{key}", row[key])
+    return log
 
 
 def log_summary(live: Any, prefix: str, result: dict) -> None:
