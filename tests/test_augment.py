@@ -252,6 +252,22 @@ def test_hue_alone_matches_torchvision():
         assert_close(result, to_uint8_hwc(TF.adjust_hue(to_float_chw(image), h)), atol=1)
 
 
+def test_compiled_jitter_and_blur_equal_the_python_formulas():
+    """ffcv's compiler flags vectorise the pixel loops (the hue's division becomes a
+    reciprocal estimate): allowed ±1 after rounding, as fastmath permits elsewhere."""
+    images = random_images(32, 24, 21)
+    ops = (ColorJitter(p=1.0, brightness=0.8, contrast=0.8, saturation=0.9, hue=0.5, seed=12),
+           ColorJitter(p=1.0, brightness=0, contrast=0, saturation=0, hue=0.5, seed=13),
+           GaussianBlur(p=1.0, sigma=(0.1, 2.0), seed=14))
+    for op in ops:
+        compiled = numba.njit(fastmath=True, nogil=True, error_model="numpy")(op.generate_code())
+        scratch = np.empty(images.shape, np.float32)
+        out = compiled(images.copy(), scratch, np.arange(32, dtype=np.uint64))
+        expected = run(op, images)
+        assert_close(out, expected, atol=1)
+        assert (out != expected).mean() < 1e-3, type(op).__name__
+
+
 # --- grey images -----------------------------------------------------------------------
 
 def test_saturation_hue_and_grayscale_are_exact_no_ops_on_grey_images():

@@ -144,43 +144,58 @@ def jitter_image(img, buf, order, brightness, contrast, saturation, hue):
       contrast    x ← c·x + (1 − c)·mean(L(x))
       saturation  x ← s·x + (1 − s)·L(x)            (L replicated to 3 channels)
       hue         H ← (H + h) mod 1 in HSV, S and V unchanged.
-    A factor of 1 (or h = 0) skips its step. ``buf`` is float32 HWC scratch.
+    A factor of 1 (or h = 0) skips its step. ``buf`` is float32 HWC scratch, used as
+    three channel planes of H·W values between the steps.
     """
-    height, width = img.shape[0], img.shape[1]
-    for y in range(height):
-        for x in range(width):
-            for c in range(3):
-                buf[y, x, c] = img[y, x, c]
+    n = img.shape[0] * img.shape[1]
+    pixels = img.reshape(n, 3)
+    # Channel planes make every step one contiguous loop over pixels, which LLVM
+    # vectorises; the interleaved (x, c) loops with per-pixel branches it did not.
+    planes = buf.reshape(3, n)
+    red, green, blue = planes[0], planes[1], planes[2]
+    for p in range(n):
+        red[p], green[p], blue[p] = pixels[p, 0], pixels[p, 1], pixels[p, 2]
     for step in order:
         if step == _BRIGHTNESS and brightness != 1.0:
-            for y in range(height):
-                for x in range(width):
-                    for c in range(3):
-                        buf[y, x, c] = _clip255(brightness * buf[y, x, c])
+            for p in range(n):
+                red[p] = _clip255(brightness * red[p])
+                green[p] = _clip255(brightness * green[p])
+                blue[p] = _clip255(brightness * blue[p])
         elif step == _CONTRAST and contrast != 1.0:
             total = 0.0
-            for y in range(height):
-                for x in range(width):
-                    total += _luma(buf[y, x, 0], buf[y, x, 1], buf[y, x, 2])
-            offset = (1.0 - contrast) * total / (height * width)
-            for y in range(height):
-                for x in range(width):
-                    for c in range(3):
-                        buf[y, x, c] = _clip255(contrast * buf[y, x, c] + offset)
+            for p in range(n):
+                total += _luma(red[p], green[p], blue[p])
+            offset = (1.0 - contrast) * total / n
+            for p in range(n):
+                red[p] = _clip255(contrast * red[p] + offset)
+                green[p] = _clip255(contrast * green[p] + offset)
+                blue[p] = _clip255(contrast * blue[p] + offset)
         elif step == _SATURATION and saturation != 1.0:
-            for y in range(height):
-                for x in range(width):
-                    grey = (1.0 - saturation) * _luma(buf[y, x, 0], buf[y, x, 1], buf[y, x, 2])
-                    for c in range(3):
-                        buf[y, x, c] = _clip255(saturation * buf[y, x, c] + grey)
+            for p in range(n):
+                grey = (1.0 - saturation) * _luma(red[p], green[p], blue[p])
+                red[p] = _clip255(saturation * red[p] + grey)
+                green[p] = _clip255(saturation * green[p] + grey)
+                blue[p] = _clip255(saturation * blue[p] + grey)
         elif step == _HUE and hue != 0.0:
-            for y in range(height):
-                for x in range(width):
-                    _rotate_hue(buf, y, x, hue)
-    for y in range(height):
-        for x in range(width):
-            for c in range(3):
-                img[y, x, c] = np.uint8(math.floor(buf[y, x, c] + 0.5))
+            for p in range(n):
+                r, g, b = red[p], green[p], blue[p]
+                hi = max(r, g, b)
+                d = hi - min(r, g, b)
+                # A pixel without chroma (d = 0) has no hue and keeps its value. Selects,
+                # not branches, and no helper returning a tuple: either stops LLVM
+                # from vectorising this loop. Vectorised, fastmath turns _hue6's float32
+                # division into a refined reciprocal estimate (≤ 1 ulp off), so a value
+                # can round ±1 away from the uncompiled code (1 in 1.8e8 measured).
+                chroma = d > 0.0
+                h = _hue6(r, g, b, hi, d if chroma else np.float32(1.0)) / 6.0 + hue
+                h6 = 6.0 * (h - math.floor(h))
+                red[p] = _hue_channel(hi, d, 5.0 + h6) if chroma else r
+                green[p] = _hue_channel(hi, d, 3.0 + h6) if chroma else g
+                blue[p] = _hue_channel(hi, d, 1.0 + h6) if chroma else b
+    for p in range(n):
+        pixels[p, 0] = np.uint8(math.floor(red[p] + 0.5))
+        pixels[p, 1] = np.uint8(math.floor(green[p] + 0.5))
+        pixels[p, 2] = np.uint8(math.floor(blue[p] + 0.5))
 
 
 @register_jitable
@@ -198,29 +213,26 @@ def jitter_order(u):
 
 
 @register_jitable
-def _rotate_hue(buf, y, x, shift):
-    """Rotate one pixel's hue by ``shift`` turns, keeping V = max and chroma = max − min.
+def _hue6(r, g, b, hi, d):
+    """6·H of RGB → HSV for a pixel with max ``hi`` and chroma d = max − min > 0.
 
-    RGB → HSV: H = ((G−B)/d mod 6, (B−R)/d + 2, (R−G)/d + 4)/6 when max is R, G, B;
-    HSV → RGB: channel c ∈ {R, G, B} = V − d·clamp(min(k, 4 − k), 0, 1),
-    k = (5 − 2c + 6H) mod 6. A pixel with d = 0 has no hue and is left as it is.
+    6·H = (G − B)/d, (B − R)/d + 2 or (R − G)/d + 4 when the max is R, G or B; in
+    [−1, 5], the caller takes H mod 1 after adding the shift.
     """
-    r, g, b = buf[y, x, 0], buf[y, x, 1], buf[y, x, 2]
-    hi = max(r, g, b)
-    d = hi - min(r, g, b)
-    if d <= 0.0:
-        return
-    if hi == r:
-        h = (g - b) / d
-    elif hi == g:
-        h = 2.0 + (b - r) / d
-    else:
-        h = 4.0 + (r - g) / d
-    h = h / 6.0 + shift
-    h6 = 6.0 * (h - math.floor(h))
-    for c in range(3):
-        k = (5.0 - 2.0 * c + h6) % 6.0
-        buf[y, x, c] = _clip255(hi - d * min(max(min(k, 4.0 - k), 0.0), 1.0))
+    num = g - b if hi == r else (b - r if hi == g else r - g)
+    return (0.0 if hi == r else (2.0 if hi == g else 4.0)) + num / d
+
+
+@register_jitable
+def _hue_channel(hi, d, k):
+    """HSV → RGB for one channel: V − d·clamp(min(k', 4 − k'), 0, 1), k' = k mod 6.
+
+    With H the rotated hue in [0, 1), channel c ∈ {R, G, B} takes k = 5 − 2c + 6H ∈
+    [0, 12), where k mod 6 is k or k − 6, both exact: the value of Python's ``%``
+    (fmod) without a libm call per channel.
+    """
+    k = k - 6.0 if k >= 6.0 else k
+    return _clip255(hi - d * min(max(min(k, 4.0 - k), 0.0), 1.0))
 
 
 @register_jitable
@@ -258,38 +270,41 @@ def blur_image(img, buf, sigma):
     taps = 2 * radius + 1
     weights = np.exp(-0.5 * ((np.arange(taps) - radius) / sigma) ** 2).astype(np.float32)
     weights = weights / weights.sum()
-    # Inner loops run over contiguous (x, c) without branches so LLVM can vectorise;
-    # reflection is resolved once per row (padded copy) or once per (row, tap).
-    row = np.empty((width + 2 * radius, 3), dtype=np.float32)
+    # Rows as flat runs of 3·W values (x, c interleaved; a tap moves by 3), so every
+    # inner loop is one contiguous, branch-free loop that LLVM vectorises; reflection
+    # is resolved once per row (padded copy) or once per (row, tap).
+    n = 3 * width
+    pixels = img.reshape(height, n)
+    rows = buf.reshape(height, n)
+    padded = np.empty(n + 6 * radius, dtype=np.float32)
     for y in range(height):
         for x in range(width + 2 * radius):
             xs = abs(x - radius)
             if xs >= width:
                 xs = 2 * (width - 1) - xs
             for c in range(3):
-                row[x, c] = img[y, xs, c]
-        for x in range(width):
-            for c in range(3):
-                buf[y, x, c] = 0.0
+                padded[3 * x + c] = img[y, xs, c]
+        out = rows[y]
+        for k in range(n):
+            out[k] = 0.0
         for t in range(taps):
-            for x in range(width):
-                for c in range(3):
-                    buf[y, x, c] += weights[t] * row[x + t, c]
-    acc = np.empty((width, 3), dtype=np.float32)
+            w, src = weights[t], padded[3 * t:3 * t + n]
+            for k in range(n):
+                out[k] += w * src[k]
+    acc = np.empty(n, dtype=np.float32)
     for y in range(height):
-        for x in range(width):
-            for c in range(3):
-                acc[x, c] = 0.0
+        for k in range(n):
+            acc[k] = 0.0
         for t in range(taps):
             ys = abs(y + t - radius)
             if ys >= height:
                 ys = 2 * (height - 1) - ys
-            for x in range(width):
-                for c in range(3):
-                    acc[x, c] += weights[t] * buf[ys, x, c]
-        for x in range(width):
-            for c in range(3):
-                img[y, x, c] = np.uint8(math.floor(_clip255(acc[x, c]) + 0.5))
+            w, src = weights[t], rows[ys]
+            for k in range(n):
+                acc[k] += w * src[k]
+        out = pixels[y]
+        for k in range(n):
+            out[k] = np.uint8(math.floor(_clip255(acc[k]) + 0.5))
 
 
 @register_jitable
