@@ -24,19 +24,16 @@ from barlow.data.subsets import read_subset
 from barlow.evaluate import extract_features
 from barlow.probe import (Recipe, embedding, epoch_logger, log_summary, probe_augmented,
                           probe_features, split_rows)
-from barlow.stage import run_stage
+from barlow.stage import live_option, params_option, run_stage, weights_option
 from barlow.train import AUTOCAST, normalisation
 
 
 @click.command()
-@click.option("--params", default="params.yaml", show_default=True)
+@params_option
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
               help="folder with train.beton and test.beton (the convert stage's output)")
-@click.option("--weights", required=True, type=click.Path(path_type=Path),
-              help="backbone state dict in torchvision layout (backbone.pt, or the "
-                   "official resnet50.pth with model.arch resnet50)")
-@click.option("--live", "live_dir", required=True, type=click.Path(path_type=Path),
-              help="dvclive folder (metrics.json, plots/)")
+@weights_option
+@live_option
 def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
     with run_stage("linear"):
         cfg = load_section(LinearConfig, "linear", params)

@@ -15,17 +15,16 @@ import click
 from barlow import distributed as dist
 from barlow.config import (AugmentConfig, LossConfig, ModelConfig, PretrainConfig,
                            load_section)
-from barlow.stage import run_stage
+from barlow.stage import live_option, params_option, run_stage
 from barlow.train import NonFiniteLossError, PretrainSetup, export, pretrain
 
 
 @click.command()
-@click.option("--params", default="params.yaml", show_default=True)
+@params_option
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
               help="folder with train.beton and test.beton (the convert stage's output)")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
-@click.option("--live", "live_dir", required=True, type=click.Path(path_type=Path),
-              help="dvclive folder (metrics.json, plots/)")
+@live_option
 def main(params: str, data_dir: Path, out_dir: Path, live_dir: Path) -> None:
     with run_stage("pretrain"):
         setup = PretrainSetup(model=load_section(ModelConfig, "model", params),

@@ -30,7 +30,7 @@ import yaml
 from barlow import report as rp
 from barlow.config import ReportConfig, load_section, read_params
 from barlow.data.sources import DataError
-from barlow.stage import run_stage
+from barlow.stage import params_option, run_stage
 
 
 @click.group()
@@ -39,7 +39,7 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--params", default="params.yaml", show_default=True)
+@params_option
 @click.option("--live-root", required=True, type=click.Path(path_type=Path),
               help="folder with one dvclive folder per stage (pretrain, linear, ...)")
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path),

@@ -33,7 +33,7 @@ from barlow.data.sources import DataError
 from barlow.data.subsets import read_subset
 from barlow.evaluate import extract_features, finetune, linear_head, topk_accuracy
 from barlow.models import build_backbone
-from barlow.stage import run_stage
+from barlow.stage import live_option, params_option, run_stage, weights_option
 from barlow.train import AUTOCAST, normalisation
 
 RUNS = ("barlow", "scratch")
@@ -158,14 +158,11 @@ def run_once(backbone: nn.Module, feat_dim: int, num_classes: int, train, val, t
 
 
 @click.command()
-@click.option("--params", default="params.yaml", show_default=True)
+@params_option
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
               help="folder with train.beton and test.beton (the convert stage's output)")
-@click.option("--weights", required=True, type=click.Path(path_type=Path),
-              help="backbone state dict: the pretrain stage's backbone.pt or the official"
-                   " Barlow Twins resnet50.pth (with model.arch: resnet50)")
-@click.option("--live", "live_dir", required=True, type=click.Path(path_type=Path),
-              help="dvclive folder (metrics.json, plots/)")
+@weights_option
+@live_option
 def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
     with run_stage("semisup"):
         cfg = load_section(SemisupConfig, "semisup", params)
