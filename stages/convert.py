@@ -9,7 +9,7 @@ import click
 from barlow.config import DataConfig, load_section
 from barlow.data import sources
 from barlow.data.convert import FfcvSettings, write_beton
-from barlow.stage import run_stage
+from barlow.stage import params_option, run_stage
 
 # Small grey data is stored raw at native size: lossless and decoded fastest.
 RAW = FfcvSettings(write_mode="raw")
@@ -23,13 +23,35 @@ def writers(source: sources.Source, cfg: DataConfig) -> int:
     return cfg.workers if source.files is not None else 1
 
 
+def image_folder_splits(root: str | Path,
+                        cfg: DataConfig) -> tuple[sources.Source, sources.Source]:
+    """(train, test) of an ImageNet-layout tree: ``root/train/<class>/*`` and
+    ``root/val/<class>/*``, the labelled "val" split being the de facto test set; the
+    test split's labels follow the train split's class order."""
+    root = Path(root)
+    train = sources.image_folder(root / "train", "train", None, cfg.skip_bad, cfg.workers)
+    test = sources.image_folder(root / "val", "test", train.class_names, cfg.skip_bad,
+                                cfg.workers)
+    return train, test
+
+
+def folder_splits(name: str, root: str,
+                  cfg: DataConfig) -> tuple[sources.Source, sources.Source]:
+    """image_folder_splits of data.transfer_folders' entry ``name``; an error names the
+    key as well as the folder."""
+    try:
+        return image_folder_splits(root, cfg)
+    except sources.DataError as err:
+        raise sources.DataError(f"data.transfer_folders.{name}: {err}") from None
+
+
 @click.group()
 def cli() -> None:
     """Convert image sources into FFCV datasets (paths from argv, settings from params.yaml)."""
 
 
 @cli.command()
-@click.option("--params", default="params.yaml", show_default=True)
+@params_option
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
 def main(params: str, out_dir: Path) -> None:
     """The pretraining/evaluation data set: OUT/train.beton and OUT/test.beton."""
@@ -40,11 +62,7 @@ def main(params: str, out_dir: Path) -> None:
             test = sources.fashion_mnist(cfg.fashion_mnist_dir, "test")
             settings = RAW
         else:
-            root = Path(cfg.imagefolder_root)
-            # ImageNet's labelled "val" split is the de facto test set.
-            train = sources.image_folder(root / "train", "train", None, cfg.skip_bad, cfg.workers)
-            test = sources.image_folder(root / "val", "test", train.class_names, cfg.skip_bad,
-                                        cfg.workers)
+            train, test = image_folder_splits(cfg.imagefolder_root, cfg)
             settings = FfcvSettings(**vars(cfg.ffcv))
         for source in (train, test):
             manifest = write_beton(source, out_dir / f"{source.split}.beton", settings,
@@ -54,30 +72,40 @@ def main(params: str, out_dir: Path) -> None:
 
 
 @cli.command()
-@click.option("--params", default="params.yaml", show_default=True)
+@params_option
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
 def transfer(params: str, out_dir: Path) -> None:
-    """The transfer sets: scikit-learn digits and ELPV solar cells (offline), and PASCAL
-    VOC2007 from the devkit at data.voc07_root when it is set."""
+    """The transfer sets: scikit-learn digits and ELPV solar cells (offline), PASCAL
+    VOC2007 from the devkit at data.voc07_root when it is set, and each ImageFolder tree
+    of data.transfer_folders (Places-205, iNat18, ...) as NAME_{train,test}.beton."""
     with run_stage("convert_transfer"):
         cfg = load_section(DataConfig, "data", params)
         elpv = FfcvSettings(write_mode="raw", max_resolution=cfg.elpv_resolution)
         voc07 = FfcvSettings(write_mode="raw", max_resolution=cfg.voc07_resolution)
-        # Both devkit splits are read (and every image decoded) before anything is
-        # written, so a broken devkit leaves no half-converted output.
+        imagefolder = FfcvSettings(**vars(cfg.ffcv))
+        # Both devkit splits and every folder tree are read (and every image decoded)
+        # before anything is written, so a broken input leaves no half-converted output.
         voc = ({split: sources.voc07(cfg.voc07_root, split, cfg.skip_bad, cfg.workers)
                 for split in ("train", "test")} if cfg.voc07_root else {})
+        folders = {name: dict(zip(("train", "test"), folder_splits(name, root, cfg)))
+                   for name, root in cfg.transfer_folders.items()}
         for split in ("train", "test"):
-            sets = [(sources.digits(split, cfg.transfer_test_fraction, cfg.seed), RAW),
-                    (sources.elpv(split, cfg.transfer_test_fraction, cfg.seed), elpv)]
+            # One writer for VOC's JPEG files too: its ~10k images write in minutes,
+            # and a byte-identical .beton lets DVC skip `transfer` when this reruns.
+            sets = [("digits", sources.digits(split, cfg.transfer_test_fraction, cfg.seed),
+                     RAW, 1),
+                    ("elpv", sources.elpv(split, cfg.transfer_test_fraction, cfg.seed), elpv, 1)]
             if voc:
-                sets.append((voc[split], voc07))
-            for source, settings in sets:
-                # One writer for VOC's JPEG files too: its ~10k images write in minutes,
-                # and a byte-identical .beton lets DVC skip `transfer` when this reruns.
-                manifest = write_beton(source, out_dir / f"{source.name}_{split}.beton",
-                                       settings, 1, cfg.seed)
-                click.echo(f"convert_transfer: {source.name} {split}: {manifest['num_images']}"
+                sets.append(("voc07", voc[split], voc07, 1))
+            # Folder trees are ImageNet-size: stored, and written, as `main` writes
+            # ImageNet (Places-205's 2.4M images need the writer processes; with
+            # data.workers: 1 their .beton files too are byte-identical on reruns).
+            sets += [(name, pair[split], imagefolder, writers(pair[split], cfg))
+                     for name, pair in folders.items()]
+            for name, source, settings, processes in sets:
+                manifest = write_beton(source, out_dir / f"{name}_{split}.beton", settings,
+                                       processes, cfg.seed)
+                click.echo(f"convert_transfer: {name} {split}: {manifest['num_images']}"
                            f" images, {manifest['num_classes']} classes,"
                            f" {len(manifest['skipped'])} skipped")
 

@@ -1,20 +1,23 @@
 """DVC stage `transfer`: frozen-feature transfer of the pretrained backbone to the
-offline transfer sets, and to PASCAL VOC2007 when data.voc07_root is set (paper Table 3
+offline transfer sets, to PASCAL VOC2007 when data.voc07_root is set, and to the
+ImageFolder sets of data.transfer_folders (Places-205, iNat18; paper Table 3
 protocols), with the random-init and raw-pixel baselines.
 
     python -m stages.transfer --data data/transfer --pretrain-data data/ffcv \
         --weights models/pretrain/backbone.pt --live dvclive/transfer
 
 Per data set NAME (NAME_train.beton / NAME_test.beton under --data: transfer.datasets,
-then voc07) and embedding:
+then voc07, then data.transfer_folders' names) and embedding:
 - linear: a head with the Places-205 recipe (SGD, lr ÷10 twice), fitted on the train
-  set minus a stratified validation share that chooses the epoch (barlow.probe);
-  single-label sets only;
+  set minus a stratified validation share that chooses the epoch (barlow.probe), for
+  transfer.epochs_per_dataset[NAME] epochs, else transfer.epochs; single-label sets
+  only;
 - svm: the VOC07 protocol, one linear SVM per class on L2-normalised features, C by
   cross-validation on the whole train set, mAP on the test set. A multi-label set
   (VOC2007) gets this protocol only, as in the paper: a softmax head picks one class.
-Images are resized to the model's input resolution and normalised with the pretraining
-data's statistics, as transfer protocols use the ImageNet statistics for every set.
+Images (ImageNet-size ones too) are centre-cropped to transfer.crop_ratio, resized to
+the model's input resolution and normalised with the pretraining data's statistics, as
+transfer protocols use the ImageNet statistics for every set.
 """
 
 from __future__ import annotations
@@ -31,39 +34,38 @@ from barlow.data.sources import split_indices
 from barlow.evaluate import extract_features, voc07_svm_map, voc_devkit_targets
 from barlow.probe import (Recipe, embedding, epoch_logger, log_summary, multilabel_batches,
                           probe_features, split_rows)
-from barlow.stage import run_stage
+from barlow.stage import live_option, params_option, run_stage, weights_option
 from barlow.train import AUTOCAST, normalisation
 
 
 @click.command()
-@click.option("--params", default="params.yaml", show_default=True)
+@params_option
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
               help="folder with NAME_train.beton and NAME_test.beton per transfer.datasets"
-                   " (and voc07 when data.voc07_root is set)")
+                   " (and voc07 when data.voc07_root is set, and each data.transfer_folders"
+                   " name)")
 @click.option("--pretrain-data", "pretrain_dir", required=True, type=click.Path(path_type=Path),
               help="folder with the pretraining train.beton; its manifest gives the "
                    "normalisation the backbone was trained with")
-@click.option("--weights", required=True, type=click.Path(path_type=Path),
-              help="backbone state dict in torchvision layout")
-@click.option("--live", "live_dir", required=True, type=click.Path(path_type=Path),
-              help="dvclive folder (metrics.json, plots/)")
+@weights_option
+@live_option
 def main(params: str, data_dir: Path, pretrain_dir: Path, weights: Path, live_dir: Path) -> None:
     with run_stage("transfer"):
         cfg = load_section(TransferConfig, "transfer", params)
         model = load_section(ModelConfig, "model", params)
         resolution = load_section(AugmentConfig, "augment", params).resolution
+        data = load_section(DataConfig, "data", params)
+        cfg.check_datasets(list(data.transfer_folders))
         mean, std = normalisation(read_manifest(pretrain_dir / "train.beton"))
-        voc07 = ("voc07",) if load_section(DataConfig, "data", params).voc07_root else ()
+        voc07 = ("voc07",) if data.voc07_root else ()
         sets = {name: (data_dir / f"{name}_train.beton", data_dir / f"{name}_test.beton")
-                for name in (*cfg.datasets, *voc07)}
+                for name in (*cfg.datasets, *voc07, *data.transfer_folders)}
         manifests = {}
         for name, (train, test) in sets.items():
             read_manifest(test)  # a missing test set fails now, not after the first set
             manifests[name] = read_manifest(train)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         autocast = AUTOCAST[cfg.precision]
-        recipe = Recipe(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay,
-                        cfg.schedule, cfg.seed)
         embeds = {name: embedding(name, model, weights, cfg.seed, device)
                   for name in ("barlow", *cfg.baselines)}
 
@@ -72,6 +74,8 @@ def main(params: str, data_dir: Path, pretrain_dir: Path, weights: Path, live_di
         live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
         for dataset, betons in sets.items():
             multilabel = manifests[dataset].get("multilabel", False)
+            recipe = Recipe(cfg.epochs_per_dataset.get(dataset, cfg.epochs), cfg.batch_size,
+                            cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule, cfg.seed)
             # Whole images (crop_ratio 1 keeps 8 px digits whole) resized to the model's
             # input; sequential order, so rows line up across embeddings.
             train_loader, test_loader = (

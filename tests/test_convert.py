@@ -1,6 +1,6 @@
-"""convert: real Fashion-MNIST, a hand-made ImageFolder (with bad files) and a synthetic
-PASCAL VOC2007 devkit round-trip through FFCV; every bad input stops with an error
-naming the file."""
+"""convert: real Fashion-MNIST, a hand-made ImageFolder (with bad files), a synthetic
+PASCAL VOC2007 devkit and ImageFolder transfer sets (data.transfer_folders) round-trip
+through FFCV; every bad input stops with an error naming the file (and the key)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -371,15 +372,16 @@ def test_repo_params_skip_voc07():
     assert load_section(DataConfig, "data", REPO / "params.yaml").voc07_root == ""
 
 
-def test_stage_converts_voc07_when_its_root_is_set(devkit, tmp_path, monkeypatch):
-    """The convert_transfer command, its offline sets swapped for tiny ones."""
+@pytest.fixture
+def convert_transfer(tmp_path, monkeypatch):
+    """The convert_transfer command as run(data params, out folder), its offline sets
+    swapped for tiny ones."""
     import yaml
     from click.testing import CliRunner
 
     from conftest import tiny_source
     from stages import convert
 
-    root, truth = devkit
     for name in ("digits", "elpv"):
         monkeypatch.setattr(sources, name, lambda split, *_, name=name:
                             replace(tiny_source(split, 8, 0), name=name))
@@ -389,6 +391,12 @@ def test_stage_converts_voc07_when_its_root_is_set(devkit, tmp_path, monkeypatch
         args = ["transfer", "--params", str(tmp_path / "params.yaml"), "--out", str(out)]
         return CliRunner().invoke(convert.cli, args)
 
+    return run
+
+
+def test_stage_converts_voc07_when_its_root_is_set(devkit, tmp_path, convert_transfer):
+    root, truth = devkit
+    run = convert_transfer
     result = run({"workers": 1}, tmp_path / "offline")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "offline").glob("*.beton")) == [
@@ -406,3 +414,94 @@ def test_stage_converts_voc07_when_its_root_is_set(devkit, tmp_path, monkeypatch
     result = run({"voc07_root": str(root), "workers": 1}, tmp_path / "broken")
     assert result.exit_code == 2 and "cat_test.txt: class file not found" in result.stderr
     assert not (tmp_path / "broken").exists()
+
+
+# ---------------------------------------------------------------- ImageFolder transfer sets
+
+#: Class folder -> the colour of its images; labels follow the sorted folder names.
+SCENES = {"desert": (200, 30, 30), "forest": (30, 200, 30), "harbour": (30, 30, 200)}
+
+
+def scene_tree(root: Path, per_class: dict[str, int] | None = None) -> Path:
+    """An ImageFolder tree root/{train,val}/<class>/*.png (per split: images per class,
+    default 4 train, 2 val) of 16×12 images, each a class's colour plus noise: the
+    label can be read back from the pixels."""
+    rng = np.random.default_rng(0)
+    for split, n in (per_class or {"train": 4, "val": 2}).items():
+        for name, colour in SCENES.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                noise = rng.integers(0, 40, (16, 12, 3))
+                Image.fromarray((np.asarray(colour) + noise).astype(np.uint8)).save(
+                    root / split / name / f"{i}.png")
+    return root
+
+
+def test_stage_converts_transfer_folders(tmp_path, convert_transfer):
+    root = scene_tree(tmp_path / "scenes")
+    data = {"transfer_folders": {"scenes": str(root)}, "workers": 1,
+            "ffcv": {"jpeg_quality": 80}}
+    result = convert_transfer(data, tmp_path / "out")
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "convert_transfer: scenes test: 6 images, 3 classes, 0 skipped" in result.output
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("*.beton")) == [
+        f"{name}_{split}.beton" for name in ("digits", "elpv", "scenes")
+        for split in ("test", "train")]
+    for split, n, folder in (("train", 4, "train"), ("test", 2, "val")):
+        manifest = read_manifest(out / f"scenes_{split}.beton")
+        assert manifest["class_names"] == list(SCENES) and manifest["class_counts"] == [n] * 3
+        assert manifest["source"] == f"imagefolder:{root / folder}"
+        assert manifest["ffcv"] == {"write_mode": "proportion", "max_resolution": 500,
+                                    "compress_probability": 0.5, "jpeg_quality": 80, "seed": 0}
+        images, labels = read_back(out / f"scenes_{split}.beton")
+        np.testing.assert_array_equal(labels, np.repeat(np.arange(3), n))
+        # Each image still shows its class's colour (JPEG or raw, as proportion drew).
+        np.testing.assert_array_equal(images.mean(axis=(1, 2)).argmax(axis=1), labels)
+    # Byte-identical on a rerun (one writer), and the offline sets as without folders.
+    convert_transfer(data, tmp_path / "again")
+    convert_transfer({"workers": 1}, tmp_path / "offline")
+    for name in ("scenes_train.beton", "scenes_test.json"):
+        assert (out / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
+    for name in ("digits_train.beton", "digits_test.json", "elpv_train.beton"):
+        assert (out / name).read_bytes() == (tmp_path / "offline" / name).read_bytes()
+
+
+@pytest.mark.parametrize("damage, folders, message", [
+    (None, {"scenes": "{tmp}/nowhere"},
+     "data.transfer_folders.scenes: {tmp}/nowhere/train: ImageFolder directory not found"),
+    (lambda root: shutil.rmtree(root / "val"), {"scenes": "{root}"},
+     "data.transfer_folders.scenes: {root}/val: ImageFolder directory not found"),
+    (lambda root: (root / "train" / "glacier").mkdir(), {"scenes": "{root}"},
+     "data.transfer_folders.scenes: {root}/train/glacier: empty class folder"),
+    (lambda root: shutil.rmtree(root / "val" / "forest"), {"scenes": "{root}"},
+     "data.transfer_folders.scenes: {root}/val: class folders differ from the train split's"
+     " (missing: ['forest']"),
+    (None, {"my scenes": "{root}"}, "data.transfer_folders.my scenes: a name must be letters"),
+    (None, {"elpv": "{root}"},
+     "data.transfer_folders.elpv: 'elpv' is a set convert_transfer writes itself"),
+    (None, {"scenes": ""}, "data.transfer_folders.scenes: must be the root of an ImageFolder"),
+    (None, {"scenes": 3}, "data.transfer_folders.scenes: expected a string"),
+    (None, ["scenes"], "data.transfer_folders: expected a mapping"),
+])
+def test_transfer_folder_errors_name_key_and_folder(tmp_path, convert_transfer, damage,
+                                                    folders, message):
+    root = scene_tree(tmp_path / "scenes")
+    if damage is not None:
+        damage(root)
+
+    def fill(text):
+        return text.format(tmp=tmp_path, root=root) if isinstance(text, str) else text
+
+    if isinstance(folders, dict):
+        folders = {name: fill(path) for name, path in folders.items()}
+    result = convert_transfer({"transfer_folders": folders, "workers": 1}, tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert fill(message) in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()  # every tree is read before anything is written
+
+
+def test_repo_params_convert_no_transfer_folders():
+    from barlow.config import DataConfig, load_section
+
+    assert load_section(DataConfig, "data", REPO / "params.yaml").transfer_folders == {}

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from barlow.config import (AugmentConfig, LinearConfig, LossConfig, ModelConfig,
+from barlow.config import (AugmentConfig, DataConfig, LinearConfig, LossConfig, ModelConfig,
                            PretrainConfig, SemisupConfig, TransferConfig, from_mapping,
                            load_section)
 from conftest import REPO
@@ -50,6 +51,25 @@ def test_evaluation_recipes():
             semi.train_crop_scale) == ((20, 20), 0.005, 0.5, 0.0, (0.08, 1.0))
     tr = section(TransferConfig, "transfer")
     assert (tr.epochs, tr.lr, tr.weight_decay, tr.schedule) == (14, 0.01, 5e-4, "step")
+
+
+def test_places205_and_inat18_epochs(tmp_path):
+    """The paper's per-set epochs (Places-205 14, iNat18 84) are -S arguments in
+    paper.yaml's comments, given with the sets' folders (transfer refuses epochs for a
+    set it does not run): applied as DVC applies them, they load and pass the checks."""
+    from dvc.utils.hydra import apply_overrides
+
+    text = (REPO / "configs" / "paper.yaml").read_text()
+    overrides = re.findall(r"^\s*#\s+-S (\+\S+=\S+)$", text, flags=re.MULTILINE)
+    assert len(overrides) == 4
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    apply_overrides(str(params), overrides)
+    data = load_section(DataConfig, "data", params)
+    tr = load_section(TransferConfig, "transfer", params)
+    assert set(data.transfer_folders) == {"places205", "inat18"}
+    assert tr.epochs_per_dataset == {"places205": 14, "inat18": 84}
+    tr.check_datasets(list(data.transfer_folders))
 
 
 def test_ffcv_and_data_settings():

@@ -2,7 +2,8 @@
 to the model's input), every metric present and sane, and the errors a wrong weights
 file, an unknown params key or a missing data set must give; the multi-label VOC07 path
 on a synthetic devkit (SVMs only), and the VOC07 SVM protocol's mAP on multi-label
-targets with difficult entries."""
+targets with difficult entries; an ImageFolder set of data.transfer_folders with its
+own epochs (transfer.epochs_per_dataset)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from PIL import Image
 
-from barlow.config import TransferConfig, load_section
+from barlow.config import DataConfig, TransferConfig, load_section
 from barlow.data import sources
 from barlow.data.convert import FfcvSettings, write_beton
 from barlow.data.sources import Source
@@ -136,9 +138,72 @@ def test_missing_dataset_is_named(setup, tmp_path):
 def test_repo_params_section_loads():
     cfg = load_section(TransferConfig, "transfer", REPO / "params.yaml")
     assert cfg.datasets == ("digits", "elpv") and cfg.schedule == "step"
+    assert cfg.epochs_per_dataset == {}
     paper = TransferConfig()
     assert (paper.lr, paper.epochs, paper.schedule) == (0.01, 14, "step")
     assert np.isclose(paper.weight_decay, 5e-4)
+
+
+# ---------------------------------------------------------------- ImageFolder sets
+
+FOLDER_EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def scenes(setup, tmp_path_factory) -> dict:
+    """scenes_{train,test}.beton beside the tiny sets, converted as convert_transfer
+    converts a data.transfer_folders tree (data.ffcv's proportion mode), from an
+    ImageFolder tree of 24 px stripes; the data params that name it."""
+    from stages.convert import image_folder_splits
+
+    tree = tmp_path_factory.mktemp("scenes")
+    for split, folder, n, seed in (("train", "train", 60, 2), ("test", "val", 30, 3)):
+        source = stripes(split, n, 24, seed)
+        for i in range(n):
+            path = tree / folder / source.class_names[source.labels[i]] / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(source.load(i)).save(path)
+    cfg = DataConfig(workers=1)
+    for source in image_folder_splits(tree, cfg):
+        write_beton(source, setup["root"] / "data" / f"scenes_{source.split}.beton",
+                    FfcvSettings(**vars(cfg.ffcv)), 1)
+    return {"transfer_folders": {"scenes": str(tree)}}
+
+
+def test_folder_sets_run_last_with_their_own_epochs(setup, scenes, tmp_path):
+    result = invoke(setup, tmp_path, data=scenes, datasets=["small"],
+                    epochs_per_dataset={"scenes": FOLDER_EPOCHS})
+    assert result.exit_code == 0, result.output + result.stderr + repr(result.exception)
+    assert result.output.index("transfer: small") < result.output.index("transfer: scenes")
+    metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())["transfer"]
+    assert set(metrics) == {"small", "scenes"} and set(metrics["scenes"]) == {"linear", "svm"}
+    for name in EMBEDDINGS:
+        assert set(SUMMARY_KEYS) <= set(metrics["scenes"]["linear"][name])
+        assert metrics["scenes"]["linear"][name]["best_epoch"] in range(FOLDER_EPOCHS)
+        assert 0.0 < metrics["scenes"]["svm"][name]["map"] <= 100.0
+    assert metrics["scenes"]["svm"]["raw_pixels"]["map"] >= 90.0
+    plots = tmp_path / "live" / "plots" / "metrics" / "transfer"
+    for dataset, epochs in (("small", EPOCHS), ("scenes", FOLDER_EPOCHS)):
+        for name in EMBEDDINGS:
+            rows = (plots / dataset / "linear" / name / "val_top1.tsv").read_text().splitlines()
+            assert [int(r.split("\t")[0]) for r in rows[1:]] == list(range(epochs))
+
+
+@pytest.mark.parametrize("data, overrides, message", [
+    ({}, {"epochs_per_dataset": {"scene": 3}},
+     "transfer.epochs_per_dataset.scene: no such data set with a linear head in this run"
+     " (transfer.datasets and data.transfer_folders: ['small', 'scenes'])"),
+    ({"voc07_root": "/VOC2007"}, {"epochs_per_dataset": {"voc07": 3}},
+     "transfer.epochs_per_dataset.voc07: no such data set with a linear head"),
+    ({}, {"epochs_per_dataset": {"scenes": 0}}, "transfer.epochs_per_dataset.scenes: must be >= 1"),
+    ({}, {"datasets": ["small", "scenes"]},
+     "transfer.datasets: ['scenes'] are data.transfer_folders sets"),
+])
+def test_folder_set_params_are_checked_first(setup, tmp_path, data, overrides, message):
+    data = {"transfer_folders": {"scenes": "/scenes"}, **data}
+    result = invoke(setup, tmp_path, data=data, **{"datasets": ["small"], **overrides})
+    assert result.exit_code == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / "live").exists()
 
 
 # ---------------------------------------------------------------- PASCAL VOC2007

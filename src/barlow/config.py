@@ -12,7 +12,7 @@ The dataclasses themselves live next to the code that uses them (``barlow.loss``
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import hashlib
 import json
 import re
@@ -71,6 +71,13 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
             return tuple(_check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         require(len(value) == len(args), key, f"expected {len(args)} values, got {value!r}")
         return tuple(_check_type(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        # A mapping of user-chosen names (data.transfer_folders): each entry's key is
+        # named as section.key.name, which `dvc exp run -S` also addresses.
+        key_hint, value_hint = typing.get_args(hint)
+        require(isinstance(value, Mapping), key, f"expected a mapping, got {value!r}")
+        return {_check_type(k, key_hint, key): _check_type(v, value_hint, f"{key}.{k}")
+                for k, v in value.items()}
     if origin is typing.Literal:
         choices = typing.get_args(hint)
         require(value in choices, key, f"{value!r} is not one of {list(choices)}")
@@ -189,6 +196,12 @@ class FfcvConfig:
         require(1 <= self.jpeg_quality <= 100, f"{section}.jpeg_quality", "must be in 1..100")
 
 
+#: Transfer sets convert_transfer writes from its own sources (VOC07 when data.voc07_root
+#: is set): a data.transfer_folders name must differ, or its files would overwrite theirs.
+TRANSFER_BUILTINS = ("digits", "elpv", "voc07")
+_TRANSFER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """`data:` — what the convert stages read and how they write it."""
@@ -205,6 +218,9 @@ class DataConfig:
     elpv_resolution: int = 64
     voc07_root: str = ""                # VOCdevkit/VOC2007; "" skips PASCAL VOC2007
     voc07_resolution: int = 256         # longest side VOC2007 images are stored at
+    # name -> root of an ImageFolder tree (train/<class>/*, val/<class>/*), converted
+    # like data.imagefolder_root to <name>_{train,test}.beton; {} converts none.
+    transfer_folders: dict[str, str] = field(default_factory=dict)
 
     def check(self, section: str) -> None:
         if self.source == "imagefolder":
@@ -215,6 +231,16 @@ class DataConfig:
                 "must be in (0, 1)")
         require(self.elpv_resolution >= 8, f"{section}.elpv_resolution", "must be >= 8")
         require(self.voc07_resolution >= 8, f"{section}.voc07_resolution", "must be >= 8")
+        for name, root in self.transfer_folders.items():
+            key = f"{section}.transfer_folders.{name}"
+            # The name becomes file names (<name>_train.beton) and metric paths
+            # (transfer/<name>/...): no separators, dots or spaces.
+            require(_TRANSFER_NAME.fullmatch(name) is not None, key,
+                    "a name must be letters, digits, _ and -, starting with a letter or digit")
+            require(name not in TRANSFER_BUILTINS, key,
+                    f"{name!r} is a set convert_transfer writes itself; choose another name")
+            require(bool(root), key, "must be the root of an ImageFolder tree"
+                    " (train/<class>/<images>, val/<class>/<images>)")
 
 
 @dataclass(frozen=True)
@@ -398,6 +424,9 @@ class TransferConfig:
     datasets: tuple[str, ...] = ("digits", "elpv")  # <data>/<name>_{train,test}.beton
     val_fraction: float = 0.2          # stratified share of each train set for epoch choice
     epochs: int = 14
+    # name -> the linear head's epochs on that set, overriding `epochs` (the paper:
+    # Places-205 14, iNat18 84); see check_datasets for the names allowed.
+    epochs_per_dataset: dict[str, int] = field(default_factory=dict)
     batch_size: int = 256
     lr: float = 0.01
     momentum: float = 0.9
@@ -424,6 +453,22 @@ class TransferConfig:
         require(self.svm_folds >= 2, f"{section}.svm_folds", "must be >= 2")
         for name in ("svm_max_iter", "svm_jobs"):
             require(getattr(self, name) >= 1, f"{section}.{name}", "must be >= 1")
+        for name, epochs in self.epochs_per_dataset.items():
+            require(epochs >= 1, f"{section}.epochs_per_dataset.{name}", "must be >= 1")
+
+    def check_datasets(self, folders: typing.Sequence[str], section: str = "transfer") -> None:
+        """Checks against data.transfer_folders' names (``folders``), which the stage runs
+        after ``datasets`` (and VOC07): a folder set listed in ``datasets`` too would run
+        twice, and an ``epochs_per_dataset`` key naming no set with a linear head (a typo,
+        or VOC07, which gets SVMs only) would silently leave ``epochs`` in force."""
+        both = sorted(set(self.datasets) & set(folders))
+        require(not both, f"{section}.datasets", f"{both} are data.transfer_folders sets,"
+                " which the stage runs already; list them there only")
+        linear = [*self.datasets, *folders]
+        for name in self.epochs_per_dataset:
+            require(name in linear, f"{section}.epochs_per_dataset.{name}",
+                    f"no such data set with a linear head in this run (transfer.datasets"
+                    f" and data.transfer_folders: {linear})")
 
 
 @dataclass(frozen=True)
