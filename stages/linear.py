@@ -24,14 +24,14 @@ from barlow.data.subsets import read_subset
 from barlow.evaluate import extract_features
 from barlow.probe import (Recipe, embedding, epoch_logger, log_summary, probe_augmented,
                           probe_features, split_rows)
-from barlow.stage import live_option, params_option, run_stage, weights_option
+from barlow.stage import (data_option, live_option, params_option, run_stage,
+                          weights_option)
 from barlow.train import AUTOCAST, normalisation
 
 
 @click.command()
 @params_option
-@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
-              help="folder with train.beton and test.beton (the convert stage's output)")
+@data_option
 @weights_option
 @live_option
 def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:

@@ -15,14 +15,13 @@ import click
 from barlow import distributed as dist
 from barlow.config import (AugmentConfig, LossConfig, ModelConfig, PretrainConfig,
                            load_section)
-from barlow.stage import live_option, params_option, run_stage
+from barlow.stage import data_option, live_option, params_option, run_stage
 from barlow.train import NonFiniteLossError, PretrainSetup, export, pretrain
 
 
 @click.command()
 @params_option
-@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
-              help="folder with train.beton and test.beton (the convert stage's output)")
+@data_option
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
 @live_option
 def main(params: str, data_dir: Path, out_dir: Path, live_dir: Path) -> None:

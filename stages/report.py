@@ -73,9 +73,11 @@ def build(params: str, live_root: Path, checkpoint: Path, data_dir: Path, paper:
             for path in sorted(profiles_dir.glob("*.json")):
                 try:
                     snapshot = json.loads(path.read_text())
-                    assert {"name", "rev", "params", "metrics"} <= snapshot.keys()
-                except (json.JSONDecodeError, AssertionError, AttributeError):
-                    raise DataError(f"{path}: not a `report profile` snapshot") from None
+                except json.JSONDecodeError:
+                    snapshot = None
+                if not (isinstance(snapshot, dict)
+                        and {"name", "rev", "params", "metrics"} <= snapshot.keys()):
+                    raise DataError(f"{path}: not a `report profile` snapshot")
                 inputs.profiles.append(snapshot)
         train_manifest = data_dir / "train.json"
         if train_manifest.is_file():

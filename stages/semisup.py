@@ -33,7 +33,8 @@ from barlow.data.sources import DataError
 from barlow.data.subsets import read_subset
 from barlow.evaluate import extract_features, finetune, linear_head, topk_accuracy
 from barlow.models import build_backbone
-from barlow.stage import live_option, params_option, run_stage, weights_option
+from barlow.stage import (data_option, live_option, params_option, run_stage,
+                          weights_option)
 from barlow.train import AUTOCAST, normalisation
 
 RUNS = ("barlow", "scratch")
@@ -159,8 +160,7 @@ def run_once(backbone: nn.Module, feat_dim: int, num_classes: int, train, val, t
 
 @click.command()
 @params_option
-@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
-              help="folder with train.beton and test.beton (the convert stage's output)")
+@data_option
 @weights_option
 @live_option
 def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:

@@ -17,6 +17,9 @@ from barlow.data.sources import DataError
 
 params_option = click.option("--params", default="params.yaml", show_default=True,
                              help="the params file the stage reads its sections from")
+data_option = click.option(
+    "--data", "data_dir", required=True, type=click.Path(path_type=Path),
+    help="folder with train.beton and test.beton (the convert stage's output)")
 weights_option = click.option(
     "--weights", required=True, type=click.Path(path_type=Path),
     help="backbone state dict in torchvision layout: the pretrain stage's backbone.pt, or "

@@ -107,10 +107,12 @@ def normalisation(manifest: dict[str, Any]) -> tuple[list[float], list[float]]:
 
 
 def knn_monitor(backbone: torch.nn.Module, bank_loader, query_loader, num_classes: int,
-                cfg: PretrainConfig, env: dist.DistEnv) -> float:
-    """Weighted kNN top-1 (%) of the query split against the bank's features."""
+                cfg: PretrainConfig, env: dist.DistEnv,
+                autocast_dtype: torch.dtype | None) -> float:
+    """Weighted kNN top-1 (%) of the query split against the bank's features, with the
+    training run's autocast dtype (its resolved precision)."""
     kwargs = dict(device=env.device, channels_last=cfg.channels_last,
-                  autocast_dtype=AUTOCAST[resolve_precision(cfg.precision, env.device)])
+                  autocast_dtype=autocast_dtype)
     bank, bank_y = extract_features(backbone, bank_loader, **kwargs)
     query, query_y = extract_features(backbone, query_loader, **kwargs)
     return knn_top1(bank, bank_y, query, query_y, num_classes=num_classes, k=cfg.knn_k,
@@ -243,7 +245,8 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
                     metrics["epoch_time_s"] = time.perf_counter() - epoch_start
                     if knn_loaders and (epoch + 1) % cfg.knn_every_epochs == 0:
                         metrics["knn_top1"] = knn_monitor(
-                            model.backbone, *knn_loaders, test_manifest["num_classes"], cfg, env)
+                            model.backbone, *knn_loaders, test_manifest["num_classes"], cfg, env,
+                            autocast_dtype)
                 history.append({"step": step, "metrics": metrics})
                 log(step, metrics)
                 window, window_steps = {}, 0
