@@ -220,3 +220,38 @@ def test_bf16_autocast_run_trains_and_matches_fp32_closely(data_dir, tmp_path, m
     bf16 = np.array([m["loss"] for _, m in runs["auto"]["logged"]])
     assert np.all(np.isfinite(bf16)) and not np.array_equal(fp32, bf16)  # bf16 really ran
     np.testing.assert_allclose(bf16, fp32, rtol=0.05)
+
+
+@pytest.mark.parametrize("capability, precision", [((7, 0), "fp16"), ((7, 5), "fp16"),
+                                                   ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_auto_precision_on_a_gpu_follows_its_tensor_cores(capability, precision):
+    """V100 (7.0) and T4 (7.5) emulate bf16, which torch.cuda.is_bf16_supported()
+    counts as support: "auto" must pick fp16 there, bf16 from Ampere (8.0) on."""
+    from barlow.train import cuda_precision
+
+    assert cuda_precision(capability) == precision
+
+
+def test_rng_state_restores_without_the_gpus_it_was_saved_with():
+    """A checkpoint written on a GPU machine (one 'cuda' generator state: the saving
+    rank's device) restores on a machine with fewer or no GPUs, and the CPU-side
+    generators come back exactly."""
+    from barlow.checkpoint import rng_state, set_rng_state
+
+    state = rng_state()
+    expected = (torch.rand(3), np.random.rand(3))
+    state["cuda"] = torch.zeros(16, dtype=torch.uint8)  # as saved on a GPU machine
+    if not torch.cuda.is_available():
+        set_rng_state(state)
+        assert torch.equal(torch.rand(3), expected[0])
+        assert np.array_equal(np.random.rand(3), expected[1])
+
+
+def test_world_size_is_part_of_the_resume_fingerprint():
+    """ffcv deals an epoch's order out by rank: a resume on another process count sees
+    other batches, so it must not pass as the same run."""
+    from barlow.config import fingerprint
+
+    setup = setup_from(PARAMS)
+    one, two = (setup.resume_config({"inputs_sha256": "x"}, w) for w in (1, 2))
+    assert fingerprint(one) != fingerprint(two)

@@ -37,19 +37,25 @@ def save_atomic(obj: Any, path: str | Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
+    """The RNG states of Python, numpy, torch's CPU generator and, on a GPU, the current
+    device's generator: the one this process draws from. Not every visible GPU's
+    (``get_rng_state_all``): restoring those by index fails on a machine with fewer
+    GPUs, and they belong to other ranks anyway."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore ``rng_state()``'s states; a GPU state goes to the current device, and is
+    left out where this process has no GPU (a GPU run resumed on the CPU)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def load_resumable(path: str | Path, config: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -332,13 +332,22 @@ def _to_global_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-def wrap_ddp(model: nn.Module, env: DistEnv) -> nn.Module:
+def wrap_ddp(model: nn.Module, env: DistEnv, bf16_gradients: bool = False) -> nn.Module:
     """``model`` in DistributedDataParallel when world_size > 1, else ``model`` itself.
 
     The model must already be on ``env.device``; DDP broadcasts rank 0's parameters
     and buffers at construction, so all ranks start from the same weights.
+    ``bf16_gradients`` (on GPUs): gradients are all-reduced in bf16, half the bytes of
+    fp32 (torch's bf16_compress_hook, the usual choice for bf16 training); the
+    optimiser still steps in fp32. ResNet-50 + the 8192³ projector send ≈ 600 MB of
+    fp32 gradients per step, ≈ 18× the sharded loss's traffic.
     """
     if env.world_size == 1:
         return model
     device_ids = [env.device.index] if env.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    ddp = DistributedDataParallel(model, device_ids=device_ids)
+    if bf16_gradients and env.device.type == "cuda":
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    return ddp

@@ -53,15 +53,23 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cuda_precision(capability: tuple[int, int]) -> str:
+    """"auto" on a GPU of compute capability ``capability``: bf16 where its tensor cores
+    have it (Ampere, 8.0, and later), else fp16 with the grad scaler. Not
+    ``torch.cuda.is_bf16_supported()``, which also answers True for the emulated bf16
+    of a V100 or T4 (slower than fp16 there)."""
+    return "bf16" if capability >= (8, 0) else "fp16"
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """The precision a run uses: "fp32", "bf16" and "fp16" as given; "auto" is bf16 on a
-    CUDA device that has it (else fp16, with the grad scaler) and on a CPU with native
-    bf16 (measured 2x the fp32 step here, benchmarks/README.md), fp32 on other CPUs.
+    """The precision a run uses: "fp32", "bf16" and "fp16" as given; "auto" is
+    ``cuda_precision`` on a GPU, bf16 on a CPU with native bf16 (measured 1.38x the fp32
+    step here, benchmarks/README.md), fp32 on other CPUs.
     The loss is fp32 in every case (barlow.loss)."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return cuda_precision(torch.cuda.get_device_capability(device))
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
@@ -78,15 +86,18 @@ class PretrainSetup:
     augment: AugmentConfig
     pretrain: PretrainConfig
 
-    def resume_config(self, data: dict[str, Any]) -> dict[str, Any]:
+    def resume_config(self, data: dict[str, Any], world_size: int) -> dict[str, Any]:
         """What a checkpoint must match to be resumed: everything that changes the
-        weights (operational knobs such as workers or checkpoint interval excluded)."""
+        weights (operational knobs such as workers or checkpoint interval excluded).
+        The world size is part of it: ffcv deals each epoch's order out by rank, so a
+        resume on another process count (nodes × nproc_per_node) would see other
+        batches than the interrupted run."""
         pretrain = as_dict(self.pretrain)
         for key in ("workers", "checkpoint_every_steps", "collective_timeout_s"):
             pretrain.pop(key)
         return {"model": as_dict(self.model), "loss": as_dict(self.loss),
                 "augment": as_dict(self.augment), "pretrain": pretrain,
-                "data": data}
+                "data": data, "world_size": world_size}
 
 
 def build_model(model: ModelConfig) -> BarlowTwins:
@@ -106,17 +117,25 @@ def normalisation(manifest: dict[str, Any]) -> tuple[list[float], list[float]]:
     return [m / 255 for m in res["mean"]], [max(s, 1e-3) / 255 for s in res["std"]]
 
 
-def knn_monitor(backbone: torch.nn.Module, bank_loader, query_loader, num_classes: int,
+def knn_monitor(backbone: torch.nn.Module, loaders: tuple | None, num_classes: int,
                 cfg: PretrainConfig, env: dist.DistEnv,
                 autocast_dtype: torch.dtype | None) -> float:
     """Weighted kNN top-1 (%) of the query split against the bank's features, with the
-    training run's autocast dtype (its resolved precision)."""
-    kwargs = dict(device=env.device, channels_last=cfg.channels_last,
-                  autocast_dtype=autocast_dtype)
-    bank, bank_y = extract_features(backbone, bank_loader, **kwargs)
-    query, query_y = extract_features(backbone, query_loader, **kwargs)
-    return knn_top1(bank, bank_y, query, query_y, num_classes=num_classes, k=cfg.knn_k,
-                    temperature=cfg.knn_temperature)
+    training run's autocast dtype (its resolved precision).
+
+    Rank 0 alone computes it, the similarity search on its own device (a GPU does a
+    50k bank in well under a second; the CPU took minutes, single-threaded, on every
+    rank), and the others receive the figure, so every rank logs the same value."""
+    top1 = None
+    if env.is_main:
+        bank_loader, query_loader = loaders
+        kwargs = dict(device=env.device, channels_last=cfg.channels_last,
+                      autocast_dtype=autocast_dtype)
+        bank, bank_y = extract_features(backbone, bank_loader, **kwargs)
+        query, query_y = extract_features(backbone, query_loader, **kwargs)
+        top1 = knn_top1(bank.to(env.device), bank_y, query, query_y, num_classes=num_classes,
+                        k=cfg.knn_k, temperature=cfg.knn_temperature)
+    return dist.broadcast_object(top1)
 
 
 def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir: Path,
@@ -136,10 +155,15 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
     # The data's identity: its inputs and how they were written (the .beton's own bytes
     # depend on ffcv's writer scheduling when several processes write it).
     resume_config = setup.resume_config({"inputs_sha256": manifest["inputs_sha256"],
-                                         "ffcv": manifest["ffcv"]})
+                                         "ffcv": manifest["ffcv"]}, env.world_size)
     ckpt_path = out_dir / "checkpoint.pt"
 
     seed_everything(cfg.seed)
+    if env.device.type == "cuda":
+        # cuDNN picks the fastest convolution per shape (input shapes are fixed here);
+        # its choice is not deterministic, which GPU runs are not anyway (README).
+        # TF32 stays off for matmuls: the loss is computed in fp32 on purpose.
+        torch.backends.cudnn.benchmark = True
     model = build_model(setup.model).to(env.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -186,11 +210,12 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
                          "config": resume_config,
                          "fingerprint": fingerprint(resume_config)}, path)
 
-    ddp_model = dist.wrap_ddp(model, env)
+    ddp_model = dist.wrap_ddp(model, env, bf16_gradients=precision == "bf16")
     train_model = torch.compile(ddp_model) if cfg.compile else ddp_model
     knn_loaders = None
-    if cfg.knn_every_epochs:
-        # Built once: every FFCV loader compiles its pipeline (seconds) on creation.
+    if cfg.knn_every_epochs and env.is_main:
+        # Built once, on rank 0 alone (knn_monitor): every FFCV loader compiles its
+        # pipeline (seconds) on creation.
         res = setup.augment.resolution
         stored = manifest["resolution"]["height"][1]
         ratio = 1.0 if stored <= res else 224 / 256
@@ -243,9 +268,9 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
                                pairs_per_s=window_steps * cfg.batch_size / elapsed)
                 if epoch_done:
                     metrics["epoch_time_s"] = time.perf_counter() - epoch_start
-                    if knn_loaders and (epoch + 1) % cfg.knn_every_epochs == 0:
+                    if cfg.knn_every_epochs and (epoch + 1) % cfg.knn_every_epochs == 0:
                         metrics["knn_top1"] = knn_monitor(
-                            model.backbone, *knn_loaders, test_manifest["num_classes"], cfg, env,
+                            model.backbone, knn_loaders, test_manifest["num_classes"], cfg, env,
                             autocast_dtype)
                 history.append({"step": step, "metrics": metrics})
                 log(step, metrics)
@@ -263,5 +288,7 @@ def export(model: BarlowTwins, out_dir: Path, env: dist.DistEnv) -> None:
     """Rank 0 writes the backbone in torchvision layout (loads into
     torchvision.models.resnet50() with only fc.* missing)."""
     if env.is_main:
-        save_atomic(backbone_state_dict(model), out_dir / "backbone.pt")
+        # On the CPU whatever device trained it: a CPU-only user's plain torch.load works.
+        save_atomic({k: v.detach().cpu() for k, v in backbone_state_dict(model).items()},
+                    out_dir / "backbone.pt")
 

@@ -173,8 +173,11 @@ def _image_tail(mean: Sequence[float], std: Sequence[float], device: torch.devic
     if device.type == "cpu":
         return [NormalizeImage(np.asarray(mean) * 255, np.asarray(std) * 255, np.float32),
                 ToTensor(), ToTorchImage(channels_last=channels_last)]
+    # ToTorchImage(channels_last=True) is a permuted view; with False it would copy
+    # into a buffer that ffcv allocates in host memory, a round trip per batch. The
+    # layout asked for is made on the device by NormalizeOnDevice's copy.
     return [ToTensor(), ToDevice(device, non_blocking=True),
-            ToTorchImage(channels_last=channels_last, convert_back_int16=False),
+            ToTorchImage(channels_last=True, convert_back_int16=False),
             NormalizeOnDevice(mean, std, gpu_dtype, channels_last)]
 
 
