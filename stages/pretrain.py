@@ -48,7 +48,9 @@ def main(params: str, data_dir: Path, out_dir: Path, live_dir: Path) -> None:
         if not dist.under_torchrun() and nproc > 1:
             # Checked here too, so a bad value stops before any process is started.
             setup.pretrain.check_world(nproc)
-            sys.exit(dist.launch("stages.pretrain", sys.argv[1:], nproc, REPORTED_EXITS))
+            args = ["--params", params, "--data", str(data_dir), "--out", str(out_dir),
+                    "--live", str(live_dir)]
+            sys.exit(dist.launch("stages.pretrain", args, nproc, REPORTED_EXITS))
         env = dist.init(timeout_s=setup.pretrain.collective_timeout_s)
         try:
             live = None

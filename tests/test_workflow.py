@@ -55,6 +55,24 @@ def test_progress_estimates_time_left_and_stays_quiet_off_rank_0(monkeypatch):
     assert quiet.getvalue() == ""
 
 
+def image_tree(root: Path) -> Path:
+    """An ImageFolder tree: train/ and val/, 2 classes × 3 small PNGs each."""
+    for split in ("train", "val"):
+        for c, colour in enumerate(("red", "blue")):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (12, 10 + i), colour).save(root / split / f"c{c}" / f"{i}.png")
+    return root
+
+
+def test_imagefolder_scan_reports_progress(tmp_path, capsys):
+    from barlow.data.sources import image_folder
+
+    root = image_tree(tmp_path / "images")
+    image_folder(root / "train", "train", None, False, 1)
+    assert f"scan {root / 'train'}: image 6/6 (100%) | " in capsys.readouterr().out
+
+
 def test_svm_search_counts_unconverged_fits_instead_of_warning():
     from barlow.evaluate import voc07_svm_map
 
@@ -140,12 +158,7 @@ def test_push_fresh_clone_pull_and_nothing_to_reproduce(tmp_path):
     home, repo, clone = tmp_path / "home", tmp_path / "repo", tmp_path / "clone"
     env = {**ENV, "HOME": str(home), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    images = tmp_path / "images"
-    for split in ("train", "val"):
-        for c, colour in enumerate(("red", "blue")):
-            (images / split / f"c{c}").mkdir(parents=True)
-            for i in range(3):
-                Image.new("RGB", (12, 10 + i), colour).save(images / split / f"c{c}" / f"{i}.png")
+    images = image_tree(tmp_path / "images")
 
     repo.mkdir()
     for part in ("src", "stages"):

@@ -39,8 +39,8 @@ from typing import Callable, Iterable, Iterator, Literal, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import average_precision_score
 from joblib import Parallel, delayed
+from sklearn.metrics import average_precision_score
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import StratifiedKFold
 from sklearn.svm import LinearSVC
