@@ -188,3 +188,32 @@ def test_push_fresh_clone_pull_and_nothing_to_reproduce(tmp_path):
                (repo / "data/ffcv" / f"{name}.beton").read_bytes()
     assert json.loads(dvc("status", "--json", cwd=clone, env=env)) == {}
     assert "didn't change, skipping" in dvc("repro", cwd=clone, env=env)
+
+
+# ------------------------------------------------------------------------------- sweeps
+def test_make_ablations_queues_studies_in_dvcs_grammar(tmp_path):
+    """The Makefile's `dvc exp run --queue` lines, run by bash with the real DVC in a
+    copy of the project's pipeline: the baseline and the λ study, one experiment per
+    value and seed, each with exactly its change (the other studies' lines are alike)."""
+    env = {**ENV, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    for name in ("dvc.yaml", "params.yaml", "Makefile"):
+        shutil.copy(REPO / name, tmp_path / name)
+    git("init", "-q", cwd=tmp_path)
+    dvc("init", "-q", cwd=tmp_path, env=env)
+    git("add", "-A", cwd=tmp_path)
+    git("commit", "-qm", "pipeline", cwd=tmp_path)
+    printed = subprocess.run(["make", "-n", "ablations", "SEEDS=0,1"], cwd=tmp_path,
+                             capture_output=True, text=True, check=True).stdout.splitlines()
+    queue = [line for line in printed if line.startswith("dvc exp run --queue")]
+    assert len(queue) == 5 and printed[-1] == "dvc queue start -j 1"
+    subprocess.run(["bash", "-euc", "\n".join(queue[:2])], cwd=tmp_path, env=env, check=True,
+                   capture_output=True)
+    shown = json.loads(dvc("exp", "show", "--json", cwd=tmp_path, env=env))
+    runs = sorted((p["loss"]["lambd"], p["pretrain"]["seed"], p["linear"]["baselines"])
+                  for rev in shown for exp in rev.get("experiments") or []
+                  for run in exp["revs"]
+                  for p in [run["data"]["params"]["params.yaml"]["data"]])
+    assert runs == [(lambd, seed, []) for lambd in (0.002, 0.005, 0.0051, 0.01, 0.02)
+                    for seed in (0, 1)]
