@@ -17,3 +17,23 @@ repro: setup
 
 test: setup
 	python -m pytest
+
+# The paper's ablation studies as DVC experiments (docs/experiments.md): the committed
+# params (every study's baseline) and each study's other values, each with the seeds
+# SEEDS, reproducing pretrain + linear (its random-init and raw-pixel probes do not
+# depend on the ablated settings); then the queue runs one experiment at a time.
+# ABLATION_SET adds settings to every run, e.g. a budget:
+#   make ablations ABLATION_SET="-S pretrain.epochs=1 -S pretrain.knn_every_epochs=0"
+# `make -n ablations` prints the commands. Commit first: queued runs see tracked files.
+SEEDS ?= 0,1,2
+ABLATION_SET ?=
+ablate = dvc exp run --queue -S 'pretrain.seed=$(SEEDS)' -S 'linear.baselines=[]' $(ABLATION_SET)
+
+.PHONY: ablations
+ablations: setup
+	$(ablate) linear
+	$(ablate) -S 'loss.lambd=0.002,0.0051,0.01,0.02' linear
+	$(ablate) -S 'pretrain.batch_size=32,64,128,512' linear
+	$(ablate) -S 'model.projector=128-128-128,2048-2048-2048' linear
+	$(ablate) -S 'loss.variant=invariance,redundancy' linear
+	dvc queue start -j 1

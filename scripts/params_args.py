@@ -4,6 +4,9 @@ one switch applies a whole profile to a DVC experiment:
     dvc exp run -n long $(python scripts/params_args.py configs/long.yaml)
 
 Every key must exist in params.yaml: a typo in a profile fails here, not mid-run.
+DVC's `-S` sets one key at a time and has no switch that applies a file of overrides
+(its Hydra composition would move params.yaml itself into conf/), hence this script;
+sweeps, queues and comparisons are DVC's own (docs/experiments.md).
 """
 
 from __future__ import annotations

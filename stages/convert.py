@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
-import click
+# ffcv's writer draws a tqdm bar, which in a log file (not a terminal) is a run of
+# carriage returns; there the lines below replace it. tqdm reads TQDM_* at import.
+if not sys.stderr.isatty():
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
-from barlow.config import DataConfig, load_section
-from barlow.data import sources
-from barlow.data.convert import FfcvSettings, write_beton
-from barlow.stage import params_option, run_stage
+import click  # noqa: E402 (after the tqdm setting)
+
+from barlow.config import DataConfig, load_section  # noqa: E402
+from barlow.data import sources  # noqa: E402
+from barlow.data.convert import FfcvSettings, write_beton  # noqa: E402
+from barlow.stage import params_option, run_stage  # noqa: E402
 
 # Small grey data is stored raw at native size: lossless and decoded fastest.
 RAW = FfcvSettings(write_mode="raw")
@@ -47,14 +54,23 @@ def folder_splits(name: str, root: str,
 
 @click.group()
 def cli() -> None:
-    """Convert image sources into FFCV datasets (paths from argv, settings from params.yaml)."""
+    """Convert image sources into FFCV datasets (paths from argv, settings from params.yaml):
+    `main` for the convert stage, `transfer` for convert_transfer."""
 
 
 @cli.command()
 @params_option
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="folder for train.beton, test.beton and their .json manifests")
 def main(params: str, out_dir: Path) -> None:
-    """The pretraining/evaluation data set: OUT/train.beton and OUT/test.beton."""
+    """The pretraining/evaluation data set: OUT/train.beton and OUT/test.beton.
+
+    Reads the params section data (source, fashion_mnist_dir or imagefolder_root, ffcv,
+    skip_bad, workers, seed) and the images it names; an ImageFolder tree is decoded
+    once in full (progress lines) before anything is written. Writes OUT/{train,test}
+    .beton, OUT/{train,test}.json (counts, classes, mean/std, settings, input checksum)
+    and, for ImageFolder trees, OUT/{train,test}.files.txt. Exit 2: bad params or an
+    unreadable image (unless data.skip_bad)."""
     with run_stage("convert"):
         cfg = load_section(DataConfig, "data", params)
         if cfg.source == "fashion_mnist":
@@ -65,6 +81,7 @@ def main(params: str, out_dir: Path) -> None:
             train, test = image_folder_splits(cfg.imagefolder_root, cfg)
             settings = FfcvSettings(**vars(cfg.ffcv))
         for source in (train, test):
+            click.echo(f"convert: writing {source.split} ({len(source)} images)")
             manifest = write_beton(source, out_dir / f"{source.split}.beton", settings,
                                    writers(source, cfg), cfg.seed)
             click.echo(f"convert: {source.split}: {manifest['num_images']} images,"
@@ -73,11 +90,16 @@ def main(params: str, out_dir: Path) -> None:
 
 @cli.command()
 @params_option
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="folder for NAME_{train,test}.beton and their .json manifests")
 def transfer(params: str, out_dir: Path) -> None:
     """The transfer sets: scikit-learn digits and ELPV solar cells (offline), PASCAL
     VOC2007 from the devkit at data.voc07_root when it is set, and each ImageFolder tree
-    of data.transfer_folders (Places-205, iNat18, ...) as NAME_{train,test}.beton."""
+    of data.transfer_folders (Places-205, iNat18, ...) as NAME_{train,test}.beton.
+
+    Reads the params data.seed, transfer_test_fraction, elpv_resolution, voc07_root,
+    voc07_resolution, transfer_folders, ffcv and skip_bad. Writes
+    OUT/NAME_{train,test}.beton and .json per set. Exit 2: bad params or input."""
     with run_stage("convert_transfer"):
         cfg = load_section(DataConfig, "data", params)
         elpv = FfcvSettings(write_mode="raw", max_resolution=cfg.elpv_resolution)
@@ -103,6 +125,7 @@ def transfer(params: str, out_dir: Path) -> None:
             sets += [(name, pair[split], imagefolder, writers(pair[split], cfg))
                      for name, pair in folders.items()]
             for name, source, settings, processes in sets:
+                click.echo(f"convert_transfer: writing {name} {split} ({len(source)} images)")
                 manifest = write_beton(source, out_dir / f"{name}_{split}.beton", settings,
                                        processes, cfg.seed)
                 click.echo(f"convert_transfer: {name} {split}: {manifest['num_images']}"

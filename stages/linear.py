@@ -35,6 +35,13 @@ from barlow.train import AUTOCAST, normalisation
 @weights_option
 @live_option
 def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
+    """Linear evaluation (paper Table 1) of the frozen WEIGHTS backbone on DATA.
+
+    Reads DATA/{train,test}.beton and their manifests, <data.subsets_dir>/val.txt (the
+    rows that choose the epoch), WEIGHTS, and the params linear, model (arch, width,
+    layers), augment.resolution and data.subsets_dir. Writes LIVE/metrics.json
+    (linear/<barlow|random_init|raw_pixels>/top1_best, top5_best, ...) and LIVE/plots/
+    (per-epoch curves, the confusion matrix). Exit 2: bad params, data or weights."""
     with run_stage("linear"):
         cfg = load_section(LinearConfig, "linear", params)
         model = load_section(ModelConfig, "model", params)
@@ -76,19 +83,20 @@ def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
         for name, embed in embeds.items():
             prefix = f"linear/{name}"
 
-            def features(batches):
+            def features(batches, split: str):
                 return extract_features(embed, batches, device, channels_last=True,
-                                        autocast_dtype=autocast)
+                                        autocast_dtype=autocast,
+                                        label=f"{prefix} {split} features")
 
-            test = features(test_loader)
+            test = features(test_loader, "test")
             if cfg.mode == "features":
-                fit, held_out = split_rows(*features(train_loader), val)
+                fit, held_out = split_rows(*features(train_loader, "train"), val)
                 result = probe_features(fit, held_out, test, manifest["num_classes"], recipe,
-                                        device, epoch_logger(live, prefix))
+                                        device, epoch_logger(live, prefix, cfg.epochs))
             else:
                 result = probe_augmented(embed, train_loader, val_loader, test,
                                          manifest["num_classes"], recipe, device, autocast,
-                                         epoch_logger(live, prefix))
+                                         epoch_logger(live, prefix, cfg.epochs))
             log_summary(live, prefix, result)
             if name == "barlow":
                 classes = np.asarray(manifest["class_names"])

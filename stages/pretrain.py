@@ -1,8 +1,13 @@
-"""DVC stage `pretrain`: Barlow Twins pretraining, launched through torchrun.
+"""DVC stage `pretrain`: Barlow Twins pretraining in pretrain.nproc_per_node processes.
 
-    torchrun --nproc_per_node=N -m stages.pretrain --data data/ffcv --out models/pretrain
+    python -m stages.pretrain --data data/ffcv --out models/pretrain --live dvclive/pretrain
 
-Only rank 0 writes (checkpoints, the exported backbone, dvclive metrics and plots).
+Started by hand or by DVC, the command checks the params, then trains in this process
+(nproc_per_node 1) or starts the processes itself through torchrun's launcher; a
+worker's reported error (exit 2 or 3) is passed on as the same status and one line,
+without torchrun's failure report. Started by torchrun directly (several nodes, see
+docs/scale.md), it is one worker. Only rank 0 writes (checkpoints, the exported
+backbone, dvclive metrics and plots) and prints progress.
 """
 
 from __future__ import annotations
@@ -15,21 +20,37 @@ import click
 from barlow import distributed as dist
 from barlow.config import (AugmentConfig, LossConfig, ModelConfig, PretrainConfig,
                            load_section)
-from barlow.stage import data_option, live_option, params_option, run_stage
+from barlow.stage import (FAULT, REPORTED_EXITS, data_option, fail, live_option,
+                          params_option, run_stage)
 from barlow.train import NonFiniteLossError, PretrainSetup, export, pretrain
 
 
 @click.command()
 @params_option
 @data_option
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="folder for checkpoint.pt (resumable) and backbone.pt (torchvision layout)")
 @live_option
 def main(params: str, data_dir: Path, out_dir: Path, live_dir: Path) -> None:
+    """Barlow Twins pretraining on DATA/train.beton (kNN monitor on DATA/test.beton).
+
+    Reads the params sections model, loss, augment and pretrain. Writes OUT/checkpoint.pt
+    (every epoch and pretrain.checkpoint_every_steps; a rerun resumes it), then
+    OUT/backbone.pt, and LIVE/metrics.json with LIVE/plots/ (loss terms, lrs, pairs/s,
+    kNN top-1). Prints a progress line per epoch (and at most every 10 s). Exit 2: bad
+    params or data; 3: non-finite loss."""
     with run_stage("pretrain"):
         setup = PretrainSetup(model=load_section(ModelConfig, "model", params),
                               loss=load_section(LossConfig, "loss", params),
                               augment=load_section(AugmentConfig, "augment", params),
                               pretrain=load_section(PretrainConfig, "pretrain", params))
+        nproc = setup.pretrain.nproc_per_node
+        if not dist.under_torchrun() and nproc > 1:
+            # Checked here too, so a bad value stops before any process is started.
+            setup.pretrain.check_world(nproc)
+            args = ["--params", params, "--data", str(data_dir), "--out", str(out_dir),
+                    "--live", str(live_dir)]
+            sys.exit(dist.launch("stages.pretrain", args, nproc, REPORTED_EXITS))
         env = dist.init(timeout_s=setup.pretrain.collective_timeout_s)
         try:
             live = None
@@ -54,8 +75,7 @@ def main(params: str, data_dir: Path, out_dir: Path, live_dir: Path) -> None:
                 result = pretrain(setup, data_dir / "train.beton", data_dir / "test.beton",
                                   out_dir, env, log)
             except NonFiniteLossError as err:  # a fault mid-run; bad input exits 2 (run_stage)
-                print(f"pretrain: error: {err}", file=sys.stderr)
-                sys.exit(3)
+                fail("pretrain", err, FAULT)
             export(result["model"], out_dir, env)
             if live is not None:
                 live.end()

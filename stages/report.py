@@ -52,11 +52,17 @@ def main() -> None:
               help="snapshot written by `report ablations`; absent: ablations not run")
 @click.option("--profiles", "profiles_dir", type=click.Path(path_type=Path),
               help="folder of `report profile` snapshots (*.json) to set beside this run")
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="folder for report.md, report.html and figures/")
 @click.option("--skip-cc", is_flag=True, help="leave out the cross-correlation (no FFCV load)")
 def build(params: str, live_root: Path, checkpoint: Path, data_dir: Path, paper: Path,
           ablations_path: Path, profiles_dir: Path | None, out_dir: Path, skip_cc: bool) -> None:
-    """Write OUT/report.md, OUT/figures/*.png and OUT/report.html."""
+    """The reproduction report: paper vs this run, the claims tested, curves.
+
+    Writes OUT/report.md, OUT/figures/*.png and OUT/report.html (self-contained). Reads LIVE_ROOT/<stage>/metrics.json (a missing one is "not run"), CHECKPOINT and
+    DATA/test.beton (cross-correlation of held-out pairs), PAPER, ABLATIONS, PROFILES/*.json
+    and the params report, data.source, model, augment.resolution, pretrain.epochs and
+    pretrain.batch_size. Exit 2: bad params or inputs."""
     with run_stage("report"):
         cfg = load_section(ReportConfig, "report", params)
         all_params = read_params(params)

@@ -33,6 +33,7 @@ from barlow.data.sources import DataError
 from barlow.data.subsets import read_subset
 from barlow.evaluate import extract_features, finetune, linear_head, topk_accuracy
 from barlow.models import build_backbone
+from barlow.progress import Progress
 from barlow.stage import (data_option, live_option, params_option, run_stage,
                           weights_option)
 from barlow.train import AUTOCAST, normalisation
@@ -164,6 +165,13 @@ def run_once(backbone: nn.Module, feat_dim: int, num_classes: int, train, val, t
 @weights_option
 @live_option
 def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
+    """Semi-supervised fine-tuning (paper Table 2) of WEIGHTS, and from scratch.
+
+    Reads DATA/{train,test}.beton and their manifests, <data.subsets_dir>/S.txt for each
+    subset S of semisup.subsets and semisup.val_subset, WEIGHTS, and the params semisup,
+    model (arch, width, layers) and data.subsets_dir. Writes LIVE/metrics.json
+    (semisup/S/<barlow|scratch>/top1_best, ...) and LIVE/plots/ (per-epoch curves).
+    Exit 2: bad params, data, subsets or weights."""
     with run_stage("semisup"):
         cfg = load_section(SemisupConfig, "semisup", params)
         model = load_section(ModelConfig, "model", params)
@@ -199,12 +207,16 @@ def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
                                 indices=subsets[name], **common)
             for run in RUNS:
                 prefix = f"semisup/{name}/{run}"
+                progress = Progress(prefix, epochs, "epoch")
 
-                def log(epoch: int, row: dict, prefix: str = prefix) -> None:
+                def log(epoch: int, row: dict, prefix: str = prefix,
+                        progress: Progress = progress) -> None:
                     live.step = epoch
                     for key, value in row.items():
                         if key != "epoch":
                             live.log_metric(f"{prefix}/{key}", value)
+                    progress.update(epoch + 1, train_loss=row["train_loss"],
+                                    val_top1=row["val_top1"])
 
                 if run == "barlow":
                     backbone, dim = build_backbone(model.arch, model.width, model.layers)

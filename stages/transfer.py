@@ -50,6 +50,15 @@ from barlow.train import AUTOCAST, normalisation
 @weights_option
 @live_option
 def main(params: str, data_dir: Path, pretrain_dir: Path, weights: Path, live_dir: Path) -> None:
+    """Transfer evaluations (paper Table 3 protocols) of the frozen WEIGHTS backbone.
+
+    Reads DATA/NAME_{train,test}.beton for each set (transfer.datasets, voc07 when
+    data.voc07_root is set, data.transfer_folders' names), PRETRAIN_DATA/train.json (the
+    normalisation), WEIGHTS, and the params transfer, model (arch, width, layers),
+    augment.resolution, data.voc07_root and data.transfer_folders. Writes
+    LIVE/metrics.json (transfer/NAME/linear/EMBEDDING/top1_best, ...,
+    transfer/NAME/svm/EMBEDDING/map) and LIVE/plots/ (per-epoch curves). Exit 2: bad
+    params, data or weights."""
     with run_stage("transfer"):
         cfg = load_section(TransferConfig, "transfer", params)
         model = load_section(ModelConfig, "model", params)
@@ -85,27 +94,38 @@ def main(params: str, data_dir: Path, pretrain_dir: Path, weights: Path, live_di
             for name, embed in embeds.items():
                 prefix = f"transfer/{dataset}/linear/{name}"
 
-                def features(loader):
+                def features(loader, split: str):
                     batches = multilabel_batches(loader) if multilabel else loader
                     feats, labels = extract_features(embed, batches, device, channels_last=True,
-                                                     autocast_dtype=autocast)
+                                                     autocast_dtype=autocast,
+                                                     label=f"{prefix} {split} features")
                     return feats, voc_devkit_targets(labels) if multilabel else labels
 
-                train, test = features(train_loader), features(test_loader)
+                train, test = features(train_loader, "train"), features(test_loader, "test")
                 linear = ""
                 if not multilabel:
                     held_out = split_indices(train[1].numpy(), cfg.val_fraction, cfg.seed)[1]
                     fit, val = split_rows(*train, held_out)
                     result = probe_features(fit, val, test, manifests[dataset]["num_classes"],
-                                            recipe, device, epoch_logger(live, prefix))
+                                            recipe, device,
+                                            epoch_logger(live, prefix, recipe.epochs))
                     log_summary(live, prefix, result)
                     linear = (f"linear top-1 {result['top1_best']:.2f} (best-val epoch"
                               f" {result['best_epoch']}), ")
                 svm = voc07_svm_map(*train, *test, costs=cfg.svm_costs, folds=cfg.svm_folds,
                                     seed=cfg.seed, max_iter=cfg.svm_max_iter,
-                                    n_jobs=cfg.svm_jobs)
+                                    n_jobs=cfg.svm_jobs,
+                                    label=f"transfer/{dataset}/svm/{name}")
                 live.log_metric(f"transfer/{dataset}/svm/{name}/map", svm["map"], plot=False)
                 click.echo(f"transfer: {dataset} {name}: {linear}SVM mAP {svm['map']:.2f}")
+                if svm["not_converged"]:
+                    # Expected where features are far from separable (raw pixels at large
+                    # C): one line instead of scikit-learn's warning per fit.
+                    missed = svm["not_converged"]
+                    at = ", ".join(f"C={c:g}: {n}" for c, n in sorted(missed.items()))
+                    click.echo(f"transfer: {dataset} {name}: {sum(missed.values())} SVM fits"
+                               f" stopped at transfer.svm_max_iter={cfg.svm_max_iter}"
+                               f" without converging ({at})")
         live.end()
 
 

@@ -104,7 +104,7 @@ def test_missing_stages_not_run(fabricated: Path) -> None:
     assert "| linear | ok |" in md
     assert "transfer: not run." in md
     assert "Cross-correlation" in md and "does not exist" in md
-    assert "bash scripts/ablations.sh" in md  # ablations not run: the command is printed
+    assert "make ablations" in md  # ablations not run: the command is printed
 
 
 def test_html_is_self_contained(fabricated: Path) -> None:

@@ -144,14 +144,13 @@ def test_batch_must_split_over_processes():
 
 
 def test_stage_under_torchrun_with_two_processes(data_dir, tmp_path):
-    """The dvc.yaml launch path: torchrun, 2 gloo ranks, global BN and the sharded loss;
-    rank 0 alone writes."""
+    """The dvc.yaml launch path: the stage starts its 2 gloo workers through torchrun's
+    launcher; global BN and the sharded loss; rank 0 alone writes."""
     params = {**PARAMS, "pretrain": {**PARAMS["pretrain"], "knn_every_epochs": 0,
                                      "nproc_per_node": 2}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "stages.pretrain", "--params", str(tmp_path / "params.yaml"),
+    cmd = [sys.executable, "-m", "stages.pretrain", "--params", str(tmp_path / "params.yaml"),
            "--data", str(data_dir), "--out", str(tmp_path / "out"),
            "--live", str(tmp_path / "live")]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -247,7 +247,7 @@ class DataConfig:
 class LossConfig:
     """`loss:` — the Barlow Twins objective, on + λ·off (barlow.loss)."""
 
-    lambd: float = 0.0051
+    lambd: float = 0.005
     variant: typing.Literal["full", "invariance", "redundancy"] = "full"
 
     def check(self, section: str) -> None:

@@ -33,15 +33,20 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from joblib import Parallel, delayed
 from sklearn.metrics import average_precision_score
-from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import StratifiedKFold
 from sklearn.svm import LinearSVC
 from torch import Tensor, nn
+
+from barlow.progress import Progress
 
 Batches = Iterable[tuple[Tensor, Tensor]]
 Schedule = Literal["cosine", "step"]
@@ -100,12 +105,15 @@ def extract_features(
     device: str | torch.device,
     channels_last: bool = False,
     autocast_dtype: torch.dtype | None = None,
+    label: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run ``backbone`` in eval mode over ``loader``; return (features (N, D) float32,
     labels (N,)) on the CPU, in loader order. Every submodule's training flag is
-    restored afterwards."""
+    restored afterwards. With a ``label``, progress lines name it (barlow.progress)."""
     device = torch.device(device)
     feats, labels = [], []
+    progress = (Progress(label, len(loader) if hasattr(loader, "__len__") else None, "batch")
+                if label else None)
     # no_grad rather than inference_mode: inference tensors cannot be saved for
     # backward, and fit_linear_on_features trains a head on these very tensors.
     with _eval_mode(backbone), torch.no_grad():
@@ -115,6 +123,10 @@ def extract_features(
             # FFCV reuses its output buffers batch after batch: copy, never keep views.
             feats.append(f.float().to("cpu", copy=True))
             labels.append(y.to("cpu", copy=True))
+            if progress is not None:
+                progress.update(len(feats))
+    if progress is not None:
+        progress.finish(len(feats), images=sum(len(y) for y in labels))
     if not feats:
         raise ValueError("extract_features: the loader yielded no batches")
     return torch.cat(feats), torch.cat(labels)
@@ -486,6 +498,27 @@ def _svm(cost: float, seed: int, max_iter: int) -> LinearSVC:
                      max_iter=max_iter, random_state=seed)
 
 
+def _fit_svm(cost: float, seed: int, max_iter: int, feats: np.ndarray,
+             target: np.ndarray) -> tuple[LinearSVC, bool]:
+    """The fitted SVM and whether liblinear converged within ``max_iter`` iterations
+    (its own test: n_iter_ < max_iter). The warning it would print for every
+    unconverged fit is counted by the caller and reported once instead."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        svm = _svm(cost, seed, max_iter).fit(feats, target)
+    return svm, bool(svm.n_iter_ < max_iter)
+
+
+def _fold_ap(cost: float, seed: int, max_iter: int, feats: np.ndarray, target: np.ndarray,
+             fit_rows: np.ndarray, held_rows: np.ndarray) -> tuple[float, bool]:
+    """One cross-validation fold: AP of the SVM fitted on ``fit_rows`` over
+    ``held_rows`` (what cross_val_score(scoring="average_precision") computes), and
+    whether it converged."""
+    svm, converged = _fit_svm(cost, seed, max_iter, feats[fit_rows], target[fit_rows])
+    scores = svm.decision_function(feats[held_rows])
+    return float(average_precision_score(target[held_rows] == 1, scores)), converged
+
+
 def voc07_svm_map(
     train_feats,
     train_labels,
@@ -497,6 +530,7 @@ def voc07_svm_map(
     seed: int = 0,
     max_iter: int = 2000,
     n_jobs: int | None = None,
+    label: str | None = None,
 ) -> dict:
     """VOC07 linear-SVM classification, the protocol of Goyal et al. (2019) that PIRL and
     Barlow Twins (Table 3, 86.2 mAP) report, as VISSL implements it.
@@ -522,8 +556,10 @@ def voc07_svm_map(
         "map_11point"  mean of ``voc07_11point_ap`` (VOC2007 devkit)
         "map_sklearn"  mean of sklearn's average_precision_score (no interpolation)
         "ap", "ap_11point", "ap_sklearn"  the per-class lists
-    and "cost" (chosen C per class) and "cv_ap" (classes × costs cross-validation AP,
-    percent)."""
+    and "cost" (chosen C per class), "cv_ap" (classes × costs cross-validation AP,
+    percent) and "not_converged" ({C: number of fits, folds and refits, that stopped at
+    ``max_iter``}). The folds of all costs of a class run in ``n_jobs`` processes; with
+    a ``label``, a progress line per class names it."""
     train_feats, test_feats = _l2_normalise(_numpy(train_feats)), _l2_normalise(_numpy(test_feats))
     train_labels, test_labels = _numpy(train_labels), _numpy(test_labels)
     num_classes = (train_labels.shape[1] if train_labels.ndim == 2
@@ -532,13 +568,27 @@ def voc07_svm_map(
     test_targets = _label_matrix(test_labels, num_classes)
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     out = {name: [] for name in ("ap", "ap_11point", "ap_sklearn", "cost", "cv_ap")}
+    not_converged: dict[float, int] = {}
+    progress = Progress(label, num_classes, "class") if label else None
+    parallel = Parallel(n_jobs=n_jobs)
     for c in range(num_classes):
         target = np.where(train_targets[:, c] == 1, 1, -1)  # difficult trains as negative
-        cv_ap = [cross_val_score(_svm(cost, seed, max_iter), train_feats, target, cv=cv,
-                                 scoring="average_precision", n_jobs=n_jobs).mean()
-                 for cost in costs]
+        folds = list(cv.split(train_feats, target))
+        fits = parallel(delayed(_fold_ap)(cost, seed, max_iter, train_feats, target, *fold)
+                        for cost in costs for fold in folds)
+        cv_ap = []
+        for i, cost in enumerate(costs):
+            runs = fits[i * len(folds):(i + 1) * len(folds)]
+            cv_ap.append(np.mean([ap for ap, _ in runs]))
+            missed = sum(not converged for _, converged in runs)
+            if missed:
+                not_converged[cost] = not_converged.get(cost, 0) + missed
         cost = costs[int(np.argmax(cv_ap))]
-        svm = _svm(cost, seed, max_iter).fit(train_feats, target)
+        svm, converged = _fit_svm(cost, seed, max_iter, train_feats, target)
+        if not converged:
+            not_converged[cost] = not_converged.get(cost, 0) + 1
+        if progress is not None:
+            progress.update(c + 1, C=cost)
         keep = test_targets[:, c] != -1  # difficult: out of the test AP
         scores, truth = svm.decision_function(test_feats[keep]), test_targets[keep, c]
         out["ap"].append(100.0 * envelope_ap(scores, truth))
@@ -549,4 +599,4 @@ def voc07_svm_map(
     return {"map": float(np.mean(out["ap"])),
             "map_11point": float(np.mean(out["ap_11point"])),
             "map_sklearn": float(np.mean(out["ap_sklearn"])),
-            **out}
+            **out, "not_converged": not_converged}

@@ -30,6 +30,7 @@ from barlow.data.loaders import SeekableLoader
 from barlow.evaluate import (OnEpoch, Schedule, fit_linear_on_features, linear_head,
                              topk_accuracy, train_linear_head)
 from barlow.models import build_backbone
+from barlow.progress import Progress
 
 Split = tuple[Tensor, Tensor]  # (features or images, labels)
 
@@ -162,13 +163,17 @@ def probe_augmented(embed: nn.Module, train_loader: SeekableLoader, val_loader: 
     return fit_and_test(fit, head, test, device, on_epoch)
 
 
-def epoch_logger(live: Any, prefix: str) -> OnEpoch:
+def epoch_logger(live: Any, prefix: str, epochs: int | None = None) -> OnEpoch:
     """The trainers' on_epoch callback writing each row as points of the
-    ``prefix/<key>`` curves (CURVE_KEYS) of a dvclive Live, at step = epoch."""
+    ``prefix/<key>`` curves (CURVE_KEYS) of a dvclive Live, at step = epoch, and
+    progress lines (barlow.progress) over ``epochs``."""
+    progress = Progress(prefix, epochs, "epoch")
+
     def log(epoch: int, row: dict) -> None:
         live.step = epoch
         for key in CURVE_KEYS:
             live.log_metric(f"{prefix}/{key}", row[key])
+        progress.update(epoch + 1, train_loss=row["train_loss"], val_top1=row["val_top1"])
     return log
 
 

@@ -884,11 +884,11 @@ def build_document(inp: ReportInputs, report_cfg: Any) -> tuple[Document, dict[s
 
     # -- ablations
     doc.heading("Ablations")
-    command = "bash scripts/ablations.sh   # queue; then: python -m stages.report ablations"
+    command = "make ablations   # queue and run; then: python -m stages.report ablations"
     if inp.runs is None or not inp.runs:
         doc.para(f"{NOT_RUN}: no experiments in the snapshot (reports/ablations.json). "
                  "Queue and run them, take a snapshot, and rebuild the report:")
-        doc.code("bash scripts/ablations.sh            # queues the studies, then dvc queue start -j 1\n"
+        doc.code("make ablations     # dvc exp run --queue per study, then dvc queue start -j 1\n"
                  "PYTHONPATH=src python -m stages.report ablations   # dvc exp show --json → reports/ablations.json\n"
                  "dvc repro report")
     else:

@@ -1,15 +1,20 @@
 """What every stage does at its edge: the command-line options they share, and known
-errors turned into one clear line and a non-zero exit instead of a traceback."""
+errors turned into one clear line and a non-zero exit instead of a traceback.
+
+Exit statuses: 0 done; 2 bad input (params, data, a checkpoint from other params),
+reported in one line; 3 a fault mid-run the stage reported in one line (a non-finite
+loss); anything else is a crash, with its traceback."""
 
 from __future__ import annotations
 
 import contextlib
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NoReturn
 
 import click
 
+from barlow import distributed as dist
 from barlow.checkpoint import CheckpointError
 from barlow.config import ConfigError
 from barlow.data.sources import DataError
@@ -28,6 +33,12 @@ live_option = click.option("--live", "live_dir", required=True, type=click.Path(
                            help="dvclive folder (metrics.json, plots/)")
 
 
+BAD_INPUT = 2
+FAULT = 3
+#: Statuses of errors the stage reported itself: a launcher passes them on unchanged.
+REPORTED_EXITS = (BAD_INPUT, FAULT)
+
+
 @contextlib.contextmanager
 def run_stage(name: str) -> Iterator[None]:
     """Run a stage body; ConfigError/DataError/CheckpointError exit with status 2 and
@@ -35,5 +46,14 @@ def run_stage(name: str) -> Iterator[None]:
     try:
         yield
     except (ConfigError, DataError, CheckpointError) as err:
-        print(f"{name}: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(name, err, BAD_INPUT)
+
+
+def fail(name: str, err: object, status: int) -> NoReturn:
+    """Report ``name: error: err`` in one line on stderr and exit with ``status``. A
+    worker of barlow.distributed.launch hands the line to the launcher instead, which
+    prints the first failing rank's once for all."""
+    line = f"{name}: error: {err}"
+    if not dist.report_to_launcher(line):
+        print(line, file=sys.stderr, flush=True)
+    sys.exit(status)

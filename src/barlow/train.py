@@ -35,6 +35,7 @@ from barlow.data.loaders import eval_loader, pretrain_loader
 from barlow.evaluate import extract_features, knn_top1
 from barlow.models import BarlowTwins, Projector, backbone_state_dict, build_backbone
 from barlow.optim import build_optimizer, param_groups, scale_lr, warmup_cosine
+from barlow.progress import Progress
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -228,6 +229,12 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
                        eval_loader(str(test_beton), **common))
 
     autocast_dtype = AUTOCAST[precision]
+    if env.is_main:
+        print(f"pretrain: {cfg.epochs} epochs x {steps_per_epoch} steps, global batch"
+              f" {cfg.batch_size} on {env.world_size} process(es), {precision} on"
+              f" {env.device.type}", flush=True)
+    # One line per epoch, and at the log points at most one per 10 s between them.
+    progress = Progress("pretrain", total_steps, "step", start=step, enabled=env.is_main)
     amp = (torch.autocast(env.device.type, dtype=autocast_dtype) if autocast_dtype
            else contextlib.nullcontext())
     window_start = epoch_start = time.perf_counter()
@@ -274,6 +281,11 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
                             autocast_dtype)
                 history.append({"step": step, "metrics": metrics})
                 log(step, metrics)
+                shown = {"epoch": f"{metrics['epoch']:.2f}", "loss": metrics["loss"],
+                         "pairs/s": round(metrics["pairs_per_s"])}
+                if "knn_top1" in metrics:
+                    shown["kNN top-1"] = metrics["knn_top1"]
+                (progress.line if epoch_done else progress.update)(step, **shown)
                 window, window_steps = {}, 0
                 window_start = time.perf_counter()
             if epoch_done or step % cfg.checkpoint_every_steps == 0 or step == total_steps:

@@ -22,6 +22,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from barlow.progress import Progress
+
 # Decoding a truncated file must fail, not pad the image with grey.
 Image.LOAD_TRUNCATED_IMAGES = False
 
@@ -249,8 +251,12 @@ def _scan(files: list[Path], root: Path, skip_bad: bool, workers: int, digest: A
     run before any output is written; return the indices of the readable ones. A bad
     file raises DataError, or with ``skip_bad`` is appended to ``skipped``. ``digest``
     (a hashlib object) takes ``relative path \\0 sha256 \\n`` of every file, in order."""
+    progress = Progress(f"scan {root}", len(files), "image")
+    results = []
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = list(pool.map(_scan_one, map(str, files), chunksize=64))
+        for result in pool.map(_scan_one, map(str, files), chunksize=64):
+            results.append(result)
+            progress.update(len(results))
     good = []
     for i, (path, error, sha) in enumerate(results):
         rel = os.path.relpath(path, root)
