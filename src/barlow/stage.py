@@ -6,11 +6,12 @@ from __future__ import annotations
 import contextlib
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import click
 
 from barlow.checkpoint import CheckpointError
+from barlow.distributed import DistEnv
 from barlow.config import ConfigError
 from barlow.data.sources import DataError
 
@@ -37,3 +38,22 @@ def run_stage(name: str) -> Iterator[None]:
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"{name}: error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+class _Silent:
+    """Stands in for dvclive's Live on ranks other than 0: every call does nothing."""
+
+    step = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+def open_live(live_dir: Path, env: DistEnv) -> Any:
+    """dvclive's Live writing to ``live_dir`` on rank 0, a silent stand-in on the other
+    ranks: a stage logs the same way on every rank and only rank 0 writes."""
+    if not env.is_main:
+        return _Silent()
+    from dvclive import Live
+
+    return Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
