@@ -455,9 +455,16 @@ class TransferConfig:
     extract_batch_size: int = 1024
     workers: int = 2
     seed: int = 0
+    nproc_per_node: int = 1            # torchrun processes (GPUs) per node; docs/multi-gpu.md
+    # Every rank fits the SVMs alike, then waits in the next set's feature gather for
+    # the slowest: minutes apart at VOC07 scale, so far above pretrain's 60 s.
+    collective_timeout_s: float = 1800.0
 
     def check(self, section: str) -> None:
         _check_probe(self, section)
+        require(self.nproc_per_node >= 1, f"{section}.nproc_per_node", "must be >= 1")
+        require(self.collective_timeout_s > 0, f"{section}.collective_timeout_s",
+                "must be > 0")
         require(len(self.datasets) >= 1 and len(set(self.datasets)) == len(self.datasets),
                 f"{section}.datasets", "must list at least one data set, each once")
         require(0.0 < self.val_fraction < 1.0, f"{section}.val_fraction", "must be in (0, 1)")
