@@ -6,6 +6,10 @@ random-init and raw-pixel baselines under the same recipe (barlow.probe).
 
 The head is fitted on train minus <data.subsets_dir>/val.txt, its epoch chosen by val
 top-1; the test split gives top-1/top-5 at that epoch and at the last one.
+
+Under ``torchrun --nproc_per_node=N`` (dvc.yaml: linear.nproc_per_node) every rank
+extracts features of its share of each split, the augmenting head trains under DDP on
+B/N of every batch, and rank 0 alone writes (docs/multi-gpu.md).
 """
 
 from __future__ import annotations
@@ -14,17 +18,16 @@ from pathlib import Path
 
 import click
 import numpy as np
-import torch
 
+from barlow import distributed as dist
 from barlow.config import (AugmentConfig, DataConfig, LinearConfig, ModelConfig,
                            load_section)
 from barlow.data.convert import read_manifest
 from barlow.data.loaders import eval_loader
 from barlow.data.subsets import read_subset
-from barlow.evaluate import extract_features
-from barlow.probe import (Recipe, embedding, epoch_logger, log_summary, probe_augmented,
-                          probe_features, split_rows)
-from barlow.stage import (data_option, live_option, params_option, run_stage,
+from barlow.probe import (Recipe, embedding, epoch_logger, gathered_features, log_summary,
+                          probe_augmented, probe_features, split_rows)
+from barlow.stage import (data_option, live_option, open_live, params_option, run_in_workers, run_stage,
                           weights_option)
 from barlow.train import AUTOCAST, normalisation
 
@@ -42,17 +45,20 @@ def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
     layers), augment.resolution and data.subsets_dir. Writes LIVE/metrics.json
     (linear/<barlow|random_init|raw_pixels>/top1_best, top5_best, ...) and LIVE/plots/
     (per-epoch curves, the confusion matrix). Exit 2: bad params, data or weights."""
-    with run_stage("linear"):
+    with run_stage("linear"), dist.process_group() as env:
         cfg = load_section(LinearConfig, "linear", params)
+        cfg.check_world(cfg.nproc_per_node)  # before any process is started
+        run_in_workers("stages.linear", cfg.nproc_per_node)
+        cfg.check_world(env.world_size)
         model = load_section(ModelConfig, "model", params)
         resolution = load_section(AugmentConfig, "augment", params).resolution
         subsets_dir = Path(load_section(DataConfig, "data", params).subsets_dir)
         train_beton, test_beton = data_dir / "train.beton", data_dir / "test.beton"
         manifest = read_manifest(train_beton)
-        read_manifest(test_beton)
+        num_test = read_manifest(test_beton)["num_images"]
         val = read_subset(subsets_dir / "val.txt", manifest["num_images"])
         mean, std = normalisation(manifest)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = env.device
         autocast = AUTOCAST[cfg.precision]
         recipe = Recipe(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay,
                         cfg.schedule, cfg.seed)
@@ -65,28 +71,28 @@ def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
                                crop_ratio=cfg.crop_ratio, seed=cfg.seed, device=device,
                                **kwargs)
 
-        # Each loader compiles its pipeline once; every embedding reuses it.
-        test_loader = loader(test_beton, train_aug=False)
+        # Each loader compiles its pipeline once; every embedding reuses it. Evaluation
+        # loaders read this rank's share of their rows (all of them in one process).
+        test_loader = loader(test_beton, train_aug=False, indices=dist.shard(num_test, env))
         if cfg.mode == "features":
             # All training images in file order; val rows are split off in memory.
-            train_loader = loader(train_beton, train_aug=False)
+            train_loader = loader(train_beton, train_aug=False,
+                                  indices=dist.shard(manifest["num_images"], env))
         else:
             fit_rows = np.setdiff1d(np.arange(manifest["num_images"]), val)
-            train_loader = loader(train_beton, cfg.batch_size, train_aug=True,
-                                  train_crop_scale=cfg.train_crop_scale, indices=fit_rows,
-                                  order="random")
-            val_loader = loader(train_beton, train_aug=False, indices=val)
+            train_loader = loader(train_beton, cfg.batch_size // env.world_size,
+                                  train_aug=True, train_crop_scale=cfg.train_crop_scale,
+                                  indices=fit_rows, order="random",
+                                  distributed=env.world_size > 1)
+            val_loader = loader(train_beton, train_aug=False, indices=dist.shard(val, env))
 
-        from dvclive import Live
-
-        live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+        live = open_live(live_dir, env)
         for name, embed in embeds.items():
             prefix = f"linear/{name}"
 
             def features(batches, split: str):
-                return extract_features(embed, batches, device, channels_last=True,
-                                        autocast_dtype=autocast,
-                                        label=f"{prefix} {split} features")
+                return gathered_features(embed, batches, device, autocast,
+                                         label=f"{prefix} {split} features")
 
             test = features(test_loader, "test")
             if cfg.mode == "features":
@@ -96,7 +102,7 @@ def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
             else:
                 result = probe_augmented(embed, train_loader, val_loader, test,
                                          manifest["num_classes"], recipe, device, autocast,
-                                         epoch_logger(live, prefix, cfg.epochs))
+                                         epoch_logger(live, prefix, cfg.epochs), env)
             log_summary(live, prefix, result)
             if name == "barlow":
                 classes = np.asarray(manifest["class_names"])
@@ -104,8 +110,10 @@ def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
                                       classes[result["test_pred_best"].numpy()],
                                       name="confusion_matrix.json",
                                       title="linear probe, test, best-val epoch")
-            click.echo(f"linear: {name}: test top-1 {result['top1_best']:.2f} at best-val "
-                       f"epoch {result['best_epoch']}, {result['top1_last']:.2f} at the last")
+            if env.is_main:
+                click.echo(f"linear: {name}: test top-1 {result['top1_best']:.2f} at best-val "
+                           f"epoch {result['best_epoch']}, {result['top1_last']:.2f} at the"
+                           " last")
         live.end()
 
 

@@ -12,7 +12,6 @@ backbone, dvclive metrics and plots) and prints progress.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
@@ -20,8 +19,8 @@ import click
 from barlow import distributed as dist
 from barlow.config import (AugmentConfig, LossConfig, ModelConfig, PretrainConfig,
                            load_section)
-from barlow.stage import (FAULT, REPORTED_EXITS, data_option, fail, live_option,
-                          params_option, run_stage)
+from barlow.stage import (FAULT, data_option, fail, live_option, params_option,
+                          run_in_workers, run_stage)
 from barlow.train import NonFiniteLossError, PretrainSetup, export, pretrain
 
 
@@ -44,13 +43,9 @@ def main(params: str, data_dir: Path, out_dir: Path, live_dir: Path) -> None:
                               loss=load_section(LossConfig, "loss", params),
                               augment=load_section(AugmentConfig, "augment", params),
                               pretrain=load_section(PretrainConfig, "pretrain", params))
-        nproc = setup.pretrain.nproc_per_node
-        if not dist.under_torchrun() and nproc > 1:
-            # Checked here too, so a bad value stops before any process is started.
-            setup.pretrain.check_world(nproc)
-            args = ["--params", params, "--data", str(data_dir), "--out", str(out_dir),
-                    "--live", str(live_dir)]
-            sys.exit(dist.launch("stages.pretrain", args, nproc, REPORTED_EXITS))
+        # Checked before any process is started: a bad value is one line.
+        setup.pretrain.check_world(setup.pretrain.nproc_per_node)
+        run_in_workers("stages.pretrain", setup.pretrain.nproc_per_node)
         env = dist.init(timeout_s=setup.pretrain.collective_timeout_s)
         try:
             live = None

@@ -12,6 +12,11 @@ the epoch with the best top-1 on ``val_subset`` and report test top-1/top-5 at t
 epoch and at the last one. Metrics: ``semisup/<S>/<run>/{top1_best, top5_best,
 top1_last, top5_last, best_epoch, val_top1_best, weight_change}`` in
 LIVE/metrics.json; per-epoch curves (losses, val accuracies, lrs) under LIVE/plots.
+
+Under ``torchrun --nproc_per_node=N`` (dvc.yaml: semisup.nproc_per_node) backbone and
+head train under DDP with synchronised batch norm on B/N of every batch, val and test
+are scored on disjoint shares with pooled counts, and rank 0 alone writes
+(docs/multi-gpu.md).
 """
 
 from __future__ import annotations
@@ -25,16 +30,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from barlow import distributed as dist
 from barlow.checkpoint import load_backbone_weights
 from barlow.config import DataConfig, ModelConfig, SemisupConfig, load_section
 from barlow.data.convert import read_manifest
 from barlow.data.loaders import eval_loader
 from barlow.data.sources import DataError
 from barlow.data.subsets import read_subset
-from barlow.evaluate import extract_features, finetune, linear_head, topk_accuracy
+from barlow.evaluate import accuracy, finetune, linear_head
 from barlow.models import build_backbone
 from barlow.progress import Progress
-from barlow.stage import (data_option, live_option, params_option, run_stage,
+from barlow.stage import (data_option, live_option, open_live, params_option, run_in_workers, run_stage,
                           weights_option)
 from barlow.train import AUTOCAST, normalisation
 
@@ -108,18 +114,14 @@ def relative_change(before: dict[str, torch.Tensor], module: nn.Module) -> float
     return (diff / max(norm, 1e-12)) ** 0.5
 
 
-def accuracy_on(backbone: nn.Module, head: nn.Module, loader, device: torch.device,
-                  channels_last: bool, autocast_dtype) -> dict[int, float]:
-    logits, labels = extract_features(nn.Sequential(backbone, head), loader, device,
-                                      channels_last, autocast_dtype)
-    return topk_accuracy(logits, labels, (1, 5))
-
-
 def run_once(backbone: nn.Module, feat_dim: int, num_classes: int, train, val, test,
-             cfg: SemisupConfig, epochs: int, lrs: tuple[float, float], device: torch.device,
+             cfg: SemisupConfig, epochs: int, lrs: tuple[float, float], env: dist.DistEnv,
              log: Callable[[int, dict], None]) -> dict[str, float]:
-    """Fine-tune ``backbone`` plus a fresh head; test at the best-val and last epochs."""
+    """Fine-tune ``backbone`` plus a fresh head; test at the best-val and last epochs.
+    ``train`` holds this rank's share of every batch, ``val`` and ``test`` its share of
+    the rows; every rank returns the same figures."""
     autocast_dtype = AUTOCAST[cfg.precision]
+    device = env.device
     backbone = backbone.to(device)
     if cfg.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
@@ -143,18 +145,19 @@ def run_once(backbone: nn.Module, feat_dim: int, num_classes: int, train, val, t
                       lr_head=lrs[1], weight_decay=cfg.weight_decay, device=device,
                       momentum=cfg.momentum, schedule=cfg.schedule,
                       channels_last=cfg.channels_last, autocast_dtype=autocast_dtype,
-                      on_epoch=on_epoch)
+                      on_epoch=on_epoch, env=env)
     assert best["epoch"] == result["best"]["epoch"]  # same tie rule as finetune's
     change = relative_change(start, backbone)
-    last = accuracy_on(backbone, head, test, device, cfg.channels_last, autocast_dtype)
+    net = nn.Sequential(backbone, head)
+    last = accuracy(net, test, device, cfg.channels_last, autocast_dtype)
     if best["epoch"] == result["last"]["epoch"]:
         at_best = last
     else:
         backbone.load_state_dict(best["state"][0])
         head.load_state_dict(best["state"][1])
-        at_best = accuracy_on(backbone, head, test, device, cfg.channels_last, autocast_dtype)
-    return {"top1_best": at_best[1], "top5_best": at_best[5],
-            "top1_last": last[1], "top5_last": last[5],
+        at_best = accuracy(net, test, device, cfg.channels_last, autocast_dtype)
+    return {"top1_best": at_best["top1"], "top5_best": at_best["top5"],
+            "top1_last": last["top1"], "top5_last": last["top5"],
             "best_epoch": result["best"]["epoch"], "val_top1_best": result["best"]["val_top1"],
             "weight_change": change}
 
@@ -172,8 +175,11 @@ def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
     model (arch, width, layers) and data.subsets_dir. Writes LIVE/metrics.json
     (semisup/S/<barlow|scratch>/top1_best, ...) and LIVE/plots/ (per-epoch curves).
     Exit 2: bad params, data, subsets or weights."""
-    with run_stage("semisup"):
+    with run_stage("semisup"), dist.process_group() as env:
         cfg = load_section(SemisupConfig, "semisup", params)
+        cfg.check_world(cfg.nproc_per_node)  # before any process is started
+        run_in_workers("stages.semisup", cfg.nproc_per_node)
+        cfg.check_world(env.world_size)
         model = load_section(ModelConfig, "model", params)
         subsets_dir = Path(load_section(DataConfig, "data", params).subsets_dir)
         train_beton, test_beton = data_dir / "train.beton", data_dir / "test.beton"
@@ -188,23 +194,25 @@ def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
         # Check the weights file before any loader is compiled: a mismatch fails fast.
         load_backbone_weights(build_backbone(model.arch, model.width, model.layers)[0], weights)
 
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         mean, std = normalisation(manifest)
-        common = dict(resolution=cfg.resolution, mean=mean, std=std, device=device,
+        common = dict(resolution=cfg.resolution, mean=mean, std=std, device=env.device,
                       channels_last=cfg.channels_last, num_workers=cfg.workers)
         # Few loaders, reused: each one costs a numba compilation (~15-30 s on a CPU).
+        # Val and test: this rank's share of their rows (all of them in one process).
         val = eval_loader(str(train_beton), cfg.eval_batch_size, train_aug=False,
-                          crop_ratio=cfg.eval_crop_ratio, indices=val_idx, **common)
+                          crop_ratio=cfg.eval_crop_ratio, indices=dist.shard(val_idx, env),
+                          **common)
         test = eval_loader(str(test_beton), cfg.eval_batch_size, train_aug=False,
-                           crop_ratio=cfg.eval_crop_ratio, **common)
+                           crop_ratio=cfg.eval_crop_ratio,
+                           indices=dist.shard(test_manifest["num_images"], env), **common)
 
-        from dvclive import Live
-
-        live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+        live = open_live(live_dir, env)
         for name, epochs in zip(cfg.subsets, cfg.epochs):
-            train = eval_loader(str(train_beton), cfg.batch_size, train_aug=True, seed=cfg.seed,
+            train = eval_loader(str(train_beton), cfg.batch_size // env.world_size,
+                                train_aug=True, seed=cfg.seed,
                                 train_crop_scale=cfg.train_crop_scale, order="random",
-                                indices=subsets[name], **common)
+                                indices=subsets[name], distributed=env.world_size > 1,
+                                **common)
             for run in RUNS:
                 prefix = f"semisup/{name}/{run}"
                 progress = Progress(prefix, epochs, "epoch")
@@ -228,13 +236,15 @@ def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
                     lrs = (cfg.scratch_lr_backbone, cfg.scratch_lr_head)
                 started = time.perf_counter()
                 metrics = run_once(backbone, dim, num_classes, train, val, test, cfg, epochs,
-                                   lrs, device, log)
+                                   lrs, env, log)
                 for key, value in metrics.items():
                     live.log_metric(f"{prefix}/{key}", value, plot=False)
-                click.echo(f"semisup: {name} {run} ({len(subsets[name])} images, {epochs}"
-                           f" epochs, {time.perf_counter() - started:.0f} s): test top-1"
-                           f" {metrics['top1_best']:.2f} at best-val epoch"
-                           f" {metrics['best_epoch']}, {metrics['top1_last']:.2f} at the last")
+                if env.is_main:
+                    click.echo(f"semisup: {name} {run} ({len(subsets[name])} images,"
+                               f" {epochs} epochs, {time.perf_counter() - started:.0f} s):"
+                               f" test top-1 {metrics['top1_best']:.2f} at best-val epoch"
+                               f" {metrics['best_epoch']}, {metrics['top1_last']:.2f} at the"
+                               " last")
         live.end()
 
 

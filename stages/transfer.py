@@ -18,23 +18,29 @@ then voc07, then data.transfer_folders' names) and embedding:
 Images (ImageNet-size ones too) are centre-cropped to transfer.crop_ratio, resized to
 the model's input resolution and normalised with the pretraining data's statistics, as
 transfer protocols use the ImageNet statistics for every set.
+
+Under ``torchrun --nproc_per_node=N`` (dvc.yaml: transfer.nproc_per_node) the feature
+extraction, the GPU's part, is split over the ranks and gathered (barlow.probe); every
+rank then fits the same heads and SVMs on all rows (results as one process's), and rank
+0 alone writes (docs/multi-gpu.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
-import torch
 
+from barlow import distributed as dist
 from barlow.config import AugmentConfig, DataConfig, ModelConfig, TransferConfig, load_section
 from barlow.data.convert import read_manifest
 from barlow.data.loaders import eval_loader
 from barlow.data.sources import split_indices
-from barlow.evaluate import extract_features, voc07_svm_map, voc_devkit_targets
-from barlow.probe import (Recipe, embedding, epoch_logger, log_summary, multilabel_batches,
-                          probe_features, split_rows)
-from barlow.stage import live_option, params_option, run_stage, weights_option
+from barlow.evaluate import voc07_svm_map, voc_devkit_targets
+from barlow.probe import (Recipe, embedding, epoch_logger, gathered_features, log_summary,
+                          multilabel_batches, probe_features, split_rows)
+from barlow.stage import live_option, open_live, params_option, run_stage, weights_option
 from barlow.train import AUTOCAST, normalisation
 
 
@@ -59,8 +65,10 @@ def main(params: str, data_dir: Path, pretrain_dir: Path, weights: Path, live_di
     LIVE/metrics.json (transfer/NAME/linear/EMBEDDING/top1_best, ...,
     transfer/NAME/svm/EMBEDDING/map) and LIVE/plots/ (per-epoch curves). Exit 2: bad
     params, data or weights."""
-    with run_stage("transfer"):
+    with run_stage("transfer"), contextlib.ExitStack() as stack:
         cfg = load_section(TransferConfig, "transfer", params)
+        run_in_workers("stages.transfer", cfg.nproc_per_node)
+        env = stack.enter_context(dist.process_group(cfg.collective_timeout_s))
         model = load_section(ModelConfig, "model", params)
         resolution = load_section(AugmentConfig, "augment", params).resolution
         data = load_section(DataConfig, "data", params)
@@ -69,36 +77,35 @@ def main(params: str, data_dir: Path, pretrain_dir: Path, weights: Path, live_di
         voc07 = ("voc07",) if data.voc07_root else ()
         sets = {name: (data_dir / f"{name}_train.beton", data_dir / f"{name}_test.beton")
                 for name in (*cfg.datasets, *voc07, *data.transfer_folders)}
-        manifests = {}
+        manifests, sizes = {}, {}
         for name, (train, test) in sets.items():
-            read_manifest(test)  # a missing test set fails now, not after the first set
+            num_test = read_manifest(test)["num_images"]  # missing: fails now, not later
             manifests[name] = read_manifest(train)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            sizes[name] = (manifests[name]["num_images"], num_test)
+        device = env.device
         autocast = AUTOCAST[cfg.precision]
         embeds = {name: embedding(name, model, weights, cfg.seed, device)
                   for name in ("barlow", *cfg.baselines)}
 
-        from dvclive import Live
-
-        live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+        live = open_live(live_dir, env)
         for dataset, betons in sets.items():
             multilabel = manifests[dataset].get("multilabel", False)
             recipe = Recipe(cfg.epochs_per_dataset.get(dataset, cfg.epochs), cfg.batch_size,
                             cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule, cfg.seed)
             # Whole images (crop_ratio 1 keeps 8 px digits whole) resized to the model's
-            # input; sequential order, so rows line up across embeddings.
+            # input; sequential order, so rows line up across embeddings; this rank's share.
             train_loader, test_loader = (
                 eval_loader(str(beton), cfg.extract_batch_size, cfg.workers, resolution, mean,
-                            std, train_aug=False, crop_ratio=cfg.crop_ratio, device=device)
-                for beton in betons)
+                            std, train_aug=False, crop_ratio=cfg.crop_ratio, device=device,
+                            indices=dist.shard(size, env))
+                for beton, size in zip(betons, sizes[dataset]))
             for name, embed in embeds.items():
                 prefix = f"transfer/{dataset}/linear/{name}"
 
                 def features(loader, split: str):
                     batches = multilabel_batches(loader) if multilabel else loader
-                    feats, labels = extract_features(embed, batches, device, channels_last=True,
-                                                     autocast_dtype=autocast,
-                                                     label=f"{prefix} {split} features")
+                    feats, labels = gathered_features(embed, batches, device, autocast,
+                                                      label=f"{prefix} {split} features")
                     return feats, voc_devkit_targets(labels) if multilabel else labels
 
                 train, test = features(train_loader, "train"), features(test_loader, "test")
@@ -117,15 +124,17 @@ def main(params: str, data_dir: Path, pretrain_dir: Path, weights: Path, live_di
                                     n_jobs=cfg.svm_jobs,
                                     label=f"transfer/{dataset}/svm/{name}")
                 live.log_metric(f"transfer/{dataset}/svm/{name}/map", svm["map"], plot=False)
-                click.echo(f"transfer: {dataset} {name}: {linear}SVM mAP {svm['map']:.2f}")
-                if svm["not_converged"]:
-                    # Expected where features are far from separable (raw pixels at large
-                    # C): one line instead of scikit-learn's warning per fit.
-                    missed = svm["not_converged"]
-                    at = ", ".join(f"C={c:g}: {n}" for c, n in sorted(missed.items()))
-                    click.echo(f"transfer: {dataset} {name}: {sum(missed.values())} SVM fits"
-                               f" stopped at transfer.svm_max_iter={cfg.svm_max_iter}"
-                               f" without converging ({at})")
+                if env.is_main:
+                    click.echo(f"transfer: {dataset} {name}: {linear}SVM mAP"
+                               f" {svm['map']:.2f}")
+                    if svm["not_converged"]:
+                        # Expected where features are far from separable (raw pixels at
+                        # large C): one line instead of scikit-learn's warning per fit.
+                        missed = svm["not_converged"]
+                        at = ", ".join(f"C={c:g}: {n}" for c, n in sorted(missed.items()))
+                        click.echo(f"transfer: {dataset} {name}: {sum(missed.values())} SVM"
+                                   f" fits stopped at transfer.svm_max_iter={cfg.svm_max_iter}"
+                                   f" without converging ({at})")
         live.end()
 
 

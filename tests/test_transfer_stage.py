@@ -8,6 +8,9 @@ own epochs (transfer.epochs_per_dataset)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -58,8 +61,9 @@ def setup(tiny_ffcv, tmp_path_factory) -> dict:
     return {"root": root, "pretrain": tiny_ffcv, "weights": root / "backbone.pt"}
 
 
-def invoke(setup: dict, tmp: Path, weights: Path | None = None, data: dict | None = None,
-           **transfer_overrides):
+def stage_args(setup: dict, tmp: Path, weights: Path | None = None, data: dict | None = None,
+               **transfer_overrides) -> list[str]:
+    """The stage's command-line arguments, after writing its params file into ``tmp``."""
     params = tmp / "params.yaml"
     params.write_text(yaml.safe_dump({
         "model": MODEL, "augment": {"resolution": 16}, "data": data or {},
@@ -69,7 +73,13 @@ def invoke(setup: dict, tmp: Path, weights: Path | None = None, data: dict | Non
     args = ["--params", str(params), "--data", str(setup["root"] / "data"),
             "--pretrain-data", str(setup["pretrain"]),
             "--weights", str(weights or setup["weights"]), "--live", str(tmp / "live")]
-    return CliRunner().invoke(transfer.main, args)
+    return args
+
+
+def invoke(setup: dict, tmp: Path, weights: Path | None = None, data: dict | None = None,
+           **transfer_overrides):
+    return CliRunner().invoke(transfer.main, stage_args(setup, tmp, weights, data,
+                                                        **transfer_overrides))
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +109,20 @@ def test_every_metric_is_reported_and_sane(finished):
         assert metrics[dataset]["linear"]["raw_pixels"]["top1_best"] >= 80.0
         assert metrics[dataset]["svm"]["raw_pixels"]["map"] >= 90.0
     assert "transfer: large raw_pixels: linear top-1" in finished["result"].output
+
+
+def test_two_processes_under_torchrun_give_the_same_metrics(setup, finished, tmp_path):
+    """transfer.nproc_per_node: 2 gloo ranks extract a share of every split each, gather
+    the features in one-process order and fit the same heads and SVMs on them: every
+    metric equals the one-process run's, and rank 0 alone prints."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "stages.transfer", *stage_args(setup, tmp_path)]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())["transfer"]
+    assert metrics == finished["metrics"]
+    assert result.stdout.count("transfer: large raw_pixels: linear top-1") == 1
 
 
 def test_curves_per_dataset_and_embedding(finished):

@@ -366,8 +366,13 @@ class PretrainConfig:
 
     def check_world(self, world_size: int, section: str = "pretrain") -> None:
         """The global batch must split evenly over the processes."""
-        require(self.batch_size % world_size == 0, f"{section}.batch_size",
-                f"{self.batch_size} is not divisible by the number of processes ({world_size})")
+        _check_batch_split(self.batch_size, world_size, f"{section}.batch_size")
+
+
+def _check_batch_split(batch_size: int, world_size: int, key: str) -> None:
+    """A global batch that every process takes an equal share of."""
+    require(batch_size % world_size == 0, key,
+            f"{batch_size} is not divisible by the number of processes ({world_size})")
 
 
 ProbeBaseline = typing.Literal["random_init", "raw_pixels"]
@@ -410,10 +415,18 @@ class LinearConfig:
     extract_batch_size: int = 1024     # feature extraction only; no effect on results
     workers: int = 2
     seed: int = 0                      # head init, batch order, augmentations, random init
+    nproc_per_node: int = 1            # torchrun processes (GPUs) per node; docs/multi-gpu.md
 
     def check(self, section: str) -> None:
         _check_probe(self, section)
         _check_crop_scale(self.train_crop_scale, f"{section}.train_crop_scale")
+        require(self.nproc_per_node >= 1, f"{section}.nproc_per_node", "must be >= 1")
+
+    def check_world(self, world_size: int, section: str = "linear") -> None:
+        """augment mode: the global batch splits evenly over the processes (features
+        mode fits the head on every rank alike, on whole batches)."""
+        if self.mode == "augment":
+            _check_batch_split(self.batch_size, world_size, f"{section}.batch_size")
 
 
 @dataclass(frozen=True)
@@ -442,9 +455,16 @@ class TransferConfig:
     extract_batch_size: int = 1024
     workers: int = 2
     seed: int = 0
+    nproc_per_node: int = 1            # torchrun processes (GPUs) per node; docs/multi-gpu.md
+    # Every rank fits the SVMs alike, then waits in the next set's feature gather for
+    # the slowest: minutes apart at VOC07 scale, so far above pretrain's 60 s.
+    collective_timeout_s: float = 1800.0
 
     def check(self, section: str) -> None:
         _check_probe(self, section)
+        require(self.nproc_per_node >= 1, f"{section}.nproc_per_node", "must be >= 1")
+        require(self.collective_timeout_s > 0, f"{section}.collective_timeout_s",
+                "must be > 0")
         require(len(self.datasets) >= 1 and len(set(self.datasets)) == len(self.datasets),
                 f"{section}.datasets", "must list at least one data set, each once")
         require(0.0 < self.val_fraction < 1.0, f"{section}.val_fraction", "must be in (0, 1)")
@@ -498,6 +518,7 @@ class SemisupConfig:
     channels_last: bool = True
     seed: int = 0                       # scratch init, head init, sample order, augmentations
     workers: int = 2                    # FFCV decoding threads
+    nproc_per_node: int = 1             # torchrun processes (GPUs) per node; docs/multi-gpu.md
 
     def check(self, section: str) -> None:
         require(len(self.subsets) >= 1, f"{section}.subsets", "must name at least one subset")
@@ -508,7 +529,7 @@ class SemisupConfig:
         require(len(self.epochs) == len(self.subsets), f"{section}.epochs",
                 f"{list(self.epochs)} needs one value per subset ({list(self.subsets)})")
         require(all(e >= 1 for e in self.epochs), f"{section}.epochs", "must all be >= 1")
-        for name in ("batch_size", "eval_batch_size", "workers"):
+        for name in ("batch_size", "eval_batch_size", "workers", "nproc_per_node"):
             require(getattr(self, name) >= 1, f"{section}.{name}", "must be >= 1")
         for name in ("lr_backbone", "lr_head", "scratch_lr_backbone", "scratch_lr_head",
                      "weight_decay", "momentum", "class_tolerance"):
@@ -517,6 +538,10 @@ class SemisupConfig:
         require(0.0 < self.eval_crop_ratio <= 1.0, f"{section}.eval_crop_ratio",
                 "must be in (0, 1]")
         _check_crop_scale(self.train_crop_scale, f"{section}.train_crop_scale")
+
+    def check_world(self, world_size: int, section: str = "semisup") -> None:
+        """The global training batch splits evenly over the processes."""
+        _check_batch_split(self.batch_size, world_size, f"{section}.batch_size")
 
 
 @dataclass(frozen=True)

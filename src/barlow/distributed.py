@@ -12,6 +12,7 @@ all_reduce, all_to_all ↔ the reverse all_to_all); the older
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,8 +20,9 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Collection, Sequence
+from typing import Any, Collection, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
@@ -138,6 +140,17 @@ def report_to_launcher(line: str) -> bool:
     with open(path, "w") as f:
         json.dump({"message": report}, f)
     return True
+
+
+@contextlib.contextmanager
+def process_group(timeout_s: float = 60.0) -> Iterator[DistEnv]:
+    """`init` on entry and `shutdown` on exit, whatever ends the block: a stage's body
+    under torchrun (or alone, without its variables)."""
+    env = init(timeout_s=timeout_s)
+    try:
+        yield env
+    finally:
+        shutdown()
 
 
 def shutdown() -> None:
@@ -300,6 +313,63 @@ def reduce_mean(x: Tensor) -> Tensor:
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
         x /= world_size()
     return x
+
+
+@torch.no_grad()
+def reduce_sum(x: Tensor) -> Tensor:
+    """Σ over ranks of ``x``, detached, on ``x``'s device: for metric sums and counts.
+    Sums in ``x``'s dtype (float64 keeps counts exact and one rank's value unchanged)."""
+    if world_size() == 1:
+        return x
+    total = x.detach().to(_collective_device(), copy=True)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total.to(x.device)
+
+
+def shard(indices: np.ndarray | int, env: DistEnv) -> np.ndarray:
+    """This rank's contiguous share of ``indices`` (or of ``arange(indices)``).
+
+    np.array_split into world_size parts whose sizes differ by at most one, so the
+    shares concatenated in rank order are ``indices`` again, each row exactly once:
+    `gather_rows` of per-share results restores the single-process order. (ffcv's
+    distributed order instead pads every share to the same length by repeating up to
+    W−1 rows, which would count them twice in an evaluation.)"""
+    indices = np.arange(indices) if np.isscalar(indices) else np.asarray(indices)
+    if len(indices) < env.world_size:
+        raise ValueError(f"{len(indices)} rows cannot be split over {env.world_size} "
+                         "processes: each needs at least one")
+    return np.array_split(indices, env.world_size)[env.rank]
+
+
+@torch.no_grad()
+def gather_rows(x: Tensor) -> Tensor:
+    """All ranks' ``x`` concatenated along dim 0 in rank order, on every rank.
+
+    The ranks may hold different numbers of rows (the shares of `shard`); trailing
+    dimensions and dtype must agree. Each share is padded to the largest for one
+    all-gather and the padding cut off again, so every row appears once. Detached (for
+    features and predictions, never for gradients) and returned on ``x``'s device;
+    under nccl the collective runs on this rank's GPU."""
+    if world_size() == 1:
+        return x
+    device = _collective_device()
+    counts = torch.zeros(world_size(), dtype=torch.int64, device=device)
+    counts[dist.get_rank()] = x.shape[0]
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    counts = counts.tolist()
+    padded = x.new_zeros((max(counts), *x.shape[1:]), device=device)
+    padded[:x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)]).to(x.device)
+
+
+def _collective_device() -> torch.device:
+    """Where the group's collectives take their tensors: this rank's GPU under nccl,
+    the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def barrier() -> None:

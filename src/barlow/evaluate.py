@@ -17,6 +17,15 @@ A *loader* is any iterable of ``(x, y)`` tensor batches (an FFCV Loader, a DataL
 list); a *backbone* is any module mapping ``x`` to ``(N, D)`` features; it must already
 be on ``device``.
 
+Several processes (torchrun; ``env`` a barlow.distributed.DistEnv with world_size W > 1):
+each rank passes its own share of the batches. Training loaders are ffcv's distributed
+ones (every rank the same number of equal batches, B/W rows each), and the trained
+modules run under DDP, which averages the gradients: the step is the single-process
+step on the union of the ranks' batches. Validation loaders hold disjoint shares
+(barlow.distributed.shard) and the sums behind every reported figure (loss, hits,
+counts) are all-reduced, so each validation sample counts exactly once and every rank
+gets the same row, hence the same choice of the best epoch.
+
 The trainers return a result dict, ready for dvclive::
 
     {"history": [row, ...],  # one row per epoch
@@ -46,6 +55,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.svm import LinearSVC
 from torch import Tensor, nn
 
+from barlow import distributed as dist
 from barlow.progress import Progress
 
 Batches = Iterable[tuple[Tensor, Tensor]]
@@ -194,20 +204,24 @@ def linear_head(in_features: int, num_classes: int, seed: int = 0) -> nn.Linear:
     return head
 
 
-def _logits(embed, head, x, device, channels_last, autocast_dtype) -> Tensor:
+Net = Callable[[Tensor], Tensor]  # images or features -> logits
+
+
+def _logits(net: Net, x, device, channels_last, autocast_dtype) -> Tensor:
     with _autocast(device, autocast_dtype):
         # The loss and the metrics are computed in fp32 whatever the autocast dtype.
-        return head(embed(_to_input(x, device, channels_last))).float()
+        return net(_to_input(x, device, channels_last)).float()
 
 
-def _train_epoch(embed, head, batches, optimizer, scaler, device, channels_last,
+def _train_epoch(net: Net, batches, optimizer, scaler, device, channels_last,
                  autocast_dtype) -> float:
-    """One pass of mini-batch SGD on cross-entropy; returns the mean per-sample loss."""
+    """One pass of mini-batch SGD on cross-entropy; returns the mean per-sample loss
+    over every rank's samples."""
     loss_sum = torch.zeros((), device=device)
     seen = 0
     for x, y in batches:
         y = y.to(device, non_blocking=True)
-        loss = F.cross_entropy(_logits(embed, head, x, device, channels_last, autocast_dtype), y)
+        loss = F.cross_entropy(_logits(net, x, device, channels_last, autocast_dtype), y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -215,30 +229,46 @@ def _train_epoch(embed, head, batches, optimizer, scaler, device, channels_last,
         # Summed on the device: a .item() per step would stall the GPU pipeline.
         loss_sum += loss.detach() * y.shape[0]
         seen += y.shape[0]
-    if seen == 0:
+    loss_total, seen_total = dist.reduce_sum(
+        torch.stack([loss_sum.double(), loss_sum.new_tensor(seen, dtype=torch.float64)])).tolist()
+    if seen_total == 0:
         raise ValueError("the training loader yielded no batches")
-    return float(loss_sum) / seen
+    return loss_total / seen_total
 
 
-def _validate(embed, head, batches, device, channels_last, autocast_dtype) -> dict[str, float]:
+def accuracy(net: Net, batches: Batches, device: str | torch.device, channels_last: bool = False,
+             autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Mean cross-entropy and top-1/top-5 accuracy (percent) of ``net`` (eval mode,
+    no_grad) over ``batches``, pooled over all ranks:
+
+        loss = Σ_ranks Σ_i CE_i / n,   top_k = 100 · Σ_ranks |{i : y_i ∈ top-k}| / n,
+
+    n the total count. Each rank passes its own disjoint share of the samples
+    (barlow.distributed.shard); the sums are all-reduced, so each sample counts once
+    and every rank returns the same figures."""
+    device = torch.device(device)
     loss_sum, seen, hits = 0.0, 0, {1: 0, 5: 0}
-    with torch.no_grad():
+    # A plain callable (the trainers' closures) runs modules that _fit put in eval mode.
+    mode = _eval_mode(net) if isinstance(net, nn.Module) else contextlib.nullcontext()
+    with mode, torch.no_grad():
         for x, y in batches:
             y = y.to(device, non_blocking=True)
-            logits = _logits(embed, head, x, device, channels_last, autocast_dtype)
+            logits = _logits(net, x, device, channels_last, autocast_dtype)
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             for k, c in topk_correct(logits, y, (1, 5)).items():
                 hits[k] += c
             seen += y.shape[0]
+    loss_sum, hits[1], hits[5], seen = dist.reduce_sum(
+        torch.tensor([loss_sum, hits[1], hits[5], seen], dtype=torch.float64)).tolist()
     if seen == 0:
         raise ValueError("the validation loader yielded no batches")
-    return {"val_loss": loss_sum / seen,
-            "val_top1": 100.0 * hits[1] / seen, "val_top5": 100.0 * hits[5] / seen}
+    return {"loss": loss_sum / seen, "top1": 100.0 * hits[1] / seen,
+            "top5": 100.0 * hits[5] / seen}
 
 
 def _fit(
-    embed: Callable[[Tensor], Tensor],
-    head: nn.Module,
+    train_net: Net,
+    eval_net: Net,
     train_batches: Callable[[int], Batches],
     val_batches: Batches,
     optimizer: torch.optim.Optimizer,
@@ -252,7 +282,10 @@ def _fit(
     after_epoch: Callable[[], None] | None = None,
 ) -> dict:
     """The loop every trainer here shares: per epoch, set the learning rates, train the
-    modules in ``trained`` (train mode), validate (eval mode), report one row.
+    modules in ``trained`` (train mode) through ``train_net``, validate (eval mode)
+    through ``eval_net``, report one row. The two compute the same function; under
+    several processes ``train_net`` is the DDP-wrapped one, whose forward joins
+    collectives that the ranks' unequal validation shares must not call.
 
     ``train_batches(epoch)`` yields that epoch's batches; every optimiser group carries a
     ``name`` and its base ``lr``, logged as ``lr_<name>``; ``after_epoch`` runs after
@@ -269,14 +302,15 @@ def _fit(
             group["lr"] = base * factor
         for module in trained:
             module.train()
-        train_loss = _train_epoch(embed, head, train_batches(epoch), optimizer, scaler,
+        train_loss = _train_epoch(train_net, train_batches(epoch), optimizer, scaler,
                                   device, channels_last, autocast_dtype)
         for module in trained:
             module.eval()
+        val = accuracy(eval_net, val_batches, device, channels_last, autocast_dtype)
         row = {"epoch": epoch,
                **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups},
                "train_loss": train_loss,
-               **_validate(embed, head, val_batches, device, channels_last, autocast_dtype)}
+               **{f"val_{key}": value for key, value in val.items()}}
         if after_epoch is not None:
             after_epoch()
         history.append(row)
@@ -310,11 +344,14 @@ def train_linear_head(
     autocast_dtype: torch.dtype | None = None,
     on_epoch: OnEpoch | None = None,
     head: nn.Linear | None = None,
+    env: dist.DistEnv | None = None,
 ) -> tuple[nn.Linear, dict]:
     """The paper's linear evaluation: a ``linear_head`` trained on the frozen backbone's
     features of every (augmenting) ``train_loader`` batch, validated each epoch.
     ``head``: train this head (already on ``device``) instead of a new
     ``linear_head(feat_dim, num_classes, seed)``, e.g. to read it after every epoch.
+    ``env`` with several processes: the head trains under DDP (see the module
+    docstring); each rank's backbone sees only its share of the batches.
 
     Objective: min_{W,b} E[CE(W·f(x) + b, y)] with f fixed; SGD(lr, momentum,
     weight_decay) with ``lr_factor(schedule)`` per epoch. The backbone runs in eval mode
@@ -341,10 +378,12 @@ def train_linear_head(
         head = linear_head(feat_dim, num_classes, seed).to(device)
     optimizer = _sgd([{"params": head.parameters(), "lr": lr, "name": "head"}],
                      momentum, weight_decay)
+    train_head = head if env is None else dist.wrap_ddp(head, env)
     with _eval_mode(backbone):
-        result = _fit(frozen_features, head, lambda epoch: train_loader, val_loader,
-                      optimizer, [head], epochs, schedule, device, channels_last,
-                      autocast_dtype, on_epoch, after_epoch=check_unchanged)
+        result = _fit(lambda x: train_head(frozen_features(x)),
+                      lambda x: head(frozen_features(x)), lambda epoch: train_loader,
+                      val_loader, optimizer, [head], epochs, schedule, device,
+                      channels_last, autocast_dtype, on_epoch, after_epoch=check_unchanged)
     return head, result
 
 
@@ -380,7 +419,12 @@ def fit_linear_on_features(
 
     Each epoch visits the training rows in a fresh permutation drawn from a generator
     seeded with ``seed`` (the last batch may be smaller), so a seed fixes the result on
-    a given device. All features are moved to ``device`` once. Returns (head, result)."""
+    a given device. All features are moved to ``device`` once. Returns (head, result).
+
+    Not distributed: under several processes each rank passes all rows (gathered after
+    a sharded extraction, barlow.probe) and fits the same head, bit for bit that of one
+    process. Sharding these steps would all-reduce D·C gradient values per step to save
+    a B·D·C product that costs less than sending them."""
     device = torch.device(device)
     train_feats, train_labels = train_feats.float().to(device), train_labels.to(device)
     val_feats, val_labels = val_feats.float().to(device), val_labels.to(device)
@@ -394,7 +438,7 @@ def fit_linear_on_features(
         head = linear_head(train_feats.shape[1], num_classes, seed).to(device)
     optimizer = _sgd([{"params": head.parameters(), "lr": lr, "name": "head"}],
                      momentum, weight_decay)
-    result = _fit(nn.Identity(), head, epoch_batches,
+    result = _fit(head, head, epoch_batches,
                   list(_feature_batches(val_feats, val_labels, batch_size)),
                   optimizer, [head], epochs, schedule, device, False, None, on_epoch)
     return head, result
@@ -416,9 +460,16 @@ def finetune(
     channels_last: bool = False,
     autocast_dtype: torch.dtype | None = None,
     on_epoch: OnEpoch | None = None,
+    env: dist.DistEnv | None = None,
 ) -> dict:
     """Semi-supervised fine-tuning (paper Table 2), also the supervised-from-scratch
     baseline when ``backbone`` is randomly initialised.
+
+    ``env`` with several processes: backbone and head train under one DDP, with the
+    backbone's batch norms converted in place to global-batch statistics
+    (barlow.distributed.convert_sync_batchnorm: SyncBatchNorm on CUDA, GlobalBatchNorm
+    on the CPU), so a step normalises and averages over the union of the ranks' batches
+    as one process does over the whole batch.
 
     min over backbone and head of E[CE(head(backbone(x)), y)]; both in train mode (BN
     statistics update); SGD with two groups, ``lr_backbone`` and ``lr_head``, momentum,
@@ -426,10 +477,14 @@ def finetune(
     ``head`` in place (both must be on ``device``) and leaves them in eval mode. Returns
     the result dict of the module docstring, with ``lr_backbone`` and ``lr_head`` rows."""
     device = torch.device(device)
+    if env is not None:
+        backbone = dist.convert_sync_batchnorm(backbone, env)
     optimizer = _sgd([{"params": backbone.parameters(), "lr": lr_backbone, "name": "backbone"},
                       {"params": head.parameters(), "lr": lr_head, "name": "head"}],
                      momentum, weight_decay)
-    return _fit(backbone, head, lambda epoch: train_loader, val_loader, optimizer,
+    net = nn.Sequential(backbone, head)
+    train_net = net if env is None else dist.wrap_ddp(net, env)
+    return _fit(train_net, net, lambda epoch: train_loader, val_loader, optimizer,
                 [backbone, head], epochs, schedule, device, channels_last, autocast_dtype,
                 on_epoch)
 

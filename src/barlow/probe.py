@@ -7,6 +7,11 @@ the final figures: its top-1/top-5 at the chosen epoch and at the last epoch. Te
 accuracy is measured after every epoch (that needs each epoch's head), but never
 consulted for a choice.
 
+Several processes (torchrun): each rank extracts the features of its share of a split
+(barlow.distributed.shard) and `gathered_features` hands every rank all rows in the
+order of one process; the head is then fitted on cached features by every rank alike,
+or, in the augmenting probe, under DDP on each rank's share of every batch.
+
 Embeddings compared under one recipe:
     barlow       the pretrained backbone, weights loaded strictly from a file
     random_init  the same architecture, randomly initialised from a seed, never trained
@@ -24,11 +29,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from barlow import distributed as dist
 from barlow.checkpoint import load_backbone_weights
 from barlow.config import ModelConfig
 from barlow.data.loaders import SeekableLoader
-from barlow.evaluate import (OnEpoch, Schedule, fit_linear_on_features, linear_head,
-                             topk_accuracy, train_linear_head)
+from barlow.evaluate import (Batches, OnEpoch, Schedule, extract_features,
+                             fit_linear_on_features, linear_head, topk_accuracy,
+                             train_linear_head)
 from barlow.models import build_backbone
 from barlow.progress import Progress
 
@@ -78,6 +85,17 @@ def multilabel_batches(loader: Iterable) -> Iterator[Split]:
     (extract_features copies them out)."""
     for images, _rows, targets in loader:
         yield images, torch.as_tensor(targets)
+
+
+def gathered_features(embed: nn.Module, batches: Batches, device: torch.device,
+                      autocast_dtype: torch.dtype | None = None, label: str | None = None) -> Split:
+    """(features, labels) of ``embed`` over this rank's ``batches`` (its share of a split,
+    barlow.distributed.shard), all-gathered: every rank gets the whole split's rows, each
+    once, in rank order, i.e. in the order one process extracts them. On the CPU.
+    ``label`` names the progress lines (barlow.evaluate.extract_features)."""
+    feats, labels = extract_features(embed, batches, device, channels_last=True,
+                                     autocast_dtype=autocast_dtype, label=label)
+    return dist.gather_rows(feats), dist.gather_rows(labels)
 
 
 def split_rows(feats: Tensor, labels: Tensor, held_out: np.ndarray) -> tuple[Split, Split]:
@@ -144,11 +162,14 @@ def probe_features(train: Split, val: Split, test: Split, num_classes: int, reci
 def probe_augmented(embed: nn.Module, train_loader: SeekableLoader, val_loader: SeekableLoader,
                     test: Split, num_classes: int, recipe: Recipe, device: torch.device,
                     autocast_dtype: torch.dtype | None = None,
-                    on_epoch: OnEpoch | None = None) -> dict[str, Any]:
+                    on_epoch: OnEpoch | None = None,
+                    env: dist.DistEnv | None = None) -> dict[str, Any]:
     """The paper's probe: ``embed`` runs on every augmented ``train_loader`` batch
     (train_linear_head, which also checks that the backbone never changes); ``test``
     holds the test features, extracted once since the backbone is frozen. The loader is
-    rewound first, so every embedding sees the same augmented batches."""
+    rewound first, so every embedding sees the same augmented batches. With ``env`` of
+    several processes the loaders hold this rank's share and the head trains under DDP
+    (barlow.evaluate); ``test`` holds every rank's rows."""
     train_loader.seek(0)
 
     def fit(head: nn.Linear, callback: OnEpoch) -> dict:
@@ -157,7 +178,7 @@ def probe_augmented(embed: nn.Module, train_loader: SeekableLoader, val_loader: 
             num_classes=num_classes, epochs=recipe.epochs, lr=recipe.lr,
             weight_decay=recipe.weight_decay, device=device, momentum=recipe.momentum,
             schedule=recipe.schedule, seed=recipe.seed, channels_last=True,
-            autocast_dtype=autocast_dtype, on_epoch=callback, head=head)[1]
+            autocast_dtype=autocast_dtype, on_epoch=callback, head=head, env=env)[1]
 
     head = linear_head(test[0].shape[1], num_classes, recipe.seed).to(device)
     return fit_and_test(fit, head, test, device, on_epoch)

@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import sys
 from pathlib import Path
-from typing import Iterator, NoReturn
+from typing import Any, Iterator, NoReturn
 
 import click
 
 from barlow import distributed as dist
 from barlow.checkpoint import CheckpointError
+from barlow.distributed import DistEnv
 from barlow.config import ConfigError
 from barlow.data.sources import DataError
 
@@ -57,3 +58,39 @@ def fail(name: str, err: object, status: int) -> NoReturn:
     if not dist.report_to_launcher(line):
         print(line, file=sys.stderr, flush=True)
     sys.exit(status)
+
+
+def run_in_workers(module: str, nproc_per_node: int) -> None:
+    """Started by hand or by DVC (not by torchrun) with ``nproc_per_node`` > 1: run this
+    same command, with the same options, in that many processes through torchrun's
+    launcher (barlow.distributed.launch), and exit with their status: a worker's
+    reported error comes back as its one line and its status (2 or 3), a crash with
+    torchrun's report. Otherwise return at once: this process is the (only) worker.
+    Started by torchrun directly (several nodes), every process is a worker."""
+    if nproc_per_node <= 1 or dist.under_torchrun():
+        return
+    ctx = click.get_current_context()
+    args = []
+    for param in ctx.command.params:
+        if isinstance(param, click.Option) and ctx.params.get(param.name) is not None:
+            args += [param.opts[0], str(ctx.params[param.name])]
+    sys.exit(dist.launch(module, args, nproc_per_node, REPORTED_EXITS))
+
+
+class _Silent:
+    """Stands in for dvclive's Live on ranks other than 0: every call does nothing."""
+
+    step = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+def open_live(live_dir: Path, env: DistEnv) -> Any:
+    """dvclive's Live writing to ``live_dir`` on rank 0, a silent stand-in on the other
+    ranks: a stage logs the same way on every rank and only rank 0 writes."""
+    if not env.is_main:
+        return _Silent()
+    from dvclive import Live
+
+    return Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
