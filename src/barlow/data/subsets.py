@@ -34,7 +34,8 @@ with the validation split.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,16 +70,17 @@ def balanced_subsets(labels: np.ndarray, seed: int) -> dict[str, np.ndarray]:
     return {k: np.sort(np.asarray(v, dtype=np.int64)) for k, v in out.items()}
 
 
-def hashed_val_split(names: Sequence[str], labels: np.ndarray, excluded: set[str],
+def hashed_val_split(names: Sequence[str], labels: np.ndarray, excluded: set[int],
                      per_class: int = VAL_PER_CLASS, key: str = VAL_KEY) -> np.ndarray:
     """The ImageFolder validation rule (module docstring): per class, the ``per_class``
-    images outside ``excluded`` (base names) with the smallest sha256(key/name). Sorted
-    indices into ``names``; a class with too few candidates raises DataError."""
+    images (base ``names``, in dataset order) whose index is not in ``excluded`` with
+    the smallest sha256(key/name). Sorted indices; a class with too few candidates
+    raises DataError."""
     rank = {i: hashlib.sha256(f"{key}/{name}".encode()).hexdigest()
-            for i, name in enumerate(names) if name not in excluded}
+            for i, name in enumerate(names) if i not in excluded}
     out: list[int] = []
     for c in np.unique(labels):
-        candidates = sorted((i for i in np.flatnonzero(labels == c) if i in rank),
+        candidates = sorted((i for i in np.flatnonzero(labels == c).tolist() if i in rank),
                             key=rank.__getitem__)
         if len(candidates) < per_class:
             raise DataError(f"class {int(c)}: {len(candidates)} images outside the training"
@@ -122,13 +124,23 @@ class SubsetFile:
         return np.sort(self.indices)
 
 
-def read_entries(path: str | Path, num_images: int, files: list[str] | None = None) -> SubsetFile:
-    """The entries of ``path`` (indices or file names, see the module docstring); every
-    problem raises DataError naming the file and line."""
+def name_index(files: Sequence[str]) -> dict[str, int]:
+    """Base name -> dataset index, for subset files that list image names (which need
+    unique base names, as ImageNet's are)."""
+    index = {os.path.basename(f): i for i, f in enumerate(files)}
+    if len(index) != len(files):
+        raise DataError(f"the dataset's file list has {len(files)} entries but only"
+                        f" {len(index)} distinct base names; name lists need unique names")
+    return index
+
+
+def read_entries(path: str | Path, num_images: int,
+                 names: Mapping[str, int] | None = None) -> SubsetFile:
+    """The entries of ``path`` (indices, or file names looked up in ``names``, see
+    name_index); every problem raises DataError naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: subset file not found")
-    by_name = None
     indices, lines, seen = [], [], {}
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
         entry = line.split("#", 1)[0].strip()
@@ -137,14 +149,12 @@ def read_entries(path: str | Path, num_images: int, files: list[str] | None = No
         if entry.isdigit():
             index = int(entry)
         else:
-            if files is None:
+            if names is None:
                 raise DataError(f"{path}:{lineno}: {entry!r} is a file name, but this dataset"
                                 " has no file list (only ImageFolder conversions do)")
-            if by_name is None:
-                by_name = {Path(f).name: i for i, f in enumerate(files)}
-            if Path(entry).name not in by_name:
+            index = names.get(os.path.basename(entry))
+            if index is None:
                 raise DataError(f"{path}:{lineno}: {entry!r} is not in the converted dataset")
-            index = by_name[Path(entry).name]
         if index >= num_images:
             raise DataError(f"{path}:{lineno}: index {index} out of range (dataset has"
                             f" {num_images} images)")
@@ -159,8 +169,8 @@ def read_entries(path: str | Path, num_images: int, files: list[str] | None = No
 
 
 def read_subset(path: str | Path, num_images: int, files: list[str] | None = None) -> np.ndarray:
-    """Sorted indices listed in ``path`` (read_entries)."""
-    return read_entries(path, num_images, files).sorted()
+    """Sorted indices listed in ``path`` (read_entries; ``files``: the dataset's list)."""
+    return read_entries(path, num_images, None if files is None else name_index(files)).sorted()
 
 
 def beton_labels(beton: Path) -> np.ndarray:
@@ -190,51 +200,48 @@ def training_subset_paths(subsets_dir: Path, val_name: str = VAL_NAME) -> list[P
     return sorted(p for p in subsets_dir.glob("*.txt") if p.stem != val_name)
 
 
-def rule_split(subsets_dir: Path, num_images: int, files: list[str], labels: np.ndarray,
+def rule_split(subsets_dir: Path, names: Mapping[str, int], labels: np.ndarray,
                val_name: str = VAL_NAME) -> np.ndarray:
     """The ImageFolder validation split: hashed_val_split outside every training subset
-    of ``subsets_dir``."""
+    of ``subsets_dir`` (``names``: name_index of the dataset's files)."""
     if not subsets_dir.is_dir():
         raise DataError(f"{subsets_dir}: subsets folder not found (data.subsets_dir)")
-    names = [Path(f).name for f in files]
-    excluded = {names[i] for p in training_subset_paths(subsets_dir, val_name)
-                for i in read_subset(p, num_images, files)}
+    excluded = {int(i) for p in training_subset_paths(subsets_dir, val_name)
+                for i in read_entries(p, len(labels), names).indices}
     try:
-        return hashed_val_split(names, labels, excluded)
+        return hashed_val_split(list(names), labels, excluded)
     except DataError as err:
         raise DataError(f"{subsets_dir}: validation split: {err}") from None
 
 
-def validation_split(subsets_dir: Path, num_images: int, files: list[str] | None,
-                     labels: np.ndarray, val_name: str = VAL_NAME) -> tuple[np.ndarray, str]:
+def validation_split(subsets_dir: Path, names: Mapping[str, int] | None, labels: np.ndarray,
+                     val_name: str = VAL_NAME) -> tuple[np.ndarray, str]:
     """(sorted indices, where they came from): ``<subsets_dir>/<val_name>.txt`` when it
-    exists or the dataset has no file list, else the ImageFolder rule (rule_split)."""
+    exists or the dataset has no file list (``names`` None), else the ImageFolder rule
+    (rule_split)."""
     path = subsets_dir / f"{val_name}.txt"
-    if path.is_file() or files is None:
-        return read_subset(path, num_images, files), str(path)
-    return (rule_split(subsets_dir, num_images, files, labels, val_name),
+    if path.is_file() or names is None:
+        return read_entries(path, len(labels), names).sorted(), str(path)
+    return (rule_split(subsets_dir, names, labels, val_name),
             f"{VAL_PER_CLASS} per class by sha256({VAL_KEY!r}/name), outside {subsets_dir}/*.txt")
 
 
-def load_splits(subsets_dir: str | Path, beton: Path, manifest: dict,
-                subset_names: Sequence[str] = (), val_name: str = VAL_NAME,
-                ) -> tuple[np.ndarray, dict[str, np.ndarray], str]:
+def check_splits(subsets_dir: Path, files: list[str] | None, labels: np.ndarray,
+                 class_names: Sequence[str], subset_names: Sequence[str] = (),
+                 val_name: str = VAL_NAME) -> tuple[np.ndarray, dict[str, np.ndarray], str]:
     """The validation split (validation_split) and each named training subset
-    (``<subsets_dir>/<name>.txt``) as sorted indices into ``beton``, every one checked
-    (module docstring), and where the validation split came from. The one reading path
-    of linear and semisup."""
-    subsets_dir = Path(subsets_dir)
-    num, files = manifest["num_images"], manifest_files(beton, manifest)
-    labels = beton_labels(beton)
-    if len(labels) != num:
-        raise DataError(f"{beton}: {len(labels)} labels, but its manifest says {num} images")
-    sizes = np.bincount(labels, minlength=manifest["num_classes"])
-    names = manifest["class_names"]
-    val, origin = validation_split(subsets_dir, num, files, labels, val_name)
-    check_class_counts(origin, np.bincount(labels[val], minlength=len(sizes)), sizes, names)
+    (``<subsets_dir>/<name>.txt``) as sorted indices into a dataset of ``labels`` (and
+    ``files``, for name lists), every one checked (module docstring); and where the
+    validation split came from."""
+    num = len(labels)
+    names = None if files is None else name_index(files)
+    sizes = np.bincount(labels, minlength=len(class_names))
+    val, origin = validation_split(subsets_dir, names, labels, val_name)
+    check_class_counts(origin, np.bincount(labels[val], minlength=len(sizes)), sizes,
+                       class_names)
     subsets = {}
     for name in subset_names:
-        subset = read_entries(subsets_dir / f"{name}.txt", num, files)
+        subset = read_entries(subsets_dir / f"{name}.txt", num, names)
         in_val = np.flatnonzero(np.isin(subset.indices, val))
         if in_val.size:
             # Choosing the epoch on images the model trained on would flatter it.
@@ -243,9 +250,23 @@ def load_splits(subsets_dir: str | Path, beton: Path, manifest: dict,
                             f" split ({origin}; {in_val.size} entries in all): training"
                             " subsets must be disjoint from it")
         check_class_counts(subset.path, np.bincount(labels[subset.indices],
-                                                    minlength=len(sizes)), sizes, names)
+                                                    minlength=len(sizes)), sizes, class_names)
         subsets[name] = subset.sorted()
     return val, subsets, origin
+
+
+def load_splits(subsets_dir: str | Path, beton: Path, manifest: dict,
+                subset_names: Sequence[str] = (), val_name: str = VAL_NAME,
+                ) -> tuple[np.ndarray, dict[str, np.ndarray], str]:
+    """check_splits on a converted dataset (``beton`` and its manifest): the one
+    reading path of the validation split and the training subsets for linear and
+    semisup."""
+    labels = beton_labels(beton)
+    if len(labels) != manifest["num_images"]:
+        raise DataError(f"{beton}: {len(labels)} labels, but its manifest says"
+                        f" {manifest['num_images']} images")
+    return check_splits(Path(subsets_dir), manifest_files(beton, manifest), labels,
+                        manifest["class_names"], subset_names, val_name)
 
 
 def write_subset(path: Path, indices: Sequence, header: str) -> None:
@@ -285,7 +306,7 @@ def main(dataset: str, source_dir: str, data_dir: Path, out_dir: Path, seed: int
         files = manifest_files(beton, manifest)
         if files is None:
             raise DataError(f"{beton}: not an ImageFolder conversion (no file list)")
-        val = rule_split(out_dir, manifest["num_images"], files, beton_labels(beton))
+        val = rule_split(out_dir, name_index(files), beton_labels(beton))
     except DataError as err:
         raise click.ClickException(str(err)) from None
     write_subset(out_dir / f"{VAL_NAME}.txt", [Path(files[i]).name for i in val],
