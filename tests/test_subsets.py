@@ -135,6 +135,38 @@ def test_val_rule_needs_enough_images_per_class():
         hashed_val_split(names, labels, {6}, per_class=6)
 
 
+def test_a_converted_tree_reads_names_and_the_cli_writes_the_rule(tmp_path):
+    """On a converted ImageNet-shaped tree (2 synsets, JPEGs): the one reading path of
+    linear and semisup maps the cut lists' names to indices and applies the rule; the
+    CLI writes that split as val.txt of names, which then reads back the same."""
+    from click.testing import CliRunner
+
+    from barlow.data import subsets as cli
+    from barlow.data.convert import FfcvSettings, read_manifest, write_beton
+    from barlow.data.sources import image_folder
+    from barlow.data.subsets import load_splits
+    from imagenet_tree import make_tree, sample_synsets
+
+    lists = tmp_path / "lists"
+    make_tree(tmp_path / "tree", sample_synsets(2), VAL_PER_CLASS + 1, 2, subsets_out=lists)
+    beton = tmp_path / "ffcv" / "train.beton"
+    write_beton(image_folder(tmp_path / "tree" / "train", "train", None, False, 1), beton,
+                FfcvSettings("raw"), 1)
+    manifest = read_manifest(beton)
+    val, subsets, origin = load_splits(lists, beton, manifest, SUBSETS)
+    labels = np.repeat([0, 1], manifest["class_counts"])
+    assert np.bincount(labels[val]).tolist() == [VAL_PER_CLASS] * 2 and "sha256" in origin
+    assert [len(subsets[k]) for k in SUBSETS] == [
+        len((lists / f"{k}.txt").read_text().split()) for k in SUBSETS]
+    result = CliRunner().invoke(cli.main, ["--dataset", "imagefolder", "--data",
+                                           str(beton.parent), "--out", str(lists)])
+    assert result.exit_code == 0, result.output
+    assert (lists / "val.txt").read_text().splitlines()[1].endswith(".JPEG")
+    again, _, origin = load_splits(lists, beton, manifest, SUBSETS)
+    np.testing.assert_array_equal(again, val)
+    assert origin == str(lists / "val.txt")
+
+
 # ------------------------------------------------- the official full checkpoint.pth
 
 def official_checkpoint(path, backbone, ddp: bool = True) -> None:
@@ -172,3 +204,14 @@ def test_a_checkpoint_that_does_not_fit_is_refused_in_one_line(tmp_path):
                tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="no 'backbone.\\*' weights; give --weights"):
         load_backbone_weights(narrow, tmp_path / "other.pth")
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    """What the pretrain stage exported once (bf16 on CPU, a strided conv on 1x1 maps:
+    Inf gradients, NaN after LARS): refused by name, not evaluated."""
+    backbone, _ = build_backbone("small_resnet", 4, (1, 1, 1, 1))
+    state = backbone.state_dict()
+    state["layer4.0.conv2.weight"][0, 0, 1, 0] = float("nan")
+    torch.save(state, tmp_path / "backbone.pt")
+    with pytest.raises(CheckpointError, match=r"non-finite .* \['layer4.0.conv2.weight'\]"):
+        load_backbone_weights(backbone, tmp_path / "backbone.pt")

@@ -110,8 +110,8 @@ def backbone_state(path: Path, content: Any) -> dict[str, torch.Tensor]:
 
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     """Load a backbone's weights strictly from any file backbone_state reads. Only
-    ``fc.*`` may be absent or extra (the head is the evaluation's own); anything else is
-    an error naming the keys or shapes."""
+    ``fc.*`` may be absent or extra (the head is the evaluation's own); anything else,
+    or a NaN/Inf value, is an error naming the keys or shapes."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
@@ -121,6 +121,10 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
         raise CheckpointError(f"{path}: not a torch weights file ({str(err).splitlines()[0]});"
                               f" {WEIGHTS_HINT}") from None
     state = {k: v for k, v in backbone_state(path, content).items() if not k.startswith("fc.")}
+    broken = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+    if broken:
+        # A diverged run's weights: every figure computed from them would be noise.
+        raise CheckpointError(f"{path}: non-finite (NaN/Inf) values in {broken[:5]}")
     own = backbone.state_dict()
     missing = sorted(k for k in own if k not in state and not k.startswith("fc."))
     unexpected = sorted(k for k in state if k not in own)
