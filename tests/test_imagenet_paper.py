@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from barlow.data.subsets import VAL_PER_CLASS
 from imagenet_tree import make_tree, sample_synsets
@@ -125,3 +126,7 @@ def test_paper_switch_runs_every_stage_through_dvc(tmp_path):
     assert params["model"]["arch"] == "resnet50" and params["pretrain"]["optimizer"] == "lars"
     assert params["linear"]["mode"] == "augment"
     assert (repo / "reports/report.md").is_file()
+    # The deps follow data.subsets_dir: DVC tracked the lists the stages read.
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    for stage in ("linear", "semisup"):
+        assert "data/subsets/imagenet" in [d["path"] for d in lock[stage]["deps"]], stage
