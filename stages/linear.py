@@ -4,7 +4,8 @@ random-init and raw-pixel baselines under the same recipe (barlow.probe).
     python -m stages.linear --data data/ffcv --weights models/pretrain/backbone.pt \
         --live dvclive/linear
 
-The head is fitted on train minus <data.subsets_dir>/val.txt, its epoch chosen by val
+The head is fitted on train minus the validation split (barlow.data.subsets:
+<data.subsets_dir>/val.txt, or an ImageFolder's hashed rule), its epoch chosen by val
 top-1; the test split gives top-1/top-5 at that epoch and at the last one.
 
 Under ``torchrun --nproc_per_node=N`` (dvc.yaml: linear.nproc_per_node) every rank
@@ -24,11 +25,11 @@ from barlow.config import (AugmentConfig, DataConfig, LinearConfig, ModelConfig,
                            load_section)
 from barlow.data.convert import read_manifest
 from barlow.data.loaders import eval_loader
-from barlow.data.subsets import read_subset
+from barlow.data.subsets import load_splits
 from barlow.probe import (Recipe, embedding, epoch_logger, gathered_features, log_summary,
                           probe_augmented, probe_features, split_rows)
-from barlow.stage import (data_option, live_option, open_live, params_option, run_in_workers, run_stage,
-                          weights_option)
+from barlow.stage import (data_option, live_option, open_live, params_option, run_in_workers,
+                          run_stage, weights_option)
 from barlow.train import AUTOCAST, normalisation
 
 
@@ -56,7 +57,9 @@ def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
         train_beton, test_beton = data_dir / "train.beton", data_dir / "test.beton"
         manifest = read_manifest(train_beton)
         num_test = read_manifest(test_beton)["num_images"]
-        val = read_subset(subsets_dir / "val.txt", manifest["num_images"])
+        val, _, val_origin = load_splits(subsets_dir, train_beton, manifest)
+        if env.is_main:
+            click.echo(f"linear: validation split: {len(val)} images ({val_origin})")
         mean, std = normalisation(manifest)
         device = env.device
         autocast = AUTOCAST[cfg.precision]

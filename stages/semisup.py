@@ -5,7 +5,8 @@ the supervised-from-scratch baseline with the same recipe.
         --weights models/pretrain/backbone.pt --live dvclive/semisup
 
 For each subset S of ``semisup.subsets`` (files ``<data.subsets_dir>/S.txt``, indices
-into train.beton or ImageNet file names) two runs of ``barlow.evaluate.finetune``:
+into train.beton or ImageNet file names, read and checked by barlow.data.subsets) two
+runs of ``barlow.evaluate.finetune``:
 ``barlow`` starts from the ``--weights`` backbone, ``scratch`` from a random one seeded
 with ``semisup.seed``. Both see the same batches (one loader per subset, rewound), pick
 the epoch with the best top-1 on ``val_subset`` and report test top-1/top-5 at that
@@ -26,7 +27,6 @@ from pathlib import Path
 from typing import Callable
 
 import click
-import numpy as np
 import torch
 from torch import nn
 
@@ -36,7 +36,7 @@ from barlow.config import DataConfig, ModelConfig, SemisupConfig, load_section
 from barlow.data.convert import read_manifest
 from barlow.data.loaders import eval_loader
 from barlow.data.sources import DataError
-from barlow.data.subsets import read_subset
+from barlow.data.subsets import load_splits
 from barlow.evaluate import accuracy, finetune, linear_head
 from barlow.models import build_backbone
 from barlow.progress import Progress
@@ -45,65 +45,6 @@ from barlow.stage import (data_option, live_option, open_live, params_option, ru
 from barlow.train import AUTOCAST, normalisation
 
 RUNS = ("barlow", "scratch")
-
-
-def beton_labels(beton: Path) -> np.ndarray:
-    """All labels of a .beton in index order, read from its metadata table: no decoding
-    and no JIT compilation (an IntField's value is stored in the metadata itself)."""
-    from ffcv.reader import Reader
-
-    reader = Reader(str(beton))
-    if "label" not in reader.field_names:
-        raise DataError(f"{beton}: no 'label' field (fields: {reader.field_names})")
-    return np.asarray(reader.metadata[f"f{reader.field_names.index('label')}"], dtype=np.int64)
-
-
-def manifest_files(beton: Path, manifest: dict) -> list[str] | None:
-    """The ImageFolder file list the convert stage writes beside the .beton (it maps the
-    SimCLR name lists to indices); None for array sources such as Fashion-MNIST."""
-    if not manifest.get("files"):
-        return None
-    path = beton.parent / manifest["files"]
-    if not path.is_file():
-        raise DataError(f"{path}: file list named by {beton.with_suffix('.json')} is missing")
-    return path.read_text().splitlines()
-
-
-def check_balance(path: Path, indices: np.ndarray, labels: np.ndarray, num_classes: int,
-                  tolerance: float) -> None:
-    """A subset must sample every class in proportion to the full training set (equal
-    counts for Fashion-MNIST, ~1% of each class for SimCLR's lists); a class count off
-    by more than max(1, tolerance·expected) means the file is not the subset it claims."""
-    full = np.bincount(labels, minlength=num_classes)
-    counts = np.bincount(labels[indices], minlength=num_classes)
-    expected = len(indices) * full / full.sum()
-    slack = np.maximum(1.0, tolerance * expected)
-    bad = np.flatnonzero((counts == 0) | (np.abs(counts - expected) > slack))
-    if bad.size:
-        shown = ", ".join(f"class {c}: {counts[c]} (expected {expected[c]:.1f})" for c in bad[:5])
-        raise DataError(f"{path}: class counts are not balanced as expected"
-                        f" (tolerance semisup.class_tolerance={tolerance}): {shown}")
-
-
-def load_subsets(subsets_dir: Path, cfg: SemisupConfig, beton: Path, manifest: dict,
-                 labels: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Val indices and each training subset's indices, after checking every file."""
-    num, files = manifest["num_images"], manifest_files(beton, manifest)
-    val_path = subsets_dir / f"{cfg.val_subset}.txt"
-    val = read_subset(val_path, num, files)
-    subsets = {}
-    for name in cfg.subsets:
-        path = subsets_dir / f"{name}.txt"
-        indices = read_subset(path, num, files)
-        overlap = np.intersect1d(indices, val)
-        if overlap.size:
-            # Choosing the epoch on images the model trained on would flatter it.
-            raise DataError(f"{path}: {overlap.size} entries also in {val_path}"
-                            f" (e.g. index {int(overlap[0])}); training subsets must be"
-                            " disjoint from the validation split")
-        check_balance(path, indices, labels, manifest["num_classes"], cfg.class_tolerance)
-        subsets[name] = indices
-    return val, subsets
 
 
 def relative_change(before: dict[str, torch.Tensor], module: nn.Module) -> float:
@@ -188,8 +129,10 @@ def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
         if test_manifest["num_classes"] != num_classes:
             raise DataError(f"{test_beton}: {test_manifest['num_classes']} classes, but"
                             f" {train_beton} has {num_classes}")
-        val_idx, subsets = load_subsets(subsets_dir, cfg, train_beton, manifest,
-                                        beton_labels(train_beton))
+        val_idx, subsets, val_origin = load_splits(subsets_dir, train_beton, manifest,
+                                                   cfg.subsets, cfg.val_subset)
+        if env.is_main:
+            click.echo(f"semisup: validation split: {len(val_idx)} images ({val_origin})")
 
         # Check the weights file before any loader is compiled: a mismatch fails fast.
         load_backbone_weights(build_backbone(model.arch, model.width, model.layers)[0], weights)

@@ -13,7 +13,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from barlow.data.subsets import balanced_subsets, read_subset
+from barlow.data.subsets import balanced_subsets, check_class_counts, read_subset
 from barlow.models import build_backbone
 from stages import semisup
 
@@ -126,8 +126,10 @@ def test_mismatching_weights_give_one_line_error(setup, tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ("16\n17\n18\n19\n20\n21\n22\n999\n", "index 999 out of range"),
-    ("0\n17\n18\n19\n20\n21\n22\n23\n", "entries also in"),
-    ("16\n20\n24\n28\n32\n36\n40\n44\n", "not balanced"),  # all class 0
+    ("17\n18\n19\n0\n20\n21\n22\n23\n", "1percent.txt:4: '0' is also in the validation split"),
+    ("16\n20\n24\n28\n32\n36\n40\n44\n", "no image of 3 class(es)"),  # all class 0
+    ("16\n20\n24\n28\n17\n21\n18\n19\n", "neither uniform"),  # 4, 2, 1, 1
+    ("16\n17\n18\n19\n16\n", "1percent.txt:5: '16' repeats line 1"),
 ])
 def test_bad_subset_file_is_named(setup, tmp_path, content, message):
     subsets = tmp_path / "subsets"
@@ -184,8 +186,9 @@ def test_committed_subsets_are_balanced_and_reproducible():
     files = committed()
     for name, per_class in (("val", 500), ("1percent", 60), ("10percent", 600)):
         assert np.bincount(labels[files[name]], minlength=10).tolist() == [per_class] * 10
-        # The stage's own check accepts them with no tolerance at all.
-        semisup.check_balance(COMMITTED / f"{name}.txt", files[name], labels, 10, 0.0)
+        # The stages' own check accepts them (uniform counts).
+        check_class_counts(COMMITTED / f"{name}.txt", np.bincount(labels[files[name]]),
+                           np.bincount(labels), [str(c) for c in range(10)])
     regenerated = balanced_subsets(labels, seed=0)
     for name, indices in files.items():
         np.testing.assert_array_equal(regenerated[name], indices, err_msg=name)

@@ -85,23 +85,52 @@ def load_resumable(path: str | Path, config: Mapping[str, Any]) -> dict[str, Any
     return ckpt
 
 
+WEIGHTS_HINT = ("give --weights a backbone's weights: models/pretrain/backbone.pt, the"
+                " official resnet50.pth, or the official full checkpoint.pth")
+
+
+def backbone_state(path: Path, content: Any) -> dict[str, torch.Tensor]:
+    """The backbone's state dict (torchvision layout, no "module." prefix) in a weights
+    file's content: a plain state dict (our ``backbone.pt``, the official
+    ``resnet50.pth``), ``{"state_dict": ...}``, or the official full ``checkpoint.pth`` of
+    facebookresearch/barlowtwins main.py, ``{"epoch", "model", "optimizer"}`` with
+    ``model`` the BarlowTwins module's state dict (``backbone.*``, ``projector.*``,
+    ``bn.*``, "module."-prefixed when saved from DDP), whose ``backbone.*`` is kept."""
+    if isinstance(content, Mapping) and "state_dict" in content:
+        content = content["state_dict"]
+    full = isinstance(content, Mapping) and isinstance(content.get("model"), Mapping)
+    if full:
+        content = content["model"]
+    if not isinstance(content, Mapping) or not all(isinstance(v, torch.Tensor)
+                                                   for v in content.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors; {WEIGHTS_HINT}")
+    state = {k.removeprefix("module."): v for k, v in content.items()}
+    if full:
+        if not any(k.startswith("backbone.") for k in state):
+            raise CheckpointError(f"{path}: its 'model' has no 'backbone.*' weights;"
+                                  f" {WEIGHTS_HINT}")
+        state = {k.removeprefix("backbone."): v for k, v in state.items()
+                 if k.startswith("backbone.")}
+    return state
+
+
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
-    """Load a torchvision-layout backbone state dict strictly: our exported
-    ``backbone.pt`` or the official Barlow Twins ``resnet50.pth``. Only ``fc.*`` may be
-    absent or extra (the head is the evaluation's own); anything else is an error naming
-    the keys or shapes."""
+    """Load a backbone's weights strictly from any file backbone_state reads. Only
+    ``fc.*`` may be absent or extra (the head is the evaluation's own); anything else,
+    or a NaN/Inf value, is an error naming the keys or shapes."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001
-        raise CheckpointError(f"{path}: not a torch weights file ({err})") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: expected a state dict of tensors")
-    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
+        raise CheckpointError(f"{path}: not a torch weights file ({str(err).splitlines()[0]});"
+                              f" {WEIGHTS_HINT}") from None
+    state = {k: v for k, v in backbone_state(path, content).items() if not k.startswith("fc.")}
+    broken = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+    if broken:
+        # A diverged run's weights: every figure computed from them would be noise.
+        raise CheckpointError(f"{path}: non-finite (NaN/Inf) values in {broken[:5]}")
     own = backbone.state_dict()
     missing = sorted(k for k in own if k not in state and not k.startswith("fc."))
     unexpected = sorted(k for k in state if k not in own)

@@ -513,7 +513,6 @@ class SemisupConfig:
     train_crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop's area range
     eval_crop_ratio: float = 0.875      # val/test centre crop: 224/256; 1.0 keeps 28 px whole
     eval_batch_size: int = 256
-    class_tolerance: float = 0.1        # allowed relative gap of a subset's class counts
     precision: typing.Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = True
     seed: int = 0                       # scratch init, head init, sample order, augmentations
@@ -532,7 +531,7 @@ class SemisupConfig:
         for name in ("batch_size", "eval_batch_size", "workers", "nproc_per_node"):
             require(getattr(self, name) >= 1, f"{section}.{name}", "must be >= 1")
         for name in ("lr_backbone", "lr_head", "scratch_lr_backbone", "scratch_lr_head",
-                     "weight_decay", "momentum", "class_tolerance"):
+                     "weight_decay", "momentum"):
             require(getattr(self, name) >= 0.0, f"{section}.{name}", "must be >= 0")
         require(self.resolution >= 8, f"{section}.resolution", "must be >= 8")
         require(0.0 < self.eval_crop_ratio <= 1.0, f"{section}.eval_crop_ratio",
