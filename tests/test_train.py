@@ -137,6 +137,39 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkey
     assert run(setup, data_dir, tmp_path)["step"] == 8  # and the run goes on from there
 
 
+def test_nan_weights_after_an_update_are_never_checkpointed(data_dir, tmp_path, monkeypatch):
+    """A finite loss whose update writes NaN (the last step's, say) stops the run
+    before that state is saved: the checkpoint stays the last good one."""
+    setup = setup_from(PARAMS)
+    run(setup, data_dir, tmp_path, stop_after_steps=3)
+    import barlow.train as train
+
+    real_build = train.build_optimizer
+    calls = {"n": 0}
+
+    def build(*args, **kwargs):
+        optimizer = real_build(*args, **kwargs)
+        real_step = optimizer.step
+
+        def poisoned_step(*a, **k):
+            out = real_step(*a, **k)
+            calls["n"] += 1
+            if calls["n"] == 1:  # resumed at 3: step 4 ends epoch 1, a checkpoint follows
+                with torch.no_grad():
+                    optimizer.param_groups[0]["params"][0].fill_(float("nan"))
+            return out
+
+        optimizer.step = poisoned_step
+        return optimizer
+
+    monkeypatch.setattr(train, "build_optimizer", build)
+    with pytest.raises(train.NonFiniteLossError, match=r"non-finite weights .* after step 4"):
+        run(setup, data_dir, tmp_path)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
 def test_batch_must_split_over_processes():
     cfg = from_mapping(PretrainConfig, {"batch_size": 10}, "pretrain")
     with pytest.raises(ValueError, match=r"pretrain.batch_size: 10 is not divisible by the number of processes \(4\)"):

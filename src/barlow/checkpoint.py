@@ -24,6 +24,12 @@ class CheckpointError(ValueError):
     """A checkpoint or weights file does not fit the run; the message says why."""
 
 
+def non_finite_keys(state: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of a state dict that hold a NaN or an Inf."""
+    return [k for k, v in state.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not v.isfinite().all()]
+
+
 def save_atomic(obj: Any, path: str | Path) -> None:
     """torch.save to a temporary name, then rename: a crash never leaves a torn file."""
     path = Path(path)
@@ -127,7 +133,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
         raise CheckpointError(f"{path}: not a torch weights file ({str(err).splitlines()[0]});"
                               f" {WEIGHTS_HINT}") from None
     state = {k: v for k, v in backbone_state(path, content).items() if not k.startswith("fc.")}
-    broken = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+    broken = non_finite_keys(state)
     if broken:
         # A diverged run's weights: every figure computed from them would be noise.
         raise CheckpointError(f"{path}: non-finite (NaN/Inf) values in {broken[:5]}")

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from barlow import distributed as dist
-from barlow.checkpoint import load_resumable, rng_state, save_atomic, set_rng_state
+from barlow.checkpoint import (load_resumable, non_finite_keys, rng_state, save_atomic,
+                               set_rng_state)
 from barlow.config import (AugmentConfig, LossConfig, ModelConfig, PretrainConfig, as_dict,
                            fingerprint)
 from barlow.data.convert import read_manifest
@@ -75,7 +76,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or Inf; training stops and the last checkpoint stays intact."""
+    """The loss, or a weight, became NaN or Inf; training stops and the last checkpoint
+    stays intact."""
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,15 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
 
     def save(path: Path) -> None:
         if env.is_main:
+            # The loss is checked before each update, so the update itself can still
+            # write NaN (bf16 convolutions on 1x1 maps gave Inf gradients on the CPU):
+            # no checkpoint, and so no exported backbone, ever holds one.
+            broken = non_finite_keys(model.state_dict())
+            if broken:
+                raise NonFiniteLossError(
+                    f"pretrain: non-finite weights (NaN/Inf) in {len(broken)} tensors, first"
+                    f" {broken[0]}, after step {step}; the last good checkpoint {ckpt_path}"
+                    " is untouched")
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "rng": rng_state(), "step": step,
                          "history": history, "window": window,
