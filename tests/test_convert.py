@@ -158,6 +158,17 @@ def test_bad_files_are_named(tree, tmp_path, name, content, problem, cheap):
     assert f"cat/{name}" not in source.files
 
 
+def test_scan_in_slices_gives_the_same_source(tree, monkeypatch):
+    (tree / "dög" / "broken.png").write_bytes(b"text, not a picture")
+    whole = sources.image_folder(tree, "train", None, skip_bad=True, workers=2)
+    monkeypatch.setattr(sources, "_SCAN_SLICE", 2)
+    sliced = sources.image_folder(tree, "train", None, skip_bad=True, workers=2)
+    assert sliced.files == whole.files and sliced.skipped == whole.skipped
+    assert sliced.inputs_sha256 == whole.inputs_sha256
+    np.testing.assert_array_equal(sliced.labels, whole.labels)
+    assert len(whole.files) == 6 and whole.skipped[0]["file"] == "dög/broken.png"
+
+
 def test_folder_level_errors(tree, tmp_path):
     (tree / "empty").mkdir()
     with pytest.raises(DataError, match="empty class folder") as err:

@@ -282,26 +282,33 @@ def image_folder(root: str | Path, split: str, class_names: Sequence[str] | None
                   files=files, skipped=skipped)
 
 
+_SCAN_SLICE = 16_384
+
+
 def _scan(files: list[str], root: Path, decode: bool, workers: int, digest: Any,
           skipped: list[dict]) -> list[int]:
     """Read every file (``root``/relative path) once, in ``workers`` processes, and
     feed ``relative path \\0 sha256 \\n`` of each, in order, to ``digest`` (a hashlib
     object); return the indices of the files to keep. With ``decode`` each file is
     also decoded from the bytes read: a bad one is appended to ``skipped`` and left
-    out. Results are consumed as they arrive, so memory does not grow with the
-    number of files beyond the list itself."""
+    out. Work is queued and results consumed in slices, so memory does not grow with
+    the number of files beyond the lists themselves."""
     work = _decode_one if decode else _hash_one
     good = []
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = pool.map(work, (str(root / f) for f in files), chunksize=64)
-        for i, (rel, (sha, error)) in enumerate(zip(files, results)):
-            digest.update(f"{rel}\0{sha.hex()}\n".encode())
-            if error is None:
-                good.append(i)
-            elif decode:
-                skipped.append({"file": rel, "error": error})
-            else:
-                raise DataError(error)
+        # Executor.map submits all its work at once: in slices, the queued paths and
+        # results stay bounded whatever the number of files.
+        for start in range(0, len(files), _SCAN_SLICE):
+            rels = files[start:start + _SCAN_SLICE]
+            results = pool.map(work, [str(root / f) for f in rels], chunksize=64)
+            for i, (rel, (sha, error)) in enumerate(zip(rels, results), start=start):
+                digest.update(f"{rel}\0{sha.hex()}\n".encode())
+                if error is None:
+                    good.append(i)
+                elif decode:
+                    skipped.append({"file": rel, "error": error})
+                else:
+                    raise DataError(error)
     if not good:
         raise DataError(f"{root}: no readable images")
     return good
