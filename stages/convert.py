@@ -105,8 +105,10 @@ def transfer(params: str, out_dir: Path) -> None:
         elpv = FfcvSettings(write_mode="raw", max_resolution=cfg.elpv_resolution)
         voc07 = FfcvSettings(write_mode="raw", max_resolution=cfg.voc07_resolution)
         imagefolder = FfcvSettings(**vars(cfg.ffcv))
-        # Both devkit splits and every folder tree are read (and every image decoded)
-        # before anything is written, so a broken input leaves no half-converted output.
+        # Both devkit splits and every folder tree are listed, checked and hashed before
+        # anything is written, so a missing, empty or misnamed input stops the stage in
+        # seconds. A corrupt image is found by the writer's decode: that .beton is not
+        # written, and the failed stage leaves DVC nothing to commit.
         voc = ({split: sources.voc07(cfg.voc07_root, split, cfg.skip_bad, cfg.workers)
                 for split in ("train", "test")} if cfg.voc07_root else {})
         folders = {name: dict(zip(("train", "test"), folder_splits(name, root, cfg)))

@@ -120,16 +120,22 @@ def test_image_folder_colour_modes_round_trip(tree, tmp_path):
     assert np.abs(cmyk - _rgb(3)).mean() < 40  # lossy JPEG/CMYK, but the same picture
     files = (tmp_path / "out" / manifest["files"]).read_text().splitlines()
     assert files == source.files
+    # The statistics come from the writer's own decode (no pass of their own).
+    pixels = np.concatenate([source.load(i).reshape(-1, 3) for i in range(len(source))])
+    mean = pixels.astype(np.float64).mean(axis=0)
+    assert manifest["resolution"]["mean"] == [round(float(m), 4) for m in mean]
+    assert manifest["resolution"]["std"] == pytest.approx(pixels.std(axis=0), abs=1e-4)
+    assert manifest["resolution"]["height"] == [12, 12]
 
 
-@pytest.mark.parametrize("name, content, problem", [
-    ("zero.png", b"", "empty file"),
-    ("notes.png", b"this is text, not a picture", "not an image file"),
-    ("readme.txt", b"hello", "not an image file"),
-    ("cut.png", None, "corrupt or truncated"),
-    ("cut.jpg", None, "corrupt or truncated"),
+@pytest.mark.parametrize("name, content, problem, cheap", [
+    ("zero.png", b"", "empty file", True),
+    ("notes.png", b"this is text, not a picture", "not an image file", False),
+    ("readme.txt", b"hello", "not an image file", True),
+    ("cut.png", None, "corrupt or truncated", False),
+    ("cut.jpg", None, "corrupt or truncated", False),
 ])
-def test_bad_files_are_named(tree, name, content, problem):
+def test_bad_files_are_named(tree, tmp_path, name, content, problem, cheap):
     path = tree / "cat" / name
     if content is None:  # a real PNG or JPEG cut in half
         full = tree / "cat" / f"full{path.suffix}"
@@ -137,13 +143,30 @@ def test_bad_files_are_named(tree, name, content, problem):
         content = full.read_bytes()[: len(full.read_bytes()) // 2]
         full.unlink()
     path.write_bytes(content)
+    out = tmp_path / "out" / "train.beton"
     with pytest.raises(DataError, match=problem) as err:
-        sources.image_folder(tree, "train", None, skip_bad=False, workers=1)
+        # A name or size tells at once; a bad picture only the writer's decode, which
+        # stops on it and writes nothing.
+        source = sources.image_folder(tree, "train", None, skip_bad=False, workers=1)
+        assert not cheap, "found only after listing"
+        write_beton(source, out, FfcvSettings("raw"), workers=2)
     assert name in str(err.value)
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
     # skip_bad leaves it out and lists it.
     source = sources.image_folder(tree, "train", None, skip_bad=True, workers=1)
     assert [s["file"] for s in source.skipped] == [f"cat/{name}"]
     assert f"cat/{name}" not in source.files
+
+
+def test_scan_in_slices_gives_the_same_source(tree, monkeypatch):
+    (tree / "dög" / "broken.png").write_bytes(b"text, not a picture")
+    whole = sources.image_folder(tree, "train", None, skip_bad=True, workers=2)
+    monkeypatch.setattr(sources, "_SCAN_SLICE", 2)
+    sliced = sources.image_folder(tree, "train", None, skip_bad=True, workers=2)
+    assert sliced.files == whole.files and sliced.skipped == whole.skipped
+    assert sliced.inputs_sha256 == whole.inputs_sha256
+    np.testing.assert_array_equal(sliced.labels, whole.labels)
+    assert len(whole.files) == 6 and whole.skipped[0]["file"] == "dög/broken.png"
 
 
 def test_folder_level_errors(tree, tmp_path):
@@ -204,7 +227,7 @@ def run_convert(tmp_path: Path, params: dict, *args: str) -> subprocess.Complete
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     return subprocess.run([sys.executable, "-m", "stages.convert", *args, "--params",
                            str(tmp_path / "params.yaml")], cwd=REPO, env=env,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("data, message", [
@@ -242,6 +265,23 @@ def test_stage_converts_an_imagefolder_tree(tree, tmp_path):
     assert manifest["num_images"] == 6 and manifest["skipped"][0]["file"] == "cat/broken.png"
     assert manifest["ffcv"]["write_mode"] == "proportion"
     assert json.loads((out / "test.json").read_text())["class_counts"] == [1, 1]
+
+
+def test_stage_stops_on_the_first_of_many_bad_images(tree, tmp_path):
+    """The writer's workers report one error, not one per bad file: hundreds of
+    messages would fill the queue's pipe and block a worker, and the writer would wait
+    for it forever (the subprocess's timeout turns such a hang into a failure)."""
+    for i in range(600):
+        (tree / "cat" / f"bad{i:03d}.png").write_bytes(b"text, not a picture")
+    for split in ("cat", "dög"):
+        (tree.parent / "val" / split).mkdir(parents=True)
+        Image.fromarray(_rgb(7)).save(tree.parent / "val" / split / "v.png")
+    data = {"source": "imagefolder", "imagefolder_root": str(tree.parent), "workers": 2}
+    out = tmp_path / "ffcv"
+    result = run_convert(tmp_path, {"data": data}, "main", "--out", str(out))
+    assert result.returncode == 2, result.stderr
+    assert re.search(r"cat/bad\d{3}\.png: not an image file", result.stderr)
+    assert not (out / "train.beton").exists()
 
 
 def test_beton_with_wrong_fields_is_refused(tmp_path):
@@ -335,12 +375,14 @@ def test_voc07_reader_errors_name_the_file(devkit, damage, message):
         sources.voc07(root / "nowhere", "test", False, 1)
 
 
-def test_voc07_corrupt_image_stops_or_is_skipped(devkit):
+def test_voc07_corrupt_image_stops_or_is_skipped(devkit, tmp_path):
     root, truth = devkit
     jpeg = root / "JPEGImages" / "000004.jpg"
     jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])
     with pytest.raises(DataError, match="000004.jpg: corrupt or truncated"):
-        sources.voc07(root, "train", skip_bad=False, workers=1)
+        write_beton(sources.voc07(root, "train", skip_bad=False, workers=1),
+                    tmp_path / "voc07_train.beton", FfcvSettings("raw"), 1)
+    assert not (tmp_path / "voc07_train.beton").exists()
     source = sources.voc07(root, "train", skip_bad=True, workers=1)
     assert source.skipped[0]["file"] == "JPEGImages/000004.jpg" and len(source) == 59
     np.testing.assert_array_equal(source.targets, np.delete(truth["trainval"][1], 4, axis=0))

@@ -1,6 +1,8 @@
-"""Two gloo processes on the CPU must reproduce one process on the concatenated batch.
+"""Two (and three) gloo processes on the CPU must reproduce one process on the
+concatenated batch.
 
-One spawn runs every multi-process check; the workers save what they saw and the
+One spawn runs every two-process check, another the three-process sharded-loss check
+(dimensions the ranks do not divide); the workers save what they saw and the
 assertions run here, against single-process references computed in this process.
 """
 
@@ -22,6 +24,9 @@ BATCH = 8          # global; each rank takes a contiguous half
 LAMBD = 0.0051
 BN_SPLIT = 3       # the GlobalBatchNorm check gives rank 0 three samples, rank 1 five
 ODD_DIM = 5        # not divisible by WORLD
+WORLD3 = 3
+BATCH3 = 6         # global; two rows per rank
+DIMS3 = (7, 2)     # 7 = 3 + 3 + 1 features per rank; 2 leaves rank 2 no real feature
 
 
 def make_model() -> nn.Module:
@@ -102,16 +107,15 @@ def worker(rank: int, port: int, payload_path: str, out_dir: str) -> None:
         out["bn_types"] = sorted({type(m).__name__ for m in model.modules()
                                   if isinstance(m, nn.modules.batchnorm._BatchNorm)})
 
-    # D = ODD_DIM does not divide over the ranks: the gathered fallback.
-    z1, z2 = (payload[k][half].clone().requires_grad_() for k in ("odd1", "odd2"))
-    terms = bdist.distributed_barlow_twins_loss(z1, z2, LAMBD)
-    terms.loss.backward()
-    out["odd"] = {"terms": [t.detach() for t in terms], "grads": [z1.grad, z2.grad]}
+    # D = ODD_DIM does not divide over the ranks: padded feature blocks.
+    out["odd"] = {}
+    for name, loss_fn in (("sharded", bdist.distributed_barlow_twins_loss),
+                          ("gathered", bdist.gathered_barlow_twins_loss)):
+        z1, z2 = (payload[k][half].clone().requires_grad_() for k in ("odd1", "odd2"))
+        terms = loss_fn(z1, z2, LAMBD)
+        terms.loss.backward()
+        out["odd"][name] = {"terms": [t.detach() for t in terms], "grads": [z1.grad, z2.grad]}
     out["paths"] = list(paths)
-    try:
-        bdist.sharded_barlow_twins_loss(z1, z2, LAMBD)
-    except ValueError as e:
-        out["odd"]["sharded_error"] = str(e)
 
     rows = slice(0, BN_SPLIT) if rank == 0 else slice(BN_SPLIT, None)
     out["bn"] = []
@@ -122,6 +126,27 @@ def worker(rank: int, port: int, payload_path: str, out_dir: str) -> None:
     out["reduce_mean"] = bdist.reduce_mean(torch.tensor(float(rank)))
     out["broadcast"] = bdist.broadcast_object({"from": rank})
     bdist.barrier()
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    bdist.shutdown()
+
+
+def worker3(rank: int, port: int, payload_path: str, out_dir: str) -> None:
+    """Three ranks, embeddings whose dimension 3 does not divide: the sharded loss
+    with padded feature blocks, every variant."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(WORLD3), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    bdist.init(backend="gloo", timeout_s=60)
+    payload = torch.load(payload_path)
+    rows = slice(rank * BATCH3 // WORLD3, (rank + 1) * BATCH3 // WORLD3)
+    out = {}
+    for d in DIMS3:
+        for variant in VARIANTS:
+            z1, z2 = (payload[f"{k}{d}"][rows].clone().requires_grad_() for k in ("z1_", "z2_"))
+            terms = bdist.sharded_barlow_twins_loss(z1, z2, LAMBD, variant)
+            terms.loss.backward()
+            out[d, variant] = {"terms": [t.detach() for t in terms],
+                               "grads": [z1.grad, z2.grad]}
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     bdist.shutdown()
 
@@ -190,6 +215,30 @@ def reference(payload):
     return out
 
 
+@pytest.fixture(scope="module")
+def three(tmp_path_factory):
+    """(what the 3 ranks saw, the single-process loss and gradients) per (D, variant)."""
+    g = torch.Generator().manual_seed(5)
+    payload = {}
+    for d in DIMS3:
+        payload[f"z1_{d}"] = torch.randn(BATCH3, d, generator=g, dtype=torch.float64)
+        payload[f"z2_{d}"] = payload[f"z1_{d}"] + torch.randn(BATCH3, d, generator=g,
+                                                            dtype=torch.float64)
+    tmp = tmp_path_factory.mktemp("dist3")
+    torch.save(payload, tmp / "payload.pt")
+    mp.spawn(worker3, args=(free_port(), str(tmp / "payload.pt"), str(tmp)), nprocs=WORLD3)
+    ranks = [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD3)]
+    reference = {}
+    for d in DIMS3:
+        for variant in VARIANTS:
+            z1, z2 = (payload[f"{k}{d}"].clone().requires_grad_() for k in ("z1_", "z2_"))
+            terms = barlow_twins_loss(z1, z2, LAMBD, variant)
+            terms.loss.backward()
+            reference[d, variant] = {"terms": [t.detach() for t in terms],
+                                     "grads": [z1.grad, z2.grad]}
+    return ranks, reference
+
+
 def assert_close(got, want, msg=""):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-10, msg=lambda m: f"{msg}: {m}")
 
@@ -202,11 +251,12 @@ def test_environment(results):
         assert out["bn_types"] == ["GlobalBatchNorm"]
 
 
-def test_sharded_path_serves_divisible_dims_and_gathered_path_the_rest(results):
+def test_sharded_path_serves_every_dimension(results):
     for out in results:
-        assert out["paths"] == (["sharded_barlow_twins_loss"] * len(VARIANTS)
+        # Every distributed_barlow_twins_loss call, odd D included, then the explicit
+        # call of the gathered form the odd-D check compares with.
+        assert out["paths"] == (["sharded_barlow_twins_loss"] * (len(VARIANTS) + 1)
                                 + ["gathered_barlow_twins_loss"])
-        assert "divisible" in out["odd"]["sharded_error"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -241,15 +291,30 @@ def test_reference_code_scheme_divides_gradients_by_world_size(results, referenc
             assert_close(out["naive"][name] * WORLD, want, name)
 
 
-def test_gathered_fallback_when_dim_does_not_divide(results, reference):
+@pytest.mark.parametrize("impl", ["sharded", "gathered"])
+def test_loss_when_dim_does_not_divide(results, reference, impl):
     want = reference["odd"]
     for out in results:
-        for got, w in zip(out["odd"]["terms"], want["terms"]):
+        for got, w in zip(out["odd"][impl]["terms"], want["terms"]):
             assert_close(got, w, "loss terms")
     # Each rank's slice receives W·∂L/∂z_r, which DDP's average turns into ∂L/∂θ.
     for view in range(2):
-        got = torch.cat([out["odd"]["grads"][view] for out in results])
+        got = torch.cat([out["odd"][impl]["grads"][view] for out in results])
         assert_close(got / WORLD, want["grads"][view], f"view {view + 1} gradient")
+
+
+@pytest.mark.parametrize("d", DIMS3)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_three_ranks_shard_dimensions_they_do_not_divide(three, d, variant):
+    ranks, reference = three
+    want = reference[d, variant]
+    for out in ranks:
+        for got, w in zip(out[d, variant]["terms"], want["terms"]):
+            assert_close(got, w, "loss terms")
+    for view in range(2):
+        assert want["grads"][view].abs().max() > 0
+        got = torch.cat([out[d, variant]["grads"][view] for out in ranks])
+        assert_close(got / WORLD3, want["grads"][view], f"view {view + 1} gradient")
 
 
 @pytest.mark.parametrize("case", [0, 1], ids=["4d-momentum", "2d-cumulative"])

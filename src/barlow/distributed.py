@@ -191,17 +191,16 @@ def distributed_barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float,
                                   variant: Variant = "full") -> LossTerms:
     """`barlow_twins_loss` of the GLOBAL batch (all ranks' rows), identical on every rank.
 
-    One process: `barlow_twins_loss` itself. Several: `sharded_barlow_twins_loss` when
-    the dimension D divides over the W ranks, else `gathered_barlow_twins_loss`. Both
-    return the same global terms and give DDP the exact gradient (see each docstring);
-    the sharded one sends 0.28× the gather's bytes at paper scale (benchmarks/README.md).
-    Every rank must pass the same local batch size (drop the last incomplete batch).
+    One process: `barlow_twins_loss` itself. Several: `sharded_barlow_twins_loss`, for
+    any dimension D and world size W (the feature blocks are padded when W ∤ D). It
+    returns the same global terms and gives DDP the exact gradient (see its
+    docstring), sending 0.14× the reference's bytes at paper scale (W=32) and 0.15×
+    at W=24 (benchmarks/README.md). Every rank must pass the same local batch size
+    (drop the last incomplete batch).
     """
     if world_size() == 1:
         return barlow_twins_loss(z1, z2, lambd, variant)
-    if z1.ndim == 2 and z1.shape[1] % world_size() == 0:
-        return sharded_barlow_twins_loss(z1, z2, lambd, variant)
-    return gathered_barlow_twins_loss(z1, z2, lambd, variant)
+    return sharded_barlow_twins_loss(z1, z2, lambd, variant)
 
 
 def gathered_barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float,
@@ -219,9 +218,11 @@ def gathered_barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float,
     The reference code instead all-reduces c without autograd: each rank then obtains
     only ∂L/∂θ|_r and DDP's average divides the true gradient by W.
 
-    Sends 2·(W−1)/W·B·D elements forward (B the global batch) and as many backward.
-    Works for any D; `distributed_barlow_twins_loss` uses it only when W does not
-    divide D.
+    Sends 2·(W−1)/W·B·D elements forward (B the global batch) and as many backward:
+    fewer bytes than `sharded_barlow_twins_loss` only once the global B exceeds
+    D·(W−1)/W, and every rank then computes the whole loss. The training path uses the
+    sharded loss; this one stays as the simple form to compare with (tests,
+    benchmarks/bench_comm.py) and for such large-batch, small-D settings.
     """
     return barlow_twins_loss(gather_with_grad(z1), gather_with_grad(z2), lambd, variant)
 
@@ -231,8 +232,11 @@ def sharded_barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float,
     """`barlow_twins_loss` of the global batch with the D features sharded over W ranks.
 
     Rank r holds rows z_r (b = B/W of the global B) of all D features. One all-to-all
-    gives it instead all B rows of its feature block K_r (D/W features), so everything
-    per feature is local: with ẑ = `standardize` over the B rows,
+    gives it instead all B rows of its feature block K_r (k = ⌈D/W⌉ features; when W
+    does not divide D the features are zero-padded to W·k for the transport and the
+    padding is dropped on arrival, so the last blocks hold fewer, possibly no, real
+    features and nothing below sees a padded column), so everything per feature is
+    local: with ẑ = `standardize` over the B rows,
 
         c_ii  = Σ_b ẑ1_bi ẑ2_bi / B                       (i ∈ K_r)
         on_r  = Σ_{i∈K_r} (1 − c_ii)²,   dg_r = Σ_{i∈K_r} c_ii²
@@ -257,39 +261,40 @@ def sharded_barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float,
     small after DDP's average, as in the reference code.)
 
     Bytes sent per rank in ring collectives (elements × dtype size, f = (W−1)/W),
-    forward and the same again backward: all-to-all f·2·B·D/W (the embeddings' dtype),
+    forward and the same again backward: all-to-all f·2·B·k (the embeddings' dtype),
     reduce-scatter f·2·B² (float32), 3·2f scalars. The gather sends f·2·B·D each way,
     so this sends less iff B² < B·D·(1 − 1/W), i.e. global B < D·(W−1)/W; at paper
     scale (W=32, B=2048, D=8192) 0.14× the reference's all-reduce of c, the gather 0.50×.
-    Per-rank Gram compute is 2·B²·D/W multiply-adds, 1/W of the gathered loss's.
+    Padding adds W·k − D < W columns to the all-to-all: at W=24, D=8192 (k=342) 0.2 %
+    more of its bytes. Per-rank Gram compute is 2·B²·k multiply-adds, about 1/W of the
+    gathered loss's.
 
-    Requires D divisible by W and the same b on every rank. "invariance" needs no
-    Gram gradient, so the Grams are then computed without autograd: they only feed
-    the logged ``off_diag``, and the backward skips their all-gather.
+    Requires the same b on every rank. "invariance" needs no Gram gradient, so the
+    Grams are then computed without autograd: they only feed the logged ``off_diag``,
+    and the backward skips their all-gather.
     """
     if z1.shape != z2.shape or z1.ndim != 2:
         raise ValueError(f"expected two (batch, dim) tensors of one shape, got "
                          f"{tuple(z1.shape)} and {tuple(z2.shape)}")
     world = world_size()
     b_local, d = z1.shape
-    if d % world:
-        raise ValueError(f"feature sharding needs the dimension {d} divisible by the "
-                         f"{world} ranks; use gathered_barlow_twins_loss")
     n = b_local * world
     if n < 2:
         raise ValueError(f"batch statistics need at least 2 samples, got {n}")
-    k = d // world
+    k = -(-d // world)                              # ⌈D/W⌉ features per block
+    real = min(max(d - dist.get_rank() * k, 0), k)  # of them real on this rank
     group = dist.group.WORLD
     dtype = torch.promote_types(z1.dtype, torch.float32)
     with torch.autocast(z1.device.type, enabled=False):
         # Chunk s of the all-to-all input goes to rank s: this rank's rows of feature
         # block s, both views side by side, so one collective moves both. Sent in the
         # embeddings' own dtype (bf16 under autocast halves the bytes), cast after.
-        blocks = torch.stack([z1, z2]).reshape(2, b_local, world, k).permute(2, 1, 0, 3)
+        both = nn.functional.pad(torch.stack([z1, z2]), (0, world * k - d))
+        blocks = both.reshape(2, b_local, world, k).permute(2, 1, 0, 3)
         shard = funcol.all_to_all_single(blocks.reshape(n, 2 * k).contiguous(),
                                          None, None, group).to(dtype)
-        a = standardize(shard[:, :k])
-        b = standardize(shard[:, k:])
+        a = standardize(shard[:, :real])
+        b = standardize(shard[:, k:k + real])
         diag = (a * b).sum(dim=0) / n
         with torch.set_grad_enabled(torch.is_grad_enabled() and variant != "invariance"):
             grams = funcol.reduce_scatter_single(torch.cat([a @ a.T, b @ b.T], dim=1),

@@ -1,8 +1,7 @@
 """The Barlow Twins objective (Zbontar et al., ICML 2021, eq. 1) as a pure function.
 
 Cross-process reduction does not live here: ``barlow.distributed`` computes the same
-terms over all ranks' batch, sharding the features over the ranks (or, when the ranks
-do not divide D, gathering both views and calling :func:`barlow_twins_loss`).
+terms over all ranks' batch, sharding the features over the ranks.
 """
 
 from __future__ import annotations

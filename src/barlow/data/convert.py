@@ -9,7 +9,6 @@ valid-looking output.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from barlow.data.sources import DataError, Source
+from barlow.data.sources import DataError, Source, hash_file
 
 FIELDS = ("image", "label")
 
@@ -39,15 +38,25 @@ class _Samples:
     The RNG is reseeded per sample so that proportion mode's raw-or-JPEG draw
     (np.random inside ffcv) is the same for a given image whichever worker writes it:
     conversion is reproducible. A sample that cannot be loaded must not kill its worker:
-    ffcv's writer never notices a dead worker and would wait forever. Its error is
-    queued for the parent instead, and a 1×1 placeholder is written in its place (the
-    file is then discarded)."""
+    ffcv's writer never notices a dead worker and would wait forever. The first error
+    is queued for the parent instead (one message, so the queue's pipe never fills
+    and blocks a worker), and a 1×1 placeholder is written in its place and in place
+    of every later sample, which is then not even loaded (the file is discarded).
+
+    Each image is loaded (decoded) here once: the samples `image_stats` reads have
+    their per-channel histograms recorded on the way, in a table of at most
+    ``STATS_IMAGES`` rows that the forked workers share with the parent."""
 
     def __init__(self, source: Source, seed: int):
         import multiprocessing
 
         self.source, self.seed = source, seed
-        self.errors = multiprocessing.get_context("fork").SimpleQueue()
+        fork = multiprocessing.get_context("fork")
+        self.errors = fork.SimpleQueue()
+        self.failed = fork.Value("b", False)
+        self.stats_rows = {int(i): row for row, i in enumerate(stats_sample(len(source)))}
+        self.stats = np.frombuffer(fork.RawArray("d", len(self.stats_rows) * STATS_WIDTH),
+                                   dtype=np.float64).reshape(-1, STATS_WIDTH)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -55,37 +64,63 @@ class _Samples:
     def __getitem__(self, i: int) -> tuple:
         np.random.seed((self.seed * 1_000_003 + i) % 2**32)
         targets = self.source.targets
+        placeholder = (np.zeros((1, 1, 3), np.uint8), 0)
+        if self.failed.value:
+            return placeholder if targets is None else (*placeholder, targets[i])
         try:
             image = self.source.load(i)
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(f"expected an HxWx3 uint8 image, got {image.dtype} {image.shape}")
+            if i in self.stats_rows:
+                self.stats[self.stats_rows[i]] = image_stats_row(image)
             sample: tuple = (image, int(self.source.labels[i]))
         except Exception as err:  # noqa: BLE001 — reported by write_beton
-            self.errors.put(f"{self.source.name} {self.source.split}, image {i}: {err}")
-            sample = (np.zeros((1, 1, 3), np.uint8), 0)
+            with self.failed.get_lock():
+                if not self.failed.value:
+                    self.failed.value = True
+                    self.errors.put(f"{self.source.name} {self.source.split}, image {i}: {err}")
+            sample = placeholder
         return sample if targets is None else (*sample, targets[i])
 
 
-def image_stats(source: Source, max_images: int = 10_000) -> dict[str, Any]:
+#: Images `image_stats` reads at most, evenly spaced over the data set.
+STATS_IMAGES = 10_000
+#: A row of the statistics table: Σ and Σ² per channel, pixels, height, width.
+STATS_WIDTH = 9
+
+
+def stats_sample(n: int, max_images: int = STATS_IMAGES) -> np.ndarray:
+    """Indices of the images `image_stats` reads: at most ``max_images``, evenly spaced."""
+    return np.unique(np.linspace(0, n - 1, num=min(n, max_images)).astype(int))
+
+
+def image_stats_row(image: np.ndarray) -> np.ndarray:
+    """(Σ_c, Σ_c², pixels, height, width) of an HxWx3 uint8 image, c over R, G, B.
+
+    From PIL's 3×256-bin histogram h: Σ_c = Σ_v v·h_c(v), Σ_c² = Σ_v v²·h_c(v), exact
+    integers (float64 holds them exactly below 2^53, i.e. for any image up to ~10^11
+    pixels), about 30× faster than summing the image in float64 (2.7 against 81 ms for
+    500×375 px on the busy 2-core benchmark machine)."""
+    from PIL import Image
+
+    hist = np.asarray(Image.fromarray(image).histogram(), dtype=np.int64).reshape(3, 256)
+    values = np.arange(256, dtype=np.int64)
+    h, w = image.shape[:2]
+    return np.concatenate([hist @ values, hist @ values**2, [h * w, h, w]]).astype(np.float64)
+
+
+def image_stats(rows: np.ndarray) -> dict[str, Any]:
     """Per-channel mean/std in [0, 255] (for normalisation) and the image-size range,
-    from an evenly spaced sample of at most ``max_images`` images."""
-    idx = np.linspace(0, len(source) - 1, num=min(len(source), max_images)).astype(int)
-    total = np.zeros(3)
-    total_sq = np.zeros(3)
-    pixels = 0
-    heights, widths = [], []
-    for i in np.unique(idx):
-        img = source.load(int(i)).astype(np.float64)
-        heights.append(img.shape[0])
-        widths.append(img.shape[1])
-        total += img.sum(axis=(0, 1))
-        total_sq += (img ** 2).sum(axis=(0, 1))
-        pixels += img.shape[0] * img.shape[1]
+    from the `image_stats_row` rows of the `stats_sample` images:
+
+        mean_c = Σ Σ_c / Σ pixels,   std_c = sqrt(max(Σ Σ_c² / Σ pixels − mean_c², 0))"""
+    total, total_sq = rows[:, 0:3].sum(axis=0), rows[:, 3:6].sum(axis=0)
+    pixels = rows[:, 6].sum()
     mean = total / pixels
     std = np.sqrt(np.maximum(total_sq / pixels - mean ** 2, 0.0))
     return {"mean": [round(float(m), 4) for m in mean], "std": [round(float(s), 4) for s in std],
-            "height": [int(min(heights)), int(max(heights))],
-            "width": [int(min(widths)), int(max(widths))]}
+            "height": [int(rows[:, 7].min()), int(rows[:, 7].max())],
+            "width": [int(rows[:, 8].min()), int(rows[:, 8].max())]}
 
 
 def write_beton(source: Source, out: str | Path, settings: FfcvSettings, workers: int,
@@ -121,7 +156,7 @@ def write_beton(source: Source, out: str | Path, settings: FfcvSettings, workers
         writer.from_indexed_dataset(samples, chunksize=256)
         if not samples.errors.empty():
             raise DataError(samples.errors.get())
-        beton_sha = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        beton_sha = hash_file(tmp).hexdigest()
         counts = (np.bincount(source.labels, minlength=len(source.class_names))
                   if targets is None else (targets == 1).sum(axis=0))
         manifest = {
@@ -133,7 +168,7 @@ def write_beton(source: Source, out: str | Path, settings: FfcvSettings, workers
             "class_names": source.class_names,
             "class_counts": [int(c) for c in counts],
             "fields": {"image": "RGBImageField (HxWx3 uint8 RGB)", "label": "IntField"},
-            "resolution": image_stats(source),
+            "resolution": image_stats(samples.stats),
             "ffcv": {"write_mode": settings.write_mode, "max_resolution": settings.max_resolution,
                      "compress_probability": settings.compress_probability,
                      "jpeg_quality": settings.jpeg_quality, "seed": seed},

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import os
 import struct
 from concurrent.futures import ProcessPoolExecutor
@@ -26,6 +27,7 @@ from barlow.progress import Progress
 
 # Decoding a truncated file must fail, not pad the image with grey.
 Image.LOAD_TRUNCATED_IMAGES = False
+
 
 
 class DataError(ValueError):
@@ -57,6 +59,16 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
     if image.ndim == 2:
         image = image[:, :, None]
     return np.ascontiguousarray(np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image)
+
+
+def hash_file(path: str | Path, digest: Any = None) -> Any:
+    """``digest`` (a hashlib object; a new sha256 when None) updated with the bytes of
+    ``path``, read in 1 MiB pieces: no checksum holds a whole file in memory."""
+    digest = hashlib.sha256() if digest is None else digest
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest
 
 
 # ---------------------------------------------------------------- Fashion-MNIST (IDX)
@@ -99,9 +111,9 @@ def fashion_mnist(directory: str | Path, split: str) -> Source:
                         " are not N×H×W images with N labels")
     if labels.max() >= len(FASHION_MNIST_CLASSES):
         raise DataError(f"{label_file}: label {labels.max()} outside 0..9")
-    digest = hashlib.sha256(image_file.read_bytes() + label_file.read_bytes()).hexdigest()
+    digest = hash_file(label_file, hash_file(image_file))
     return Source("fashion_mnist", split, FASHION_MNIST_CLASSES, labels.astype(np.int64),
-                  lambda i: to_rgb(images[i]), digest)
+                  lambda i: to_rgb(images[i]), digest.hexdigest())
 
 
 # ---------------------------------------------------------------- in-memory arrays
@@ -124,8 +136,10 @@ def _array_source(name: str, split: str, images: np.ndarray, labels: np.ndarray,
     train, test = split_indices(labels, test_fraction, seed)
     keep = train if split == "train" else test
     images, labels = images[keep], labels[keep].astype(np.int64)
-    digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
-    return Source(name, split, class_names, labels, lambda i: to_rgb(images[i]), digest)
+    digest = hashlib.sha256(np.ascontiguousarray(images))
+    digest.update(np.ascontiguousarray(labels))
+    return Source(name, split, class_names, labels, lambda i: to_rgb(images[i]),
+                  digest.hexdigest())
 
 
 def digits(split: str, test_fraction: float, seed: int) -> Source:
@@ -156,13 +170,14 @@ def elpv(split: str, test_fraction: float, seed: int) -> Source:
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm"}
 
 
-def decode_image(path: Path) -> np.ndarray:
-    """Fully decode ``path`` to HxWx3 uint8 RGB. Grey, RGBA, CMYK, palette and 16-bit
-    images are converted; anything unreadable raises DataError naming the file."""
+def decode_image(path: Path, data: bytes | None = None) -> np.ndarray:
+    """Fully decode ``path`` (or ``data``, its bytes already read) to HxWx3 uint8 RGB.
+    Grey, RGBA, CMYK, palette and 16-bit images are converted; anything unreadable
+    raises DataError naming the file."""
     try:
-        if path.stat().st_size == 0:
+        if (len(data) if data is not None else path.stat().st_size) == 0:
             raise DataError(f"{path}: empty file (0 bytes)")
-        with Image.open(path) as img:
+        with Image.open(path if data is None else io.BytesIO(data)) as img:
             img.load()  # verify() misses truncation; a full decode does not
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
                 # 16/32-bit grey: map the 16-bit range 0..65535 onto 0..255 (an "I"
@@ -187,26 +202,42 @@ def decode_image(path: Path) -> np.ndarray:
         raise DataError(f"{path}: corrupt or truncated image ({err})") from None
 
 
-def _scan_one(path: str) -> tuple[str, str | None, str]:
-    """(path, error or None, sha256 of the bytes): decode once to find bad files."""
+def _hash_one(path: str) -> tuple[bytes, str | None]:
+    """(sha256 of the file's bytes; None or the read error)."""
+    try:
+        return hash_file(path).digest(), None
+    except OSError as err:
+        return b"", f"{path}: unreadable ({err})"
+
+
+def _decode_one(path: str) -> tuple[bytes, str | None]:
+    """(sha256 of the file's bytes, None or why it does not decode): one read serves
+    both."""
     p = Path(path)
     try:
-        digest = hashlib.sha256(p.read_bytes()).hexdigest()
+        data = p.read_bytes()
     except OSError as err:
-        return path, f"{p}: unreadable ({err})", ""
+        return b"", f"{p}: unreadable ({err})"
     try:
-        decode_image(p)
-        return path, None, digest
+        decode_image(p, data)
+        return hashlib.sha256(data).digest(), None
     except DataError as err:
-        return path, str(err), digest
+        return hashlib.sha256(data).digest(), str(err)
 
 
 def image_folder(root: str | Path, split: str, class_names: Sequence[str] | None,
                  skip_bad: bool, workers: int) -> Source:
-    """An ImageNet-layout tree ``root/<class>/<image>``. Every file is decoded once up
-    front (in ``workers`` processes) so a bad image stops the run before any output is
-    written, or, with ``skip_bad``, is left out and listed in the manifest.
-    ``class_names`` (from the train split) fixes the label order of other splits."""
+    """An ImageNet-layout tree ``root/<class>/<image>``; ``class_names`` (from the train
+    split) fixes the label order of other splits.
+
+    The checks that need no decoding come first and stop the run in seconds: class
+    folders present and equal to the train split's, none empty, every file with an
+    image suffix and not empty. Then every file is read once, in ``workers``
+    processes, for the inputs checksum. Images are decoded only by the writer
+    (`barlow.data.convert.write_beton`), which stops on the first bad one and writes
+    nothing. With ``skip_bad`` the bad files must be known before the writer fixes
+    the indices, so the read also decodes (a second decode of every image) and a bad
+    file is left out and listed in the manifest."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: ImageFolder directory not found")
@@ -220,7 +251,8 @@ def image_folder(root: str | Path, split: str, class_names: Sequence[str] | None
         extra = sorted(set(found) - set(class_names))
         raise DataError(f"{root}: class folders differ from the train split's"
                         f" (missing: {missing[:5]}, extra: {extra[:5]})")
-    files, labels = [], []
+    files: list[str] = []  # relative paths: the per-image memory is one short string
+    labels = []
     skipped: list[dict] = []
     for label, name in enumerate(class_names):
         members = sorted(p for p in (root / name).rglob("*") if p.is_file())
@@ -228,45 +260,59 @@ def image_folder(root: str | Path, split: str, class_names: Sequence[str] | None
             # An empty class would silently shift the meaning of every later label.
             raise DataError(f"{root / name}: empty class folder (no files)")
         for p in members:
-            if p.suffix.lower() in IMAGE_SUFFIXES:
-                files.append(p)
-                labels.append(label)
-            elif skip_bad:
-                skipped.append({"file": str(p.relative_to(root)), "error": "not an image file name"})
+            rel = os.path.relpath(p, root)
+            if p.suffix.lower() not in IMAGE_SUFFIXES:
+                problem = (f"{p}: not an image file (suffix {p.suffix!r};"
+                           f" expected one of {sorted(IMAGE_SUFFIXES)})")
+            elif p.stat().st_size == 0:
+                problem = f"{p}: empty file (0 bytes)"
             else:
-                raise DataError(f"{p}: not an image file (suffix {p.suffix!r};"
-                                f" expected one of {sorted(IMAGE_SUFFIXES)})")
+                files.append(rel)
+                labels.append(label)
+                continue
+            if not skip_bad:
+                raise DataError(problem)
+            skipped.append({"file": rel, "error": problem})
     digest = hashlib.sha256()
     good = _scan(files, root, skip_bad, workers, digest, skipped)
-    paths = [files[i] for i in good]
+    if len(good) < len(files):
+        files = [files[i] for i in good]
+        labels = [labels[i] for i in good]
     return Source(f"imagefolder:{root}", split, list(class_names),
-                  np.asarray([labels[i] for i in good], dtype=np.int64),
-                  lambda i: decode_image(paths[i]), digest.hexdigest(),
-                  files=[os.path.relpath(p, root) for p in paths], skipped=skipped)
+                  np.asarray(labels, dtype=np.int64),
+                  lambda i: decode_image(root / files[i]), digest.hexdigest(),
+                  files=files, skipped=skipped)
 
 
-def _scan(files: list[Path], root: Path, skip_bad: bool, workers: int, digest: Any,
+_SCAN_SLICE = 16_384
+
+
+def _scan(files: list[str], root: Path, decode: bool, workers: int, digest: Any,
           skipped: list[dict]) -> list[int]:
-    """Decode every file once, in ``workers`` processes, so that a bad image stops the
-    run before any output is written; return the indices of the readable ones. A bad
-    file raises DataError, or with ``skip_bad`` is appended to ``skipped``. ``digest``
-    (a hashlib object) takes ``relative path \\0 sha256 \\n`` of every file, in order."""
+    """Read every file (``root``/relative path) once, in ``workers`` processes, and
+    feed ``relative path \\0 sha256 \\n`` of each, in order, to ``digest`` (a hashlib
+    object); return the indices of the files to keep. With ``decode`` each file is
+    also decoded from the bytes read: a bad one is appended to ``skipped`` and left
+    out. Work is queued and results consumed in slices, so memory does not grow with
+    the number of files beyond the lists themselves."""
+    work = _decode_one if decode else _hash_one
     progress = Progress(f"scan {root}", len(files), "image")
-    results = []
-    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-        for result in pool.map(_scan_one, map(str, files), chunksize=64):
-            results.append(result)
-            progress.update(len(results))
     good = []
-    for i, (path, error, sha) in enumerate(results):
-        rel = os.path.relpath(path, root)
-        digest.update(f"{rel}\0{sha}\n".encode())
-        if error is None:
-            good.append(i)
-        elif skip_bad:
-            skipped.append({"file": rel, "error": error})
-        else:
-            raise DataError(error)
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        # Executor.map submits all its work at once: in slices, the queued paths and
+        # results stay bounded whatever the number of files.
+        for start in range(0, len(files), _SCAN_SLICE):
+            rels = files[start:start + _SCAN_SLICE]
+            results = pool.map(work, [str(root / f) for f in rels], chunksize=64)
+            for i, (rel, (sha, error)) in enumerate(zip(rels, results), start=start):
+                digest.update(f"{rel}\0{sha.hex()}\n".encode())
+                if error is None:
+                    good.append(i)
+                elif decode:
+                    skipped.append({"file": rel, "error": error})
+                else:
+                    raise DataError(error)
+                progress.update(i + 1)
     if not good:
         raise DataError(f"{root}: no readable images")
     return good
@@ -318,8 +364,8 @@ def voc07(root: str | Path, split: str, skip_bad: bool, workers: int) -> Source:
     present, -1 absent, 0 difficult) in VOC07_CLASSES order, rows in image-id order.
     Every class file of a split must list the same images. An image listed but absent
     from JPEGImages/ is always an error (an incomplete extraction would silently change
-    the benchmark); a corrupt one stops the run, or with ``skip_bad`` is left out and
-    listed in the manifest, as in ``image_folder``."""
+    the benchmark); a corrupt one stops the writer, or with ``skip_bad`` is left out
+    and listed in the manifest, as in ``image_folder``."""
     root = Path(root)
     for folder in (root, root / "JPEGImages", root / "ImageSets" / "Main"):
         if not folder.is_dir():
@@ -338,18 +384,20 @@ def voc07(root: str | Path, split: str, skip_bad: bool, workers: int) -> Source:
                             f" (extra: {extra[:5]}, missing: {missing[:5]})")
     digest = hashlib.sha256()
     for path in class_files:
-        sha = hashlib.sha256(path.read_bytes()).hexdigest()
-        digest.update(f"{path.relative_to(root)}\0{sha}\n".encode())
+        sha, error = _hash_one(str(path))
+        if error:
+            raise DataError(error)
+        digest.update(f"{path.relative_to(root)}\0{sha.hex()}\n".encode())
     ids = sorted(columns[0])
-    files = [root / "JPEGImages" / f"{image_id}.jpg" for image_id in ids]
+    files = [os.path.join("JPEGImages", f"{image_id}.jpg") for image_id in ids]
     for image_id, file in zip(ids, files):
-        if not file.is_file():
-            raise DataError(f"{file}: image {image_id} listed in {class_files[0]} is absent")
+        if not (root / file).is_file():
+            raise DataError(f"{root / file}: image {image_id} listed in {class_files[0]}"
+                            " is absent")
     skipped: list[dict] = []
     good = _scan(files, root, skip_bad, workers, digest, skipped)
     targets = np.array([[column[ids[i]] for column in columns] for i in good], dtype=np.int8)
-    paths = [files[i] for i in good]
+    files = [files[i] for i in good]
     return Source("voc07", split, list(VOC07_CLASSES), np.arange(len(good), dtype=np.int64),
-                  lambda i: decode_image(paths[i]), digest.hexdigest(),
-                  files=[os.path.relpath(p, root) for p in paths], skipped=skipped,
-                  targets=targets)
+                  lambda i: decode_image(root / files[i]), digest.hexdigest(),
+                  files=files, skipped=skipped, targets=targets)
