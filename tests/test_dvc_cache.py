@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 # A stage whose output is persisted and rewritten on every run the way
 # barlow.checkpoint.save_atomic and barlow.data.convert.write_beton write: a
 # temporary file, then os.replace.
-WRITE = ("import os, pathlib, sys; n = pathlib.Path('n.txt').read_text(); "
+WRITE = ("import os, pathlib; n = pathlib.Path('n.txt').read_text(); "
          "pathlib.Path('.out.tmp').write_bytes(n.encode() * (1 << 20)); "
          "os.replace('.out.tmp', 'out.bin')")
 
