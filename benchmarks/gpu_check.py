@@ -51,7 +51,15 @@ LIMITS = {"env": 60, "step": 90, "tests": 90, "fixture": 60, "paper": 180, "defa
 
 
 def sizes(smoke: bool) -> dict:
-    """Every size the sections use; --smoke: small enough for a 2-core CPU test."""
+    """Every size the sections use; --smoke: small enough for a 2-core CPU test;
+    GPU_CHECK_PAPER_STEPS (set by --paper-steps) shortens the paper run."""
+    steps = os.environ.get("GPU_CHECK_PAPER_STEPS")
+    if steps:
+        return {**_sizes(smoke), "paper_steps": int(steps)}
+    return _sizes(smoke)
+
+
+def _sizes(smoke: bool) -> dict:
     if smoke:
         return dict(classes=4, max_per_class=8, val_per_class=2, paper_resolution=32,
                     paper_batch=8, paper_steps=4, paper_projector="64-64-64",
@@ -310,6 +318,8 @@ def main() -> None:
                         help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes, CPU allowed: checks the flow, not the figures")
+    parser.add_argument("--paper-steps", type=int,
+                        help="steps of the paper run (default 120; a checkpoint at half-way)")
     parser.add_argument("--section", help=argparse.SUPPRESS)  # one section, in a child
     args = parser.parse_args()
     sys.path[:0] = [str(REPO / "src"), str(REPO / "benchmarks"), str(REPO)]
@@ -321,6 +331,8 @@ def main() -> None:
     unknown = sorted(set(chosen) - set(SECTIONS))
     if unknown:
         parser.error(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
+    if args.paper_steps:
+        os.environ["GPU_CHECK_PAPER_STEPS"] = str(args.paper_steps)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(REPO / "src"), str(REPO / "benchmarks"), str(REPO),
          os.environ.get("PYTHONPATH", "")])}
