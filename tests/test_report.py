@@ -258,3 +258,29 @@ def test_profile_snapshot_set_beside_this_run(fabricated: Path, tmp_path: Path) 
     result = CliRunner().invoke(report_cli, cmd[:-1] + [str(profiles / "bad.json")])
     assert result.exit_code == 2 and "no metrics for semisup" in result.output
     assert not (profiles / "bad.json").exists()
+
+
+def test_seed_replicas_are_told_apart_from_profiles() -> None:
+    params = {"pretrain": {"seed": 0, "epochs": 16, "workers": 2}, "linear": {"seed": 0}}
+    snap = lambda p: rp.profile_snapshot("x", "r", p, {})  # noqa: E731
+    other_seed = {"pretrain": {"seed": 1, "epochs": 16, "workers": 2}, "linear": {"seed": 1}}
+    longer = {"pretrain": {"seed": 1, "epochs": 32, "workers": 2}, "linear": {"seed": 1}}
+    assert rp.is_seed_replica(params, snap(other_seed))
+    assert not rp.is_seed_replica(params, snap(longer))      # another experiment
+    assert not rp.is_seed_replica(params, snap(params))      # the same run again
+
+
+def test_seed_rows_give_mean_and_sample_std_with_baselines() -> None:
+    this = {"linear/barlow/top1_best": 88.0, "linear/random_init/top1_best": 66.0,
+            "pretrain/knn_top1": 80.0}
+    replicas = [{"metrics": {"linear/barlow/top1_best": 89.0,
+                             "linear/random_init/top1_best": 67.0, "pretrain/knn_top1": 81.0}},
+                {"metrics": {"linear/barlow/top1_best": 90.5,
+                             "linear/random_init/top1_best": 65.0}}]
+    rows = rp.seed_rows(this, replicas, ["linear/barlow/top1_best", "pretrain/knn_top1"])
+    assert [r[0] for r in rows] == ["linear/barlow/top1_best", "linear/random_init/top1_best",
+                                    "pretrain/knn_top1"]
+    # mean 89.17, sample std sqrt(((−1.17)² + (−0.17)² + 1.33²) / 2) = 1.26
+    assert rows[0][1] == "89.2 ± 1.3 (n=3)" and rows[0][2:] == ["88.00", "89.00", "90.50"]
+    assert rows[1][1] == "66.0 ± 1.0 (n=3)"
+    assert rows[2][1] == "80.5 ± 0.7 (n=2)"  # a replica that did not log it is left out

@@ -131,6 +131,40 @@ def profile_rows(this_params: Mapping[str, Any], this_metrics: Mapping[str, floa
     return rows
 
 
+#: The baselines reported beside each Barlow Twins metric ("…/barlow/…" → "…/<name>/…").
+BASELINES = ("random_init", "raw_pixels", "scratch")
+
+
+def is_seed_replica(this_params: Mapping[str, Any], profile: Mapping[str, Any]) -> bool:
+    """A snapshot whose params differ from this run's only in keys named ``seed`` (and
+    the operational keys profile_rows skips): the same experiment, another seed."""
+    mine = flatten(this_params, ".")
+    theirs = profile["params"]
+    differ = {k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)}
+    return bool(differ) and all(k.rsplit(".", 1)[-1] == "seed" for k in differ)
+
+
+def seed_rows(this_metrics: Mapping[str, float], replicas: Sequence[Mapping[str, Any]],
+              metric_names: Sequence[str]) -> list[list[str]]:
+    """Rows "metric | mean ± std (n) | each seed's value" over this run and its seed
+    replicas, for METRIC_NAMES and, beside each Barlow Twins metric, its baselines
+    (the same name with random_init, raw_pixels or scratch for barlow) where logged.
+    std is the sample standard deviation (n − 1)."""
+    runs = [this_metrics] + [r["metrics"] for r in replicas]
+    names = []
+    for name in metric_names:
+        names.append(name)
+        if "/barlow/" in name:
+            names += [name.replace("/barlow/", f"/{b}/") for b in BASELINES
+                      if name.replace("/barlow/", f"/{b}/") in this_metrics]
+    rows = []
+    for name in names:
+        values = [m[name] for m in runs if m.get(name) is not None]
+        if values:
+            rows.append([name, _stat(values).text()] + [f"{v:.2f}" for v in values])
+    return rows
+
+
 # ---------------------------------------------------------------------- cross-correlation
 
 def cross_correlation(z1: Tensor, z2: Tensor) -> Tensor:
@@ -821,16 +855,28 @@ def build_document(inp: ReportInputs, report_cfg: Any) -> tuple[Document, dict[s
     doc.table(["source", "quantity", "paper", "this run", "not the same experiment because"],
               rows)
 
+    # -- seeds: snapshots of this very run with other seeds
+    replicas = [p for p in inp.profiles if is_seed_replica(inp.params, p)]
+    if replicas:
+        doc.heading("Seeds: this run's figures as mean ± std")
+        doc.para(f"This run and {len(replicas)} snapshot(s) of it that differ only in their "
+                 "seeds (reports/profiles/: "
+                 + ", ".join(f"{p['name']} at {str(p['rev'])[:10]}" for p in replicas)
+                 + "). Sample standard deviation; each seed's value follows, this run first.")
+        doc.table(["metric", "mean ± std", "this run"] + [p["name"] for p in replicas],
+                  seed_rows(metrics, replicas, report_cfg.profile_metrics))
+    others = [p for p in inp.profiles if p not in replicas]
+
     # -- other profiles
-    if inp.profiles:
+    if others:
         doc.heading("Profiles: this run beside the committed longer runs")
         doc.para("Each profile column is a snapshot of a finished run (reports/profiles/); "
                  "its dvc.lock and metrics are at the git revision named, so "
                  "`dvc metrics diff <rev>` compares it with the workspace. Params listed "
                  "are those on which a profile differs from this run.")
         doc.table(["quantity", "this run"] + [f"{p['name']} ({str(p['rev'])[:10]})"
-                                              for p in inp.profiles],
-                  profile_rows(inp.params, metrics, inp.profiles, report_cfg.profile_metrics))
+                                              for p in others],
+                  profile_rows(inp.params, metrics, others, report_cfg.profile_metrics))
 
     # -- pretraining
     doc.heading("Pretraining")
