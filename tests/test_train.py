@@ -138,7 +138,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkey
 
 
 def test_batch_must_split_over_processes():
-    cfg = from_mapping(PretrainConfig, {"batch_size": 10}, "pretrain")
+    cfg = from_mapping(PretrainConfig, {**PARAMS["pretrain"], "batch_size": 10}, "pretrain")
     with pytest.raises(ValueError, match=r"pretrain.batch_size: 10 is not divisible by the number of processes \(4\)"):
         cfg.check_world(4)
 
