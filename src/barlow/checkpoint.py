@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from barlow.config import diff_keys, fingerprint
+from barlow.interrupt import partial_path
 
 
 class CheckpointError(ValueError):
@@ -25,10 +27,11 @@ class CheckpointError(ValueError):
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary name, then rename: a crash never leaves a torn file."""
+    """torch.save to partial_path(path), then rename: a crash never leaves a torn file,
+    and the partial file a kill -9 leaves is the one the next save overwrites."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = partial_path(path)
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
@@ -89,8 +92,8 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
         raise CheckpointError(f"{path}: weights file not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001
-        raise CheckpointError(f"{path}: not a torch weights file ({err})") from None
+    except Exception:  # noqa: BLE001 — torch's message advises weights_only=False: wrong here
+        raise CheckpointError(f"{path}: {_not_weights(path)}") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -108,4 +111,21 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
                 f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}" if missing else "",
                 f"unexpected keys {unexpected[:5]}" if unexpected else "",
                 f"wrong shapes {wrong[:5]}" if wrong else ""])))
+    # A diverged run's weights load without complaint and evaluate to chance.
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{path}: non-finite weights (NaN or Inf) in {len(bad)} tensors,"
+                              f" first {bad[0]}: the run that wrote it diverged")
     backbone.load_state_dict(state, strict=False)
+
+
+def _not_weights(path: Path) -> str:
+    """What a file torch.load(weights_only=True) refused is, in words: torch.save
+    writes zip archives; one that holds more than tensors and plain containers is a
+    pickle of objects, such as this project's pretraining checkpoint.pt."""
+    if not zipfile.is_zipfile(path):
+        return ("not a torch weights file (not a torch.save archive); expected a backbone"
+                " state dict such as the pretrain stage's backbone.pt")
+    return ("a torch file holding objects other than tensors (a training checkpoint such"
+            " as checkpoint.pt?); expected a backbone state dict such as the pretrain"
+            " stage's backbone.pt")
