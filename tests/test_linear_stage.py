@@ -167,6 +167,39 @@ def test_mismatching_weights_give_one_line_error(setup, tmp_path):
     assert not (tmp_path / "live").exists()  # failed before any work
 
 
+def test_non_finite_weights_are_refused(setup, tmp_path):
+    """A diverged run's backbone (NaN weights) used to evaluate to chance with exit 0."""
+    state = torch.load(setup["weights"])
+    state["layer2.0.conv1.weight"] = torch.full_like(state["layer2.0.conv1.weight"], float("nan"))
+    torch.save(state, tmp_path / "diverged.pt")
+    result = invoke(setup, tmp_path, weights=tmp_path / "diverged.pt")
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr == (f"linear: error: {tmp_path / 'diverged.pt'}: non-finite weights"
+                             " (NaN or Inf) in 1 tensors, first layer2.0.conv1.weight: the run"
+                             " that wrote it diverged\n")
+    assert not (tmp_path / "live").exists()
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("checkpoint", "a torch file holding objects other than tensors (a training checkpoint"
+                   " such as checkpoint.pt?)"),
+    ("garbage", "not a torch weights file (not a torch.save archive)"),
+])
+def test_weights_that_are_no_state_dict_are_named(setup, tmp_path, kind, message):
+    """--weights given the pretraining checkpoint (numpy RNG state inside) or garbage:
+    one line naming the file and what it is, not torch's advice to unpickle anyway."""
+    path = tmp_path / f"{kind}.pt"
+    if kind == "checkpoint":
+        torch.save({"model": torch.load(setup["weights"]), "rng": np.random.get_state()}, path)
+    else:
+        path.write_bytes(b"\x00garbage" * 100)
+    result = invoke(setup, tmp_path, weights=path)
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.startswith(f"linear: error: {path}: {message}")
+    assert result.stderr.count("\n") == 1 and "weights_only" not in result.stderr
+    assert not (tmp_path / "live").exists()
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"lrr": 0.1}, "params: linear.lrr: unknown key"),
     ({"mode": "finetune"}, "linear.mode: 'finetune' is not one of"),
