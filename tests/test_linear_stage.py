@@ -134,7 +134,8 @@ def test_augmented_probe_leaves_the_backbone_unchanged(setup, tiny_ffcv):
     """BN running statistics would move if the backbone ran in train mode; its weights
     would move if the head's optimiser reached them."""
     mean, std = normalisation(read_manifest(tiny_ffcv / "train.beton"))
-    backbone = embedding("barlow", ModelConfig(**{**MODEL, "layers": (1, 1, 1, 1)}),
+    backbone = embedding("barlow", ModelConfig(**{**MODEL, "layers": (1, 1, 1, 1),
+                                                  "projector": "32-32"}),
                          setup["weights"], 0, torch.device("cpu"))
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
 

@@ -108,7 +108,7 @@ def test_resume_equals_uninterrupted(uninterrupted, data_dir, tmp_path):
 
 def test_checkpoint_from_another_config_is_refused(data_dir, tmp_path):
     run(setup_from(PARAMS), data_dir, tmp_path, stop_after_steps=3)
-    other = setup_from({**PARAMS, "loss": {"lambd": 0.01}})
+    other = setup_from({**PARAMS, "loss": {**PARAMS["loss"], "lambd": 0.01}})
     with pytest.raises(CheckpointError, match=r"loss\.lambd: 0\.0051 != 0\.01"):
         run(other, data_dir, tmp_path)
 
