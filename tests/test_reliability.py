@@ -397,6 +397,8 @@ def assert_refused(result, run: Path, line: str) -> None:
     ("pretrain", {"optimizer": "adam"}, "pretrain.optimizer: 'adam' is not one of"
      " ['lars', 'sgd', 'adamw']"),
     ("model", {"arch": "vit"}, "model.arch: 'vit' is not one of ['resnet50', 'small_resnet']"),
+    ("model", {"projector": "512-x"}, "model.projector: projector sizes '512-x': expected"
+     " positive integers joined by '-', e.g. '8192-8192-8192'"),
     # Non-finite numbers: refused by the one type check every float goes through.
     ("loss", {"lambd": float("inf")}, "loss.lambd: inf is not finite"),
     ("loss", {"lambd": float("nan")}, "loss.lambd: nan is not finite"),
@@ -485,5 +487,5 @@ def test_a_class_left_empty_by_skip_bad_is_refused(tmp_path):
                                               "--out", str(tmp_path / "ffcv")])
     assert (result.exit_code, result.stderr) == (2, (
         f"convert: error: imagefolder:{tree / 'train'} train: no images of class b"
-        " (1 skipped as unreadable)\n")), result.stderr
+        " (1 skipped by data.skip_bad)\n")), result.stderr
     assert not list((tmp_path / "ffcv").glob("*"))

@@ -25,6 +25,16 @@ from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _hooked = False
+_prctl_function = None
+
+
+def _prctl():
+    """libc's prctl, looked up once: a child forked from a threaded parent calls it
+    without a dynamic-loader lookup (whose lock another thread may have held)."""
+    global _prctl_function
+    if _prctl_function is None:
+        _prctl_function = ctypes.CDLL(None, use_errno=True).prctl
+    return _prctl_function
 
 
 def partial_path(path: str | Path) -> Path:
@@ -39,8 +49,7 @@ def die_with_parent() -> None:
     process, which for torchrun's workers and FFCV's writers is the main thread."""
     if not sys.platform.startswith("linux"):
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+    if _prctl()(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     # A parent that died before the call has already handed this process to init.
     if os.getppid() == 1:
@@ -51,5 +60,6 @@ def children_die_with_parent() -> None:
     """From now on, every process forked from this one dies with it (idempotent)."""
     global _hooked
     if not _hooked and sys.platform.startswith("linux"):
+        _prctl()
         os.register_at_fork(after_in_child=die_with_parent)
         _hooked = True

@@ -118,7 +118,7 @@ def write_beton(source: Source, out: str | Path, settings: FfcvSettings, workers
         # Every label would still be written, one class never: refused, not kept silently.
         raise DataError(f"{source.name} {source.split}: no images of class"
                         f" {', '.join(map(str, empty[:5]))}{' ...' if len(empty) > 5 else ''}"
-                        f" ({len(source.skipped)} skipped as unreadable)")
+                        f" ({len(source.skipped)} skipped by data.skip_bad)")
     fields = {
         "image": RGBImageField(write_mode=settings.write_mode,
                                max_resolution=settings.max_resolution,
@@ -235,5 +235,7 @@ def read_manifest(beton: str | Path) -> dict[str, Any]:
         raise DataError(f"{path}: manifest missing beside {beton}") from None
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: not a manifest (a JSON object) of the convert stage")
     check_beton(beton, manifest)
     return manifest
