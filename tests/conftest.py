@@ -4,24 +4,45 @@ run settings the pretraining tests use."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from barlow.config import read_params
 from barlow.data.convert import FfcvSettings, write_beton
 from barlow.data.sources import Source
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` applied key by key, mappings recursively."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = (merged(base[key], value)
+                    if isinstance(value, dict) and isinstance(base.get(key), dict) else value)
+    return out
+
+
+def repo_params(**changes: dict[str, Any]) -> dict[str, Any]:
+    """The repository's params.yaml with ``changes`` (section -> keys) applied: a whole
+    params file, as every stage requires (no key may be missing)."""
+    return merged(read_params(REPO / "params.yaml"), changes)
+
+
 # Runs of 2 epochs × 4 steps on 64 images, small enough for CPU tests.
-TINY_PARAMS = {
+TINY_PARAMS = repo_params(**{
     "model": {"arch": "small_resnet", "width": 4, "layers": [1, 1, 1, 1], "projector": "32-32"},
     "loss": {"lambd": 0.0051},
     "augment": {"resolution": 16, "crop_scale": [0.3, 1.0], "blur_sigma": [0.1, 0.5]},
     "pretrain": {"epochs": 2, "batch_size": 16, "warmup_epochs": 1.0, "workers": 1,
                  "checkpoint_every_steps": 3, "log_every_steps": 2, "knn_every_epochs": 1,
-                 "knn_k": 5, "knn_bank_size": 32, "precision": "fp32"},
-}
+                 "knn_k": 5, "knn_bank_size": 32, "precision": "fp32",
+                 # The paper's optimiser: the one path the quick profile does not take.
+                 "optimizer": "lars", "lr_weights": 0.2, "lr_biases": 0.0048,
+                 "weight_decay": 1.5e-6},
+})
 
 
 def tiny_source(split: str, n: int, seed: int) -> Source:

@@ -21,9 +21,9 @@ from PIL import Image
 from barlow.data import sources
 from barlow.data.convert import FfcvSettings, read_manifest, write_beton
 from barlow.data.sources import DataError
+from conftest import REPO, repo_params
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
-REPO = Path(__file__).resolve().parents[1]
 
 
 def read_back(beton: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -223,7 +223,7 @@ def test_transfer_sources_are_stratified_and_disjoint():
 def run_convert(tmp_path: Path, params: dict, *args: str) -> subprocess.CompletedProcess:
     import yaml
 
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(repo_params(**params)))
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     return subprocess.run([sys.executable, "-m", "stages.convert", *args, "--params",
                            str(tmp_path / "params.yaml")], cwd=REPO, env=env,
@@ -429,7 +429,7 @@ def convert_transfer(tmp_path, monkeypatch):
                             replace(tiny_source(split, 8, 0), name=name))
 
     def run(data: dict, out: Path):
-        (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": data}))
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(repo_params(data=data)))
         args = ["transfer", "--params", str(tmp_path / "params.yaml"), "--out", str(out)]
         return CliRunner().invoke(convert.cli, args)
 

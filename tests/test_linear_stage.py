@@ -21,20 +21,19 @@ from barlow.evaluate import extract_features
 from barlow.models import build_backbone
 from barlow.probe import SUMMARY_KEYS, Recipe, embedding, fit_and_test, probe_augmented
 from barlow.train import normalisation
+from conftest import REPO, repo_params
 from stages import linear
 
-REPO = Path(__file__).resolve().parents[1]
 EMBEDDINGS = ("barlow", "random_init", "raw_pixels")
 EPOCHS = 4
 MODEL = {"arch": "small_resnet", "width": 4, "layers": [1, 1, 1, 1]}
 
 
 def tiny_params(subsets_dir: Path, **linear_overrides) -> dict:
-    return {"data": {"subsets_dir": str(subsets_dir)}, "model": MODEL,
-            "augment": {"resolution": 16},
-            "linear": {"mode": "features", "epochs": EPOCHS, "batch_size": 16, "lr": 0.3,
-                       "crop_ratio": 1.0, "extract_batch_size": 32, "workers": 1,
-                       **linear_overrides}}
+    return repo_params(
+        data={"subsets_dir": str(subsets_dir)}, model=MODEL, augment={"resolution": 16},
+        linear={"mode": "features", "epochs": EPOCHS, "batch_size": 16, "lr": 0.3,
+                "crop_ratio": 1.0, "extract_batch_size": 32, "workers": 1, **linear_overrides})
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +134,8 @@ def test_augmented_probe_leaves_the_backbone_unchanged(setup, tiny_ffcv):
     """BN running statistics would move if the backbone ran in train mode; its weights
     would move if the head's optimiser reached them."""
     mean, std = normalisation(read_manifest(tiny_ffcv / "train.beton"))
-    backbone = embedding("barlow", ModelConfig(**{**MODEL, "layers": (1, 1, 1, 1)}),
+    backbone = embedding("barlow", ModelConfig(**{**MODEL, "layers": (1, 1, 1, 1),
+                                                  "projector": "32-32"}),
                          setup["weights"], 0, torch.device("cpu"))
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
 
@@ -168,6 +168,39 @@ def test_mismatching_weights_give_one_line_error(setup, tmp_path):
     assert not (tmp_path / "live").exists()  # failed before any work
 
 
+def test_non_finite_weights_are_refused(setup, tmp_path):
+    """A diverged run's backbone (NaN weights) used to evaluate to chance with exit 0."""
+    state = torch.load(setup["weights"])
+    state["layer2.0.conv1.weight"] = torch.full_like(state["layer2.0.conv1.weight"], float("nan"))
+    torch.save(state, tmp_path / "diverged.pt")
+    result = invoke(setup, tmp_path, weights=tmp_path / "diverged.pt")
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr == (f"linear: error: {tmp_path / 'diverged.pt'}: non-finite weights"
+                             " (NaN or Inf) in 1 tensors, first layer2.0.conv1.weight: the run"
+                             " that wrote it diverged\n")
+    assert not (tmp_path / "live").exists()
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("checkpoint", "a torch file holding objects other than tensors (a training checkpoint"
+                   " such as checkpoint.pt?)"),
+    ("garbage", "not a torch weights file (not a torch.save archive)"),
+])
+def test_weights_that_are_no_state_dict_are_named(setup, tmp_path, kind, message):
+    """--weights given the pretraining checkpoint (numpy RNG state inside) or garbage:
+    one line naming the file and what it is, not torch's advice to unpickle anyway."""
+    path = tmp_path / f"{kind}.pt"
+    if kind == "checkpoint":
+        torch.save({"model": torch.load(setup["weights"]), "rng": np.random.get_state()}, path)
+    else:
+        path.write_bytes(b"\x00garbage" * 100)
+    result = invoke(setup, tmp_path, weights=path)
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.startswith(f"linear: error: {path}: {message}")
+    assert result.stderr.count("\n") == 1 and "weights_only" not in result.stderr
+    assert not (tmp_path / "live").exists()
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"lrr": 0.1}, "params: linear.lrr: unknown key"),
     ({"mode": "finetune"}, "linear.mode: 'finetune' is not one of"),
@@ -191,11 +224,6 @@ def test_missing_val_subset_is_named(setup, tmp_path):
 def test_repo_params_section_loads():
     cfg = load_section(LinearConfig, "linear", REPO / "params.yaml")
     assert cfg.mode == "features" and set(cfg.baselines) == {"random_init", "raw_pixels"}
-    # The dataclass defaults are the paper's recipe.
-    paper = LinearConfig()
-    assert (paper.mode, paper.epochs, paper.lr, paper.batch_size, paper.schedule) == \
-        ("augment", 100, 0.3, 256, "cosine")
-    assert np.isclose(paper.weight_decay, 1e-6) and np.isclose(paper.crop_ratio, 0.875)
 
 
 def test_standardise_uses_the_training_split_statistics():

@@ -1,32 +1,60 @@
-"""Interruptions, faults and bad input on the real pretraining stage command.
+"""Interruptions, faults and bad input on the real stage commands.
 
-The stage runs in subprocesses exactly as dvc.yaml launches it, with numba's JIT off
-(NUMBA_DISABLE_JIT=1: the FFCV pipelines then start in a second instead of compiling)."""
+Kills land on the stage commands exactly as dvc.yaml launches them (subprocesses, each
+in a session of its own), with numba's JIT off (NUMBA_DISABLE_JIT=1: the FFCV pipelines
+then start in a second instead of compiling) unless a test says otherwise. Kill points
+come from a generator seeded with RELIABILITY_SEED (default 0) and are printed, so a
+failure names them and a rerun with the same seed aims at the same steps. Every process
+a test starts is killed when the test ends, passed or failed (the ``spawn`` fixture).
+Errors that need no kill run in-process through click's CliRunner, and their exact
+line is asserted. No test asserts a duration: a hang fails at a generous bound.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import psutil
 import pytest
 import torch
 import yaml
+from click.testing import CliRunner
+from PIL import Image
 
-from conftest import REPO, TINY_PARAMS
+from conftest import REPO, TINY_PARAMS, repo_params
+from stages import convert, pretrain
 
+SEED = int(os.environ.get("RELIABILITY_SEED", "0"))
 ENV = {**os.environ, "PYTHONPATH": str(REPO / "src"), "NUMBA_DISABLE_JIT": "1",
        "OMP_NUM_THREADS": "1"}
 TIMING = {"pairs_per_s", "epoch_time_s"}
+HANG_S = 300  # a bound for runs that should have progressed or ended long before
 # 4 epochs × 4 steps, checkpoints every 3 steps and at each epoch's end.
 PARAMS = {**TINY_PARAMS, "pretrain": {**TINY_PARAMS["pretrain"], "epochs": 4}}
+# What users run, less numba's JIT (minutes of compiling per process): precision auto
+# (bf16 on a CPU with native bf16), 2 FFCV threads and 2 torch threads per process;
+# 2 epochs × 4 steps, the cost of two processes on a 2-core CI runner.
+USER_PARAMS = {**PARAMS, "pretrain": {**PARAMS["pretrain"], "precision": "auto", "workers": 2,
+                                      "epochs": 2}}
+USER_ENV = {**ENV, "OMP_NUM_THREADS": "2"}
+
+
+def kill_points(test: str, choices: range, size: int) -> list[int]:
+    """``size`` distinct kill points from ``choices``, seeded and printed."""
+    rng = np.random.default_rng([SEED, *test.encode()])
+    points = sorted(int(p) for p in rng.choice(np.asarray(choices), size=size, replace=False))
+    print(f"{test}: kill points {points} (RELIABILITY_SEED={SEED})")
+    return points
 
 
 def stage_cmd(params: Path, data: Path, run: Path, nproc: int = 0) -> list[str]:
@@ -38,9 +66,34 @@ def stage_cmd(params: Path, data: Path, run: Path, nproc: int = 0) -> list[str]:
     return [sys.executable, *args]
 
 
-def launch(cmd: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+@pytest.fixture
+def spawn(tmp_path) -> Callable[..., subprocess.Popen]:
+    """Start a command in a session of its own, output to files under tmp_path; at the
+    end of the test, kill it and every descendant it was seen with (``adopt`` records
+    more: processes that a kill orphans leave its tree)."""
+    started: list[psutil.Process] = []
+
+    def start(cmd: list[str], env: dict = ENV, name: str = "run") -> subprocess.Popen:
+        out = open(tmp_path / f"{name}.stdout", "w")  # noqa: SIM115 — closed with the test
+        err = open(tmp_path / f"{name}.stderr", "w")  # noqa: SIM115
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err,
+                                start_new_session=True)
+        started.append(psutil.Process(proc.pid))
+        proc.outputs = (tmp_path / f"{name}.stdout", tmp_path / f"{name}.stderr")
+        return proc
+
+    start.adopt = lambda procs: started.extend(procs)
+    yield start
+    for proc in started:
+        try:
+            victims = [proc, *proc.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            victims = [proc]
+        for victim in victims:
+            try:
+                victim.kill()
+            except psutil.NoSuchProcess:
+                pass
 
 
 def logged_step(run: Path) -> int:
@@ -50,18 +103,30 @@ def logged_step(run: Path) -> int:
         return -1
 
 
-def wait_for_step(proc: subprocess.Popen, run: Path, target: int, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while logged_step(run) < target:
-        assert proc.poll() is None, f"ended early: {proc.communicate()[1][-2000:]}"
-        assert time.monotonic() < deadline, "timed out waiting for the run to progress"
+def wait_until(proc: subprocess.Popen, done: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + HANG_S
+    while not done():
+        if proc.poll() is not None:
+            pytest.fail(f"ended before {what}: {proc.outputs[1].read_text()[-2000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} within {HANG_S} s")
         time.sleep(0.05)
 
 
-def finish(cmd: list[str]) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+def finish(cmd: list[str], env: dict = ENV) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def workers_of(launcher: subprocess.Popen) -> list[psutil.Process]:
+    return [p for p in psutil.Process(launcher.pid).children(recursive=True)
+            if "stages.pretrain" in " ".join(p.cmdline())]
+
+
+def assert_all_end(procs: list[psutil.Process], what: str) -> None:
+    _, alive = psutil.wait_procs(procs, timeout=60)
+    assert not alive, f"{what} outlived their parent: {[p.cmdline() for p in alive]}"
 
 
 def curves(run: Path) -> dict[str, list[tuple[str, str]]]:
@@ -84,13 +149,19 @@ def assert_same_result(a: Path, b: Path) -> None:
     mb = json.loads((b / "live" / "metrics.json").read_text())["pretrain"]
     assert {k: v for k, v in ma.items() if k not in TIMING} == \
            {k: v for k, v in mb.items() if k not in TIMING}
+    # What the run leaves: the two products, no partial file.
+    assert sorted(p.name for p in (b / "out").iterdir()) == ["backbone.pt", "checkpoint.pt"]
+
+
+def write_params(folder: Path, params: dict, name: str = "params.yaml") -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump(params))
+    return path
 
 
 @pytest.fixture(scope="module")
 def params_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("params") / "params.yaml"
-    path.write_text(yaml.safe_dump(PARAMS))
-    return path
+    return write_params(tmp_path_factory.mktemp("params"), PARAMS)
 
 
 @pytest.fixture(scope="module")
@@ -100,75 +171,298 @@ def reference_run(tmp_path_factory, params_file, tiny_ffcv) -> Path:
     return run
 
 
-def test_same_seed_twice_gives_identical_results(reference_run, params_file, tiny_ffcv, tmp_path):
-    finish(stage_cmd(params_file, tiny_ffcv, tmp_path))
-    assert_same_result(reference_run, tmp_path)
-
+# ---------------------------------------------------------------- kills of pretraining
 
 def test_kill9_at_three_points_then_resume_equals_uninterrupted(
-        reference_run, params_file, tiny_ffcv, tmp_path):
-    rng = np.random.default_rng()
-    targets = sorted(rng.choice(np.arange(2, 15, 2), size=3, replace=False))  # of 16 steps
+        reference_run, params_file, tiny_ffcv, tmp_path, spawn):
     cmd = stage_cmd(params_file, tiny_ffcv, tmp_path)
-    for target in targets:
-        proc = launch(cmd)
-        wait_for_step(proc, tmp_path, int(target))
+    rng = np.random.default_rng(SEED)
+    for target in kill_points("kill9_one_process", range(2, 15, 2), 3):  # of 16 steps
+        proc = spawn(cmd)
+        wait_until(proc, lambda: logged_step(tmp_path) >= target, f"step {target}")
         time.sleep(rng.uniform(0, 0.3))  # somewhere inside a step, or a checkpoint write
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         (tmp_path / "live" / "metrics.json").unlink(missing_ok=True)
     result = finish(cmd)
-    assert "resumed from" in result.stdout, f"targets {targets}"
+    assert "pretrain: resumed from" in result.stdout
     assert_same_result(reference_run, tmp_path)
 
 
-def test_a_killed_rank_ends_the_run_then_repro_resumes(params_file, tiny_ffcv, tmp_path):
-    """2 gloo processes under torchrun; kill -9 one worker: the run ends with a message
-    naming the failure well within 60 s (no hang), and the next run resumes."""
+# The pretrain stage with one of its torch.save calls (all of them inside save_atomic)
+# followed by SIGKILL: the file is written under its partial name, not yet renamed.
+KILL_INSIDE_SAVE = """
+import os, runpy, signal, sys
+import torch
+kill_at, calls, save = int(sys.argv[1]), [0], torch.save
+def save_then_die(*args, **kwargs):
+    save(*args, **kwargs)
+    calls[0] += 1
+    if calls[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+torch.save = save_then_die
+sys.argv = ["stages.pretrain", *sys.argv[2:]]
+runpy.run_module("stages.pretrain", run_name="__main__")
+"""
+
+
+def test_kill_inside_the_atomic_checkpoint_write(reference_run, params_file, tiny_ffcv,
+                                                  tmp_path, spawn):
+    """The kill lands between the write of .checkpoint.pt.partial and its rename: the
+    last complete checkpoint stays loadable, and the rerun resumes from it, replaces the
+    partial file and ends as the uninterrupted run."""
+    (kill_at,) = kill_points("kill_inside_save", range(2, 7), 1)  # of ~9 saves
+    proc = spawn([sys.executable, "-c", KILL_INSIDE_SAVE, str(kill_at),
+                  *stage_cmd(params_file, tiny_ffcv, tmp_path)[3:]])
+    assert proc.wait(timeout=HANG_S) == -signal.SIGKILL
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == [".checkpoint.pt.partial", "checkpoint.pt"]
+    assert "step" in torch.load(out / "checkpoint.pt", weights_only=False)
+    (tmp_path / "live" / "metrics.json").unlink(missing_ok=True)
+    result = finish(stage_cmd(params_file, tiny_ffcv, tmp_path))
+    assert "pretrain: resumed from" in result.stdout
+    assert_same_result(reference_run, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def user_params_file(tmp_path_factory) -> Path:
+    return write_params(tmp_path_factory.mktemp("user_params"), USER_PARAMS)
+
+
+def test_kill9_of_two_processes_then_resume_equals_uninterrupted(
+        user_params_file, tiny_ffcv, tmp_path_factory, spawn):
+    """2 gloo processes under torchrun with the users' precision and threads: SIGKILL
+    to the launcher alone (its workers run in sessions of their own) ends the workers
+    too, and the resumed run equals an uninterrupted one."""
+    reference = tmp_path_factory.mktemp("reference_2p")
+    finish(stage_cmd(user_params_file, tiny_ffcv, reference, nproc=2), USER_ENV)
+    run = tmp_path_factory.mktemp("killed_2p")
+    cmd = stage_cmd(user_params_file, tiny_ffcv, run, nproc=2)
+    (target,) = kill_points("kill9_two_processes", range(4, 7), 1)  # of 8, past step 3's checkpoint
+    proc = spawn(cmd, USER_ENV)
+    wait_until(proc, lambda: logged_step(run) >= target, f"step {target}")
+    workers = workers_of(proc)
+    spawn.adopt(workers)
+    assert len(workers) == 2
+    proc.kill()
+    assert_all_end(workers, "torchrun's workers")
+    (run / "live" / "metrics.json").unlink(missing_ok=True)
+    result = finish(cmd, USER_ENV)
+    assert "pretrain: resumed from" in result.stdout
+    assert_same_result(reference, run)
+
+
+@pytest.mark.skipif(os.environ.get("RELIABILITY_JIT") != "1",
+                    reason="numba's JIT compiles for minutes per process: RELIABILITY_JIT=1")
+def test_kill9_with_the_jit_then_resume_equals_uninterrupted(
+        user_params_file, tiny_ffcv, tmp_path_factory, spawn):
+    """The users' run exactly: numba's JIT on as well (one process)."""
+    env = {k: v for k, v in USER_ENV.items() if k != "NUMBA_DISABLE_JIT"}
+    reference = tmp_path_factory.mktemp("reference_jit")
+    finish(stage_cmd(user_params_file, tiny_ffcv, reference), env)
+    run = tmp_path_factory.mktemp("killed_jit")
+    cmd = stage_cmd(user_params_file, tiny_ffcv, run)
+    (target,) = kill_points("kill9_jit", range(4, 7), 1)
+    proc = spawn(cmd, env)
+    wait_until(proc, lambda: logged_step(run) >= target, f"step {target}")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    (run / "live" / "metrics.json").unlink(missing_ok=True)
+    assert "pretrain: resumed from" in finish(cmd, env).stdout
+    assert_same_result(reference, run)
+
+
+def test_a_killed_rank_ends_the_run_then_repro_resumes(params_file, tiny_ffcv, tmp_path, spawn):
+    """2 gloo processes under torchrun; kill -9 one worker: the launcher ends (no hang),
+    its report names the killed worker, and the next run resumes."""
     cmd = stage_cmd(params_file, tiny_ffcv, tmp_path, nproc=2)
-    proc = launch(cmd)
-    wait_for_step(proc, tmp_path, 4)  # past the first epoch's checkpoint
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-               if "stages.pretrain" in " ".join(p.cmdline())]
+    proc = spawn(cmd)
+    wait_until(proc, lambda: logged_step(tmp_path) >= 4, "step 4")  # past epoch 1's checkpoint
+    workers = workers_of(proc)
+    spawn.adopt(workers)
     assert len(workers) == 2
     victim = max(workers, key=lambda p: int(p.environ().get("LOCAL_RANK", 0)))
-    killed_at = time.monotonic()
     victim.kill()
-    _, stderr = proc.communicate(timeout=60)
-    assert time.monotonic() - killed_at < 60
-    assert proc.returncode != 0
-    assert "Signal 9" in stderr or "SIGKILL" in stderr or "exitcode" in stderr, stderr[-2000:]
+    assert proc.wait(timeout=HANG_S) == 1
+    assert f"Signal 9 (SIGKILL) received by PID {victim.pid}" in proc.outputs[1].read_text()
     result = finish(cmd)
-    assert "resumed from" in result.stdout
+    assert "pretrain: resumed from" in result.stdout
     assert logged_step(tmp_path) == 16  # global batch 16 = 2 × 8: 4 steps × 4 epochs
+
+
+# ---------------------------------------------------------------- kills of convert
+
+def image_tree(root: Path, per_class: dict[str, int], size: int = 12) -> Path:
+    """An ImageFolder tree root/{train,val}/<class>/<i>.png of flat grey images."""
+    for split in ("train", "val"):
+        for label, (name, n) in enumerate(per_class.items()):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = np.full((size, size, 3), 40 * label + i, np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
+
+
+def convert_params(folder: Path, tree: Path, **data) -> Path:
+    return write_params(folder, repo_params(data={
+        "source": "imagefolder", "imagefolder_root": str(tree), "workers": 2, **data}))
+
+
+# The convert stage with FFCV's writer blocking on one image: a kill that lands
+# mid-write, with the writer processes and the resource tracker alive.
+BLOCK_IN_WRITER = """
+import os, runpy, sys, time
+from pathlib import Path
+from barlow.data import convert
+marker, block_at, get = Path(sys.argv[1]), int(sys.argv[2]), convert._Samples.__getitem__
+def blocking(self, i):
+    if i == block_at:
+        marker.write_text(str(os.getpid()))
+        time.sleep(3600)
+    return get(self, i)
+convert._Samples.__getitem__ = blocking
+sys.argv = ["stages.convert", *sys.argv[3:]]
+runpy.run_module("stages.convert", run_name="__main__")
+"""
+
+
+def test_kill9_of_convert_leaves_no_process_and_the_rerun_no_debris(tmp_path, spawn):
+    tree = image_tree(tmp_path / "tree", {"a": 20, "b": 20})
+    params = convert_params(tmp_path, tree)
+    out = tmp_path / "ffcv"
+    args = ["main", "--params", str(params), "--out", str(out)]
+    (block_at,) = kill_points("kill9_convert", range(40), 1)
+    marker = tmp_path / "blocked"
+    proc = spawn([sys.executable, "-c", BLOCK_IN_WRITER, str(marker), str(block_at), *args])
+    wait_until(proc, marker.exists, "the writer blocking")
+    children = psutil.Process(proc.pid).children(recursive=True)
+    spawn.adopt(children)
+    assert any("resource_tracker" in " ".join(p.cmdline()) for p in children), children
+    proc.kill()  # kill -9 of the stage's process alone, as a user's kill does
+    assert proc.wait(timeout=HANG_S) == -signal.SIGKILL
+    assert_all_end(children, "the writer processes and the resource tracker")
+    assert (out / ".train.beton.partial").is_file()  # found by name by the rerun
+    result = CliRunner().invoke(convert.cli, args)
+    assert result.exit_code == 0, result.output + result.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        f"{split}.{ext}" for split in ("test", "train") for ext in ("beton", "files.txt", "json")]
+
+
+# ---------------------------------------------------------------- outputs DVC owns
+
+def covered(path: str, outs: list) -> bool:
+    """Whether dvc.yaml ``outs`` (strings or {path: options}) include ``path``."""
+    names = [o if isinstance(o, str) else next(iter(o)) for o in outs]
+    return any(path == name or path.startswith(name.rstrip("/") + "/") for name in names)
+
+
+def test_every_file_convert_writes_is_a_dvc_output(tmp_path):
+    """DVC removes a stage's outputs before it reruns and restores them together; a
+    file the stage writes undeclared (the ImageFolder file lists) can outlive the data
+    it describes."""
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["convert"]
+    out_arg = stage["cmd"].split("--out ")[1].split()[0]
+    tree = image_tree(tmp_path / "tree", {"a": 3, "b": 3})
+    result = CliRunner().invoke(convert.cli, ["main", "--params",
+                                              str(convert_params(tmp_path, tree, workers=1)),
+                                              "--out", str(tmp_path / "repo" / out_arg)])
+    assert result.exit_code == 0, result.output + result.stderr
+    written = [p.relative_to(tmp_path / "repo").as_posix()
+               for p in (tmp_path / "repo").rglob("*") if p.is_file()]
+    assert "data/ffcv/train.files.txt" in written
+    assert [p for p in written if not covered(p, stage["outs"])] == []
+
+
+# ---------------------------------------------------------------- bad input, one line
+
+def run_pretrain(params: Path, data: Path, run: Path):
+    return CliRunner().invoke(pretrain.main, ["--params", str(params), "--data", str(data),
+                                              "--out", str(run / "out"),
+                                              "--live", str(run / "live")])
+
+
+def assert_refused(result, run: Path, line: str) -> None:
+    assert (result.exit_code, result.stderr) == (2, f"pretrain: error: {line}\n"), result.stderr
+    assert not (run / "out").exists() and not (run / "live").exists()
 
 
 @pytest.mark.parametrize("section, change, message", [
     ("loss", {"lambd": -0.1}, "loss.lambd: -0.1 is negative"),
-    ("loss", {"lamda": 0.1}, "loss.lamda: unknown key"),
-    ("augment", {"grayscale_p": 1.2}, "augment.grayscale_p: 1.2 is not a probability"),
-    ("augment", {"blur_p": [1.0, -0.1]}, r"augment.blur_p[1]: -0.1 is not a probability"),
-    ("pretrain", {"batch_size": "big"}, "pretrain.batch_size: expected an integer"),
-    ("pretrain", {"weight_decay": "1.5e-6"}, "write numbers unquoted"),
-    ("pretrain", {"optimizer": "adam"}, "pretrain.optimizer: 'adam' is not one of"),
-    ("model", {"projector": "512-x"}, "model.projector"),
-    ("model", {"arch": "vit"}, "model.arch: 'vit' is not one of"),
+    ("loss", {"lamda": 0.1}, "loss.lamda: unknown key (known keys: lambd, variant)"),
+    ("augment", {"grayscale_p": 1.2}, "augment.grayscale_p: 1.2 is not a probability in [0, 1]"),
+    ("augment", {"blur_p": [1.0, -0.1]}, "augment.blur_p[1]: -0.1 is not a probability in [0, 1]"),
+    ("pretrain", {"batch_size": "big"}, "pretrain.batch_size: expected an integer, got 'big'"),
+    ("pretrain", {"weight_decay": "1.5e-6"}, "pretrain.weight_decay: expected a number, got the"
+     " string '1.5e-6' (write numbers unquoted, e.g. 1.0e-3)"),
+    ("pretrain", {"optimizer": "adam"}, "pretrain.optimizer: 'adam' is not one of"
+     " ['lars', 'sgd', 'adamw']"),
+    ("model", {"arch": "vit"}, "model.arch: 'vit' is not one of ['resnet50', 'small_resnet']"),
+    ("model", {"projector": "512-x"}, "model.projector: projector sizes '512-x': expected"
+     " positive integers joined by '-', e.g. '8192-8192-8192'"),
+    # Non-finite numbers: refused by the one type check every float goes through.
+    ("loss", {"lambd": float("inf")}, "loss.lambd: inf is not finite"),
+    ("loss", {"lambd": float("nan")}, "loss.lambd: nan is not finite"),
+    ("pretrain", {"lr_weights": float("inf")}, "pretrain.lr_weights: inf is not finite"),
+    ("pretrain", {"warmup_epochs": -float("inf")}, "pretrain.warmup_epochs: -inf is not finite"),
 ])
 def test_bad_params_stop_before_any_work(tmp_path, tiny_ffcv, section, change, message):
-    params = {**PARAMS, section: {**PARAMS[section], **change}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = subprocess.run(stage_cmd(tmp_path / "params.yaml", tiny_ffcv, tmp_path),
-                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert message in result.stderr
-    assert not (tmp_path / "out").exists() and not (tmp_path / "live").exists()
+    params = write_params(tmp_path, {**PARAMS, section: {**PARAMS[section], **change}})
+    assert_refused(run_pretrain(params, tiny_ffcv, tmp_path), tmp_path, f"params: {message}")
+
+
+def test_a_number_beyond_float_range_is_not_finite(tmp_path, tiny_ffcv):
+    """1e400 reads as inf (YAML 1.2 floats, as DVC writes them)."""
+    params = write_params(tmp_path, PARAMS)
+    params.write_text(params.read_text().replace("lambd: 0.0051", "lambd: 1e400"))
+    assert_refused(run_pretrain(params, tiny_ffcv, tmp_path), tmp_path,
+                   "params: loss.lambd: inf is not finite")
+
+
+def test_an_unknown_section_is_refused(tmp_path, tiny_ffcv):
+    """`los:` for `loss:` was ignored, and the loss section's defaults used."""
+    params = write_params(tmp_path, {**{k: v for k, v in PARAMS.items() if k != "loss"},
+                                     "los": PARAMS["loss"]})
+    assert_refused(run_pretrain(params, tiny_ffcv, tmp_path), tmp_path,
+                   f"params: los: unknown section in {params} (known sections: data, loss,"
+                   " model, augment, pretrain, semisup, linear, transfer, report)")
+
+
+def test_a_missing_key_is_refused_not_defaulted(tmp_path, tiny_ffcv):
+    """A missing pretrain.epochs used to take the paper's 1000."""
+    pre = {k: v for k, v in PARAMS["pretrain"].items() if k != "epochs"}
+    params = write_params(tmp_path, {**PARAMS, "pretrain": pre})
+    assert_refused(run_pretrain(params, tiny_ffcv, tmp_path), tmp_path,
+                   "params: pretrain.epochs: missing (params.yaml must hold every key)")
 
 
 def test_missing_dataset_is_named(params_file, tmp_path):
-    result = subprocess.run(stage_cmd(params_file, tmp_path / "nodata", tmp_path), cwd=REPO,
-                            env=ENV, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    assert "nodata/train.beton: FFCV dataset not found" in result.stderr
+    assert_refused(run_pretrain(params_file, tmp_path / "nodata", tmp_path), tmp_path,
+                   f"{tmp_path / 'nodata' / 'train.beton'}: FFCV dataset not found"
+                   " (run the convert stage)")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("flip", "sha256 differs from its manifest's beton_sha256"),
+    ("truncate", "bytes do not match its header (truncated or appended to?)"),
+    ("append", "bytes do not match its header (truncated or appended to?)"),
+])
+def test_a_beton_changed_since_convert_is_refused(params_file, tiny_ffcv, tmp_path, damage,
+                                                  message):
+    """Outside DVC nothing else compares the file with its manifest."""
+    data = shutil.copytree(tiny_ffcv, tmp_path / "data")
+    beton = data / "train.beton"
+    blob = bytearray(beton.read_bytes())
+    if damage == "flip":
+        blob[len(blob) // 2] ^= 0xFF  # a byte of image data: same size, same header
+    elif damage == "truncate":
+        del blob[-10:]
+    else:
+        blob += b"\0" * 7
+    beton.write_bytes(bytes(blob))
+    result = run_pretrain(params_file, data, tmp_path)
+    size = f"{len(blob)} " if damage != "flip" else ""
+    assert_refused(result, tmp_path, f"{beton}: {size}{message}: changed since the convert"
+                   " stage wrote it; re-run the convert stage")
 
 
 def test_foreign_checkpoint_is_refused_by_the_stage(params_file, tiny_ffcv, tmp_path):
@@ -176,7 +470,22 @@ def test_foreign_checkpoint_is_refused_by_the_stage(params_file, tiny_ffcv, tmp_
     (tmp_path / "out").mkdir()
     torch.save({"config": {"loss": {"lambd": 0.5}}, "fingerprint": "other", "finished": False},
                tmp_path / "out" / "checkpoint.pt")
-    result = subprocess.run(stage_cmd(params_file, tiny_ffcv, tmp_path), cwd=REPO, env=ENV,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "made with another config" in result.stderr and "loss.lambd: 0.5 != 0.0051" in result.stderr
+    result = run_pretrain(params_file, tiny_ffcv, tmp_path)
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.startswith(f"pretrain: error: {tmp_path / 'out' / 'checkpoint.pt'}:"
+                                    " made with another config; differing keys: ")
+    assert "loss.lambd: 0.5 != 0.0051" in result.stderr
+    assert not (tmp_path / "live").exists()
+
+
+def test_a_class_left_empty_by_skip_bad_is_refused(tmp_path):
+    """data.skip_bad drops a class's only image: the class would be kept with none."""
+    tree = image_tree(tmp_path / "tree", {"a": 3, "b": 1})
+    (tree / "train" / "b" / "0.png").write_bytes(b"not a png")
+    params = convert_params(tmp_path, tree, skip_bad=True, workers=1)
+    result = CliRunner().invoke(convert.cli, ["main", "--params", str(params),
+                                              "--out", str(tmp_path / "ffcv")])
+    assert (result.exit_code, result.stderr) == (2, (
+        f"convert: error: imagefolder:{tree / 'train'} train: no images of class b"
+        " (1 skipped by data.skip_bad)\n")), result.stderr
+    assert not list((tmp_path / "ffcv").glob("*"))

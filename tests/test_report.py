@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from barlow import report as rp
-from barlow.config import ModelConfig, ReportConfig
+from barlow.config import ModelConfig, ReportConfig, load_section
 from barlow.models import Projector
 from barlow.train import build_model, seed_everything
 from conftest import REPO
@@ -155,7 +155,7 @@ def test_ablations_grouped_with_seeds(fabricated: Path) -> None:
     runs += [(params(seed=0, epochs=7), top1(99.0))]                # other budget
     parsed = rp.parse_exp_show(exp_show(runs, params()))
     assert [r["state"] for r in parsed].count("queued") == 1
-    cfg = ReportConfig()
+    cfg = load_section(ReportConfig, "report", REPO / "params.yaml")
     abl = rp.group_ablations(parsed, cfg.ablation_params, cfg.seed_param, cfg.ablation_metrics)
     assert abl.context == {"pretrain.epochs": 2} and abl.other_blocks == 1
     full = abl.studies["loss.variant"]["full"]["linear/barlow/top1_best"]

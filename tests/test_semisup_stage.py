@@ -15,9 +15,9 @@ from click.testing import CliRunner
 
 from barlow.data.subsets import balanced_subsets, check_class_counts, read_subset
 from barlow.models import build_backbone
+from conftest import REPO, repo_params
 from stages import semisup
 
-REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 COMMITTED = REPO / "data/subsets/fashion_mnist"
 KEYS = ("top1_best", "top5_best", "top1_last", "top5_last", "best_epoch", "val_top1_best",
@@ -26,13 +26,12 @@ EPOCHS = [3, 2]
 
 
 def tiny_params(subsets_dir: Path, **semisup_overrides) -> dict:
-    return {
-        "data": {"subsets_dir": str(subsets_dir)},
-        "model": {"arch": "small_resnet", "width": 4, "layers": [1, 1, 1, 1]},
-        "semisup": {"subsets": ["1percent", "10percent"], "epochs": EPOCHS, "batch_size": 8,
-                    "eval_batch_size": 32, "resolution": 16, "eval_crop_ratio": 1.0,
-                    "workers": 1, "channels_last": False, **semisup_overrides},
-    }
+    return repo_params(
+        data={"subsets_dir": str(subsets_dir)},
+        model={"arch": "small_resnet", "width": 4, "layers": [1, 1, 1, 1]},
+        semisup={"subsets": ["1percent", "10percent"], "epochs": EPOCHS, "batch_size": 8,
+                 "eval_batch_size": 32, "resolution": 16, "eval_crop_ratio": 1.0,
+                 "workers": 1, "channels_last": False, **semisup_overrides})
 
 
 @pytest.fixture(scope="module")

@@ -108,7 +108,7 @@ def test_resume_equals_uninterrupted(uninterrupted, data_dir, tmp_path):
 
 def test_checkpoint_from_another_config_is_refused(data_dir, tmp_path):
     run(setup_from(PARAMS), data_dir, tmp_path, stop_after_steps=3)
-    other = setup_from({**PARAMS, "loss": {"lambd": 0.01}})
+    other = setup_from({**PARAMS, "loss": {**PARAMS["loss"], "lambd": 0.01}})
     with pytest.raises(CheckpointError, match=r"loss\.lambd: 0\.0051 != 0\.01"):
         run(other, data_dir, tmp_path)
 
@@ -171,7 +171,7 @@ def test_nan_weights_after_an_update_are_never_checkpointed(data_dir, tmp_path, 
 
 
 def test_batch_must_split_over_processes():
-    cfg = from_mapping(PretrainConfig, {"batch_size": 10}, "pretrain")
+    cfg = from_mapping(PretrainConfig, {**PARAMS["pretrain"], "batch_size": 10}, "pretrain")
     with pytest.raises(ValueError, match=r"pretrain.batch_size: 10 is not divisible by the number of processes \(4\)"):
         cfg.check_world(4)
 

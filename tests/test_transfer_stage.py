@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +28,8 @@ from barlow.data.sources import Source
 from barlow.evaluate import voc07_svm_map, voc_devkit_targets
 from barlow.models import build_backbone
 from barlow.probe import SUMMARY_KEYS
+from conftest import REPO, repo_params
 from stages import transfer
-
-REPO = Path(__file__).resolve().parents[1]
 EMBEDDINGS = ("barlow", "random_init", "raw_pixels")
 EPOCHS = 6
 MODEL = {"arch": "small_resnet", "width": 4, "layers": [1, 1, 1, 1]}
@@ -65,11 +65,11 @@ def stage_args(setup: dict, tmp: Path, weights: Path | None = None, data: dict |
                **transfer_overrides) -> list[str]:
     """The stage's command-line arguments, after writing its params file into ``tmp``."""
     params = tmp / "params.yaml"
-    params.write_text(yaml.safe_dump({
-        "model": MODEL, "augment": {"resolution": 16}, "data": data or {},
-        "transfer": {"datasets": ["small", "large"], "epochs": EPOCHS, "batch_size": 16,
-                     "lr": 0.05, "crop_ratio": 1.0, "svm_costs": [0.1, 10.0], "svm_folds": 2,
-                     "extract_batch_size": 32, "workers": 1, **transfer_overrides}}))
+    params.write_text(yaml.safe_dump(repo_params(
+        model=MODEL, augment={"resolution": 16}, data=data or {},
+        transfer={"datasets": ["small", "large"], "epochs": EPOCHS, "batch_size": 16,
+                  "lr": 0.05, "crop_ratio": 1.0, "svm_costs": [0.1, 10.0], "svm_folds": 2,
+                  "extract_batch_size": 32, "workers": 1, **transfer_overrides})))
     args = ["--params", str(params), "--data", str(setup["root"] / "data"),
             "--pretrain-data", str(setup["pretrain"]),
             "--weights", str(weights or setup["weights"]), "--live", str(tmp / "live")]
@@ -163,9 +163,6 @@ def test_repo_params_section_loads():
     cfg = load_section(TransferConfig, "transfer", REPO / "params.yaml")
     assert cfg.datasets == ("digits", "elpv") and cfg.schedule == "step"
     assert cfg.epochs_per_dataset == {}
-    paper = TransferConfig()
-    assert (paper.lr, paper.epochs, paper.schedule) == (0.01, 14, "step")
-    assert np.isclose(paper.weight_decay, 5e-4)
 
 
 # ---------------------------------------------------------------- ImageFolder sets
@@ -187,7 +184,7 @@ def scenes(setup, tmp_path_factory) -> dict:
             path = tree / folder / source.class_names[source.labels[i]] / f"{i}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(source.load(i)).save(path)
-    cfg = DataConfig(workers=1)
+    cfg = replace(load_section(DataConfig, "data", REPO / "params.yaml"), workers=1)
     for source in image_folder_splits(tree, cfg):
         write_beton(source, setup["root"] / "data" / f"scenes_{source.split}.beton",
                     FfcvSettings(**vars(cfg.ffcv)), 1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from barlow.config import diff_keys, fingerprint
+from barlow.interrupt import partial_path
 
 
 class CheckpointError(ValueError):
@@ -31,10 +33,11 @@ def non_finite_keys(state: Mapping[str, Any]) -> list[str]:
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary name, then rename: a crash never leaves a torn file."""
+    """torch.save to partial_path(path), then rename: a crash never leaves a torn file,
+    and the partial file a kill -9 leaves is the one the next save overwrites."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = partial_path(path)
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
@@ -129,14 +132,14 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
         raise CheckpointError(f"{path}: weights file not found")
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001
-        raise CheckpointError(f"{path}: not a torch weights file ({str(err).splitlines()[0]});"
-                              f" {WEIGHTS_HINT}") from None
+    except Exception:  # noqa: BLE001 — torch's message advises weights_only=False: wrong here
+        raise CheckpointError(f"{path}: {_not_weights(path)}; {WEIGHTS_HINT}") from None
     state = {k: v for k, v in backbone_state(path, content).items() if not k.startswith("fc.")}
     broken = non_finite_keys(state)
     if broken:
-        # A diverged run's weights: every figure computed from them would be noise.
-        raise CheckpointError(f"{path}: non-finite (NaN/Inf) values in {broken[:5]}")
+        # A diverged run's weights load without complaint and evaluate to chance.
+        raise CheckpointError(f"{path}: non-finite weights (NaN or Inf) in {len(broken)}"
+                              f" tensors, first {broken[0]}: the run that wrote it diverged")
     own = backbone.state_dict()
     missing = sorted(k for k in own if k not in state and not k.startswith("fc."))
     unexpected = sorted(k for k in state if k not in own)
@@ -150,3 +153,13 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
                 f"unexpected keys {unexpected[:5]}" if unexpected else "",
                 f"wrong shapes {wrong[:5]}" if wrong else ""])))
     backbone.load_state_dict(state, strict=False)
+
+
+def _not_weights(path: Path) -> str:
+    """What a file torch.load(weights_only=True) refused is, in words: torch.save
+    writes zip archives; one that holds more than tensors and plain containers is a
+    pickle of objects, such as this project's pretraining checkpoint.pt."""
+    if not zipfile.is_zipfile(path):
+        return "not a torch weights file (not a torch.save archive)"
+    return ("a torch file holding objects other than tensors (a training checkpoint such"
+            " as this project's checkpoint.pt?)")

@@ -5,6 +5,11 @@ work starts. `dvc exp run -S key=value` edits params.yaml and nothing else, so t
 the one place where a mistyped key, a wrong type or an impossible value can be caught:
 each error names the full key (``pretrain.batch_size``) and what is wrong with it.
 
+params.yaml is the single source of values: the dataclasses hold types and checks, no
+defaults, so a key missing from params.yaml is an error rather than a silent fallback,
+a top-level section no stage knows (``los:`` for ``loss:``) is refused whichever stage
+reads the file, and every number must be finite (``.inf``, ``1e400``, ``.nan``).
+
 The dataclasses themselves live next to the code that uses them (``barlow.loss``,
 ``barlow.train``, ...); this module only knows how to fill and check them.
 """
@@ -12,9 +17,10 @@ The dataclasses themselves live next to the code that uses them (``barlow.loss``
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -92,7 +98,14 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
                 " (write numbers unquoted, e.g. 1.0e-3)")
         require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
                 f"expected a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond float's range
+            number = math.inf
+        # A non-finite value passes every range check written as a comparison (nan
+        # compares false, inf is "positive") and fails only mid-run: refused here, once.
+        require(math.isfinite(number), key, f"{value!r} is not finite")
+        return number
     if hint is int:
         require(isinstance(value, int) and not isinstance(value, bool), key,
                 f"expected an integer, got {value!r}")
@@ -108,7 +121,8 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
 
 def from_mapping(cls: type[T], mapping: Any, section: str) -> T:
     """Build dataclass ``cls`` from ``mapping``; unknown keys, wrong types and failed
-    checks raise ConfigError naming ``section.key``. Missing keys take the default."""
+    checks raise ConfigError naming ``section.key``, and so does a missing key: there
+    are no defaults (params.yaml holds every key)."""
     require(isinstance(mapping, Mapping), section,
             f"expected a mapping of keys, got {type(mapping).__name__}")
     hints = typing.get_type_hints(cls)
@@ -117,14 +131,10 @@ def from_mapping(cls: type[T], mapping: Any, section: str) -> T:
     require(not unknown, f"{section}.{unknown[0]}" if unknown else section,
             f"unknown key (known keys: {', '.join(sorted(fields))})")
     values = {}
-    for name, field in fields.items():
+    for name in fields:
         key = f"{section}.{name}"
-        if name in mapping:
-            values[name] = _check_type(mapping[name], hints[name], key)
-        else:
-            require(field.default is not dataclasses.MISSING
-                    or field.default_factory is not dataclasses.MISSING,
-                    key, "missing")
+        require(name in mapping, key, "missing (params.yaml must hold every key)")
+        values[name] = _check_type(mapping[name], hints[name], key)
     config = cls(**values)
     check = getattr(config, "check", None)
     if check is not None:
@@ -146,9 +156,14 @@ def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
 
 
 def load_section(cls: type[T], section: str, path: str | Path = "params.yaml") -> T:
-    """Load one section of params.yaml into ``cls``; a missing section uses defaults."""
+    """Load one section of params.yaml into ``cls``, after refusing a top-level section
+    that is none of SECTIONS (a misspelt one would otherwise be ignored by every stage)."""
     params = read_params(path)
-    return from_mapping(cls, params.get(section, {}), section)
+    unknown = sorted(set(params) - set(SECTIONS))
+    require(not unknown, unknown[0] if unknown else section,
+            f"unknown section in {path} (known sections: {', '.join(SECTIONS)})")
+    require(section in params, section, f"missing section in {path}")
+    return from_mapping(cls, params[section], section)
 
 
 def as_dict(config: Any) -> dict[str, Any]:
@@ -183,12 +198,13 @@ def _check_probability(value: float, key: str) -> None:
 
 @dataclass(frozen=True)
 class FfcvConfig:
-    """RGBImageField settings for ImageFolder sources (ffcv-imagenet's defaults)."""
+    """RGBImageField settings for ImageFolder sources (ffcv-imagenet uses proportion,
+    500, 0.5, 90)."""
 
-    write_mode: typing.Literal["raw", "jpg", "proportion", "smart"] = "proportion"
-    max_resolution: int = 500
-    compress_probability: float = 0.5
-    jpeg_quality: int = 90
+    write_mode: typing.Literal["raw", "jpg", "proportion", "smart"]
+    max_resolution: int
+    compress_probability: float
+    jpeg_quality: int
 
     def check(self, section: str) -> None:
         require(self.max_resolution >= 8, f"{section}.max_resolution", "must be >= 8")
@@ -206,21 +222,21 @@ _TRANSFER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 class DataConfig:
     """`data:` — what the convert stages read and how they write it."""
 
-    source: typing.Literal["fashion_mnist", "imagefolder"] = "fashion_mnist"
-    fashion_mnist_dir: str = "/usr/share/datasets/fashion-mnist"
-    imagefolder_root: str = ""
-    subsets_dir: str = "data/subsets/fashion_mnist"
-    skip_bad: bool = False
-    workers: int = 2
-    seed: int = 0
-    ffcv: FfcvConfig = FfcvConfig()
-    transfer_test_fraction: float = 0.25
-    elpv_resolution: int = 64
-    voc07_root: str = ""                # VOCdevkit/VOC2007; "" skips PASCAL VOC2007
-    voc07_resolution: int = 256         # longest side VOC2007 images are stored at
+    source: typing.Literal["fashion_mnist", "imagefolder"]
+    fashion_mnist_dir: str
+    imagefolder_root: str
+    subsets_dir: str
+    skip_bad: bool
+    workers: int
+    seed: int
+    ffcv: FfcvConfig
+    transfer_test_fraction: float
+    elpv_resolution: int
+    voc07_root: str  # VOCdevkit/VOC2007; "" skips PASCAL VOC2007
+    voc07_resolution: int  # longest side VOC2007 images are stored at
     # name -> root of an ImageFolder tree (train/<class>/*, val/<class>/*), converted
     # like data.imagefolder_root to <name>_{train,test}.beton; {} converts none.
-    transfer_folders: dict[str, str] = field(default_factory=dict)
+    transfer_folders: dict[str, str]
 
     def check(self, section: str) -> None:
         if self.source == "imagefolder":
@@ -247,8 +263,8 @@ class DataConfig:
 class LossConfig:
     """`loss:` — the Barlow Twins objective, on + λ·off (barlow.loss)."""
 
-    lambd: float = 0.005
-    variant: typing.Literal["full", "invariance", "redundancy"] = "full"
+    lambd: float
+    variant: typing.Literal["full", "invariance", "redundancy"]
 
     def check(self, section: str) -> None:
         require(self.lambd >= 0.0, f"{section}.lambd", f"{self.lambd} is negative")
@@ -258,10 +274,10 @@ class LossConfig:
 class ModelConfig:
     """`model:` — backbone and projector (barlow.models)."""
 
-    arch: typing.Literal["resnet50", "small_resnet"] = "small_resnet"
-    width: int = 64                       # small_resnet only: channels of the first stage
-    layers: tuple[int, ...] = (2, 2, 2, 2)  # small_resnet only: BasicBlocks per stage
-    projector: str = "8192-8192-8192"
+    arch: typing.Literal["resnet50", "small_resnet"]
+    width: int  # small_resnet only: channels of the first stage
+    layers: tuple[int, ...]  # small_resnet only: BasicBlocks per stage
+    projector: str
 
     def check(self, section: str) -> None:
         from barlow.models import parse_projector_sizes
@@ -279,18 +295,18 @@ class ModelConfig:
 class AugmentConfig:
     """`augment:` — the two asymmetric views (view A, view B) of barlow.augment."""
 
-    resolution: int = 224
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    flip_p: float = 0.5
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    grayscale_p: float = 0.2
-    blur_p: tuple[float, float] = (1.0, 0.1)
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    solarize_p: tuple[float, float] = (0.0, 0.2)
+    resolution: int
+    crop_scale: tuple[float, float]
+    flip_p: float
+    jitter_p: float
+    brightness: float
+    contrast: float
+    saturation: float
+    hue: float
+    grayscale_p: float
+    blur_p: tuple[float, float]
+    blur_sigma: tuple[float, float]
+    solarize_p: tuple[float, float]
 
     def check(self, section: str) -> None:
         require(self.resolution >= 8, f"{section}.resolution", "must be >= 8")
@@ -322,31 +338,31 @@ class AugmentConfig:
 class PretrainConfig:
     """`pretrain:` — optimisation, precision, checkpoints and monitoring (barlow.train)."""
 
-    epochs: int = 1000
-    batch_size: int = 2048            # global, over all processes
-    optimizer: typing.Literal["lars", "sgd", "adamw"] = "lars"
-    lr_weights: float = 0.2           # × batch_size/256
-    lr_biases: float = 0.0048         # × batch_size/256
-    weight_decay: float = 1.5e-6
-    momentum: float = 0.9
-    eta: float = 0.001                # LARS trust coefficient
-    warmup_epochs: float = 10.0
-    final_lr_ratio: float = 0.001
+    epochs: int
+    batch_size: int  # global, over all processes
+    optimizer: typing.Literal["lars", "sgd", "adamw"]
+    lr_weights: float  # × batch_size/256
+    lr_biases: float  # × batch_size/256
+    weight_decay: float
+    momentum: float
+    eta: float  # LARS trust coefficient
+    warmup_epochs: float
+    final_lr_ratio: float
     # auto: bf16 on a CPU with native bf16 or a bf16 GPU, fp16 on older GPUs, else fp32
     # (barlow.train.resolve_precision).
-    precision: typing.Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
-    channels_last: bool = True
-    compile: bool = False
-    seed: int = 0
-    nproc_per_node: int = 1
-    workers: int = 2                  # FFCV decoding threads per process
-    checkpoint_every_steps: int = 500
-    log_every_steps: int = 20
-    knn_every_epochs: int = 1         # 0: no kNN monitor
-    knn_k: int = 200
-    knn_temperature: float = 0.1
-    knn_bank_size: int = 10000        # training images in the kNN memory bank
-    collective_timeout_s: float = 60.0
+    precision: typing.Literal["auto", "fp32", "bf16", "fp16"]
+    channels_last: bool
+    compile: bool
+    seed: int
+    nproc_per_node: int
+    workers: int  # FFCV decoding threads per process
+    checkpoint_every_steps: int
+    log_every_steps: int
+    knn_every_epochs: int  # 0: no kNN monitor
+    knn_k: int
+    knn_temperature: float
+    knn_bank_size: int  # training images in the kNN memory bank
+    collective_timeout_s: float
 
     def check(self, section: str) -> None:
         require(self.epochs >= 1, f"{section}.epochs", "must be >= 1")
@@ -399,23 +415,23 @@ def _check_probe(cfg: Any, section: str) -> None:
 @dataclass(frozen=True)
 class LinearConfig:
     """`linear:` — linear evaluation of the frozen backbone and its baselines
-    (stages/linear.py). Defaults are the paper's recipe (recipe.md, Linear evaluation)."""
+    (stages/linear.py). The paper's recipe is configs/paper.yaml's (recipe.md)."""
 
-    mode: typing.Literal["features", "augment"] = "augment"  # features: cached, no aug
-    epochs: int = 100
-    batch_size: int = 256
-    lr: float = 0.3
-    momentum: float = 0.9
-    weight_decay: float = 1e-6
-    schedule: typing.Literal["cosine", "step"] = "cosine"
-    crop_ratio: float = 224 / 256      # val/test: centre crop of this share, then resize
-    train_crop_scale: tuple[float, float] = (0.08, 1.0)  # augment mode's RandomResizedCrop
-    baselines: tuple[ProbeBaseline, ...] = ("random_init", "raw_pixels")
-    precision: typing.Literal["fp32", "bf16", "fp16"] = "fp32"
-    extract_batch_size: int = 1024     # feature extraction only; no effect on results
-    workers: int = 2
-    seed: int = 0                      # head init, batch order, augmentations, random init
-    nproc_per_node: int = 1            # torchrun processes (GPUs) per node; docs/multi-gpu.md
+    mode: typing.Literal["features", "augment"]  # features: cached, no aug
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    schedule: typing.Literal["cosine", "step"]
+    crop_ratio: float  # val/test: centre crop of this share, then resize
+    train_crop_scale: tuple[float, float]  # augment mode's RandomResizedCrop
+    baselines: tuple[ProbeBaseline, ...]
+    precision: typing.Literal["fp32", "bf16", "fp16"]
+    extract_batch_size: int  # feature extraction only; no effect on results
+    workers: int
+    seed: int  # head init, batch order, augmentations, random init
+    nproc_per_node: int  # processes (GPUs) per node; docs/multi-gpu.md
 
     def check(self, section: str) -> None:
         _check_probe(self, section)
@@ -434,31 +450,31 @@ class TransferConfig:
     """`transfer:` — frozen-feature transfer to the offline sets (stages/transfer.py):
     linear heads with the Places-205 recipe (recipe.md, Transfer) and VOC07-style SVMs."""
 
-    datasets: tuple[str, ...] = ("digits", "elpv")  # <data>/<name>_{train,test}.beton
-    val_fraction: float = 0.2          # stratified share of each train set for epoch choice
-    epochs: int = 14
+    datasets: tuple[str, ...]  # <data>/<name>_{train,test}.beton
+    val_fraction: float  # stratified share of each train set for epoch choice
+    epochs: int
     # name -> the linear head's epochs on that set, overriding `epochs` (the paper:
     # Places-205 14, iNat18 84); see check_datasets for the names allowed.
-    epochs_per_dataset: dict[str, int] = field(default_factory=dict)
-    batch_size: int = 256
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: typing.Literal["cosine", "step"] = "step"
-    crop_ratio: float = 224 / 256
-    baselines: tuple[ProbeBaseline, ...] = ("random_init", "raw_pixels")
-    svm_costs: tuple[float, ...] = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
-    svm_folds: int = 3
-    svm_max_iter: int = 2000
-    svm_jobs: int = 1                  # processes for the cross-validation folds
-    precision: typing.Literal["fp32", "bf16", "fp16"] = "fp32"
-    extract_batch_size: int = 1024
-    workers: int = 2
-    seed: int = 0
-    nproc_per_node: int = 1            # torchrun processes (GPUs) per node; docs/multi-gpu.md
+    epochs_per_dataset: dict[str, int]
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    schedule: typing.Literal["cosine", "step"]
+    crop_ratio: float
+    baselines: tuple[ProbeBaseline, ...]
+    svm_costs: tuple[float, ...]
+    svm_folds: int
+    svm_max_iter: int
+    svm_jobs: int  # processes for the cross-validation folds
+    precision: typing.Literal["fp32", "bf16", "fp16"]
+    extract_batch_size: int
+    workers: int
+    seed: int
+    nproc_per_node: int  # processes (GPUs) per node; docs/multi-gpu.md
     # Every rank fits the SVMs alike, then waits in the next set's feature gather for
     # the slowest: minutes apart at VOC07 scale, so far above pretrain's 60 s.
-    collective_timeout_s: float = 1800.0
+    collective_timeout_s: float
 
     def check(self, section: str) -> None:
         _check_probe(self, section)
@@ -495,29 +511,28 @@ class TransferConfig:
 class SemisupConfig:
     """`semisup:` — fine-tuning on label subsets (paper Table 2) and the supervised
     from-scratch baseline, same recipe (stages/semisup.py, barlow.evaluate.finetune).
+    The paper's ImageNet recipe is configs/paper.yaml's."""
 
-    Defaults are the paper's ImageNet recipe; params.yaml scales them to the data."""
-
-    subsets: tuple[str, ...] = ("1percent", "10percent")  # files <data.subsets_dir>/<name>.txt
-    val_subset: str = "val"             # held-out training images that choose the epoch
-    epochs: tuple[int, ...] = (20, 20)  # one per entry of subsets, in the same order
-    batch_size: int = 256
-    lr_backbone: float = 0.005          # fine-tuning from the pretrained weights
-    lr_head: float = 0.5
-    scratch_lr_backbone: float = 0.005  # the from-scratch baseline's own learning rates
-    scratch_lr_head: float = 0.5
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    schedule: typing.Literal["cosine", "step"] = "cosine"
-    resolution: int = 224               # side of the train crops and the val/test crops
-    train_crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop's area range
-    eval_crop_ratio: float = 0.875      # val/test centre crop: 224/256; 1.0 keeps 28 px whole
-    eval_batch_size: int = 256
-    precision: typing.Literal["fp32", "bf16", "fp16"] = "fp32"
-    channels_last: bool = True
-    seed: int = 0                       # scratch init, head init, sample order, augmentations
-    workers: int = 2                    # FFCV decoding threads
-    nproc_per_node: int = 1             # torchrun processes (GPUs) per node; docs/multi-gpu.md
+    subsets: tuple[str, ...]  # files <data.subsets_dir>/<name>.txt
+    val_subset: str  # held-out training images that choose the epoch
+    epochs: tuple[int, ...]  # one per entry of subsets, in the same order
+    batch_size: int
+    lr_backbone: float  # fine-tuning from the pretrained weights
+    lr_head: float
+    scratch_lr_backbone: float  # the from-scratch baseline's own learning rates
+    scratch_lr_head: float
+    weight_decay: float
+    momentum: float
+    schedule: typing.Literal["cosine", "step"]
+    resolution: int  # side of the train crops and the val/test crops
+    train_crop_scale: tuple[float, float]  # RandomResizedCrop's area range
+    eval_crop_ratio: float  # val/test centre crop: 224/256; 1.0 keeps 28 px whole
+    eval_batch_size: int
+    precision: typing.Literal["fp32", "bf16", "fp16"]
+    channels_last: bool
+    seed: int  # scratch init, head init, sample order, augmentations
+    workers: int  # FFCV decoding threads
+    nproc_per_node: int  # processes (GPUs) per node; docs/multi-gpu.md
 
     def check(self, section: str) -> None:
         require(len(self.subsets) >= 1, f"{section}.subsets", "must name at least one subset")
@@ -547,20 +562,19 @@ class SemisupConfig:
 class ReportConfig:
     """`report:` — the reproduction report (stages/report.py, barlow.report)."""
 
-    cc_images: int = 512               # held-out test images for the cross-correlation
-    cc_batch_size: int = 256           # forward-pass chunk; eval-mode BN, so no effect on c
-    cc_views: typing.Literal["augmented", "identical"] = "augmented"
-    cc_block: int = 64                 # top-left block of c drawn (D can be 8192)
-    cc_seed: int = 0                   # the augmentations of the held-out views
-    workers: int = 1
+    cc_images: int  # held-out test images for the cross-correlation
+    cc_batch_size: int  # forward-pass chunk; eval-mode BN, so no effect on c
+    cc_views: typing.Literal["augmented", "identical"]
+    cc_block: int  # top-left block of c drawn (D can be 8192)
+    cc_seed: int  # the augmentations of the held-out views
+    workers: int
     # Ablation tables: the params scripts/ablations.sh sweeps, the seed param averaged
     # over, and the metrics tabulated (the first one present is plotted).
-    ablation_params: tuple[str, ...] = ("loss.lambd", "loss.variant", "pretrain.batch_size",
-                                        "model.projector")
-    seed_param: str = "pretrain.seed"
-    ablation_metrics: tuple[str, ...] = ("linear/barlow/top1_best", "pretrain/knn_top1")
+    ablation_params: tuple[str, ...]
+    seed_param: str
+    ablation_metrics: tuple[str, ...]
     # Profiles table: these metrics of this run beside each committed profile snapshot.
-    profile_metrics: tuple[str, ...] = ("linear/barlow/top1_best", "pretrain/knn_top1")
+    profile_metrics: tuple[str, ...]
 
     def check(self, section: str) -> None:
         for name in ("cc_images", "cc_batch_size", "cc_block", "workers"):
@@ -568,3 +582,10 @@ class ReportConfig:
         require(self.cc_images >= 2, f"{section}.cc_images", "needs at least 2 images")
         require(len(self.ablation_metrics) >= 1, f"{section}.ablation_metrics",
                 "must name at least one metric")
+
+
+#: params.yaml's top-level sections and their dataclasses.
+SECTIONS: dict[str, type] = {
+    "data": DataConfig, "loss": LossConfig, "model": ModelConfig, "augment": AugmentConfig,
+    "pretrain": PretrainConfig, "semisup": SemisupConfig, "linear": LinearConfig,
+    "transfer": TransferConfig, "report": ReportConfig}

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
+from barlow.interrupt import die_with_parent
 from barlow.loss import LossTerms, Variant, barlow_twins_loss, combine, standardize
 
 
@@ -60,6 +61,10 @@ def init(backend: str | None = None, timeout_s: float = 60.0) -> DistEnv:
     if not under_torchrun():
         device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
         return DistEnv(rank=0, local_rank=0, world_size=1, device=device)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # torchrun starts each worker in a session of its own: a launcher killed by
+        # SIGKILL could not stop it, and it would train on, orphaned.
+        die_with_parent()
     rank = int(os.environ["RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))

@@ -1,0 +1,65 @@
+"""What a killed run leaves behind: no file that looks valid, no stale file that
+nothing removes, and no process that outlives it.
+
+Files appear whole or not at all: each is written under ``partial_path(target)``, a
+fixed hidden name beside the target, then renamed onto it. The name holds no process
+id, so a run killed mid-write (kill -9 runs no cleanup) leaves at most one partial file
+per target, and the next run of the stage writes over that same name and removes it.
+
+Processes die with their parent: ``die_with_parent`` asks Linux (prctl
+PR_SET_PDEATHSIG) to SIGKILL the calling process when its parent dies, however it dies
+(SIGKILL included, which no handler in the parent can forward). The torchrun workers
+call it (barlow.distributed.init); ``children_die_with_parent`` makes every process
+forked afterwards call it too (FFCV's writer processes). Python's multiprocessing
+resource tracker then follows by itself: it exits, unlinking the shared memory it
+tracks, once the last process holding its pipe has gone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_hooked = False
+_prctl_function = None
+
+
+def _prctl():
+    """libc's prctl, looked up once: a child forked from a threaded parent calls it
+    without a dynamic-loader lookup (whose lock another thread may have held)."""
+    global _prctl_function
+    if _prctl_function is None:
+        _prctl_function = ctypes.CDLL(None, use_errno=True).prctl
+    return _prctl_function
+
+
+def partial_path(path: str | Path) -> Path:
+    """Where ``path`` is written before the rename that makes it appear."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.partial")
+
+
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent exits (Linux; a no-op
+    elsewhere). The death signal is tied to the parent thread that created this
+    process, which for torchrun's workers and FFCV's writers is the main thread."""
+    if not sys.platform.startswith("linux"):
+        return
+    if _prctl()(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    # A parent that died before the call has already handed this process to init.
+    if os.getppid() == 1:
+        os._exit(1)
+
+
+def children_die_with_parent() -> None:
+    """From now on, every process forked from this one dies with it (idempotent)."""
+    global _hooked
+    if not _hooked and sys.platform.startswith("linux"):
+        _prctl()
+        os.register_at_fork(after_in_child=die_with_parent)
+        _hooked = True
