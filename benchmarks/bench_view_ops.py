@@ -28,7 +28,7 @@ from pathlib import Path
 from barlow.data.convert import FfcvSettings, read_manifest, write_beton
 from barlow.data.loaders import paper_views, pretrain_loader
 from barlow.data.sources import image_folder
-from barlow.train import normalisation
+from barlow.data.convert import normalisation
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import imagenet_like  # noqa: E402

@@ -33,7 +33,6 @@ runs on a CPU in a test (tests/test_gpu_check.py); its figures mean nothing.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import signal
@@ -79,19 +78,6 @@ def read_yaml(path: Path) -> dict:
     from barlow.config import ParamsLoader
 
     return yaml.load(path.read_text(), Loader=ParamsLoader)
-
-
-def merged(base: dict, *overrides: dict) -> dict:
-    """``base`` with each override's leaves set, as ``dvc exp run -S key=value`` for
-    every leaf of the override would (mappings merged key by key, other values replaced)."""
-    out = copy.deepcopy(base)
-    for override in overrides:
-        for key, value in override.items():
-            if isinstance(value, dict) and isinstance(out.get(key), dict):
-                out[key] = merged(out[key], value)
-            else:
-                out[key] = copy.deepcopy(value)
-    return out
 
 
 def write_params(params: dict, path: Path) -> Path:
@@ -197,11 +183,13 @@ def fixture_params(out: Path, smoke: bool) -> dict:
     """params.yaml ⊕ configs/paper.yaml ⊕ the size overrides of this check."""
     from imagenet_like import class_sizes
 
+    from barlow.config import merge_params
+
     s = sizes(smoke)
     steps_per_epoch = sum(class_sizes(s["classes"], s["max_per_class"])) // s["paper_batch"]
     epochs = max(2, -(-s["paper_steps"] // max(steps_per_epoch, 1)))
     workers = os.cpu_count() or 1
-    return merged(read_yaml(REPO / "params.yaml"), read_yaml(REPO / "configs/paper.yaml"), {
+    return merge_params(read_yaml(REPO / "params.yaml"), read_yaml(REPO / "configs/paper.yaml"), {
         "data": {"imagefolder_root": str(out / "imagenet_like"), "workers": workers},
         "model": {"projector": s["paper_projector"]},
         "augment": {"resolution": s["paper_resolution"]},
@@ -258,12 +246,12 @@ def section_loader(out: Path, smoke: bool) -> None:
 
     from barlow.config import AugmentConfig, load_section
     from barlow.data.convert import read_manifest
-    from barlow.data.loaders import pretrain_loader
-    from barlow.train import normalisation
+    from barlow.data.loaders import config_views, pretrain_loader
+    from barlow.data.convert import normalisation
 
     s = sizes(smoke)
     beton = out / "ffcv_paper" / "train.beton"
-    views = load_section(AugmentConfig, "augment", out / "params_paper.yaml").views()
+    views = config_views(load_section(AugmentConfig, "augment", out / "params_paper.yaml"))
     mean, std = normalisation(read_manifest(beton))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cores = os.cpu_count() or 1
@@ -287,11 +275,13 @@ def section_loader(out: Path, smoke: bool) -> None:
 
 
 def section_default(out: Path, smoke: bool) -> None:
+    from barlow.config import merge_params
+
     s = sizes(smoke)
     fmnist = Path(os.environ.get("FASHION_MNIST_DIR", REPO / ".gpu" / "fashion-mnist"))
     base = read_yaml(REPO / "params.yaml")
     workers = os.cpu_count() or 1
-    params = merged(base, {"data": {"fashion_mnist_dir": str(fmnist)},
+    params = merge_params(base, {"data": {"fashion_mnist_dir": str(fmnist)},
                            "pretrain": {"epochs": s["default_epochs"], "workers": workers}})
     path = write_params(params, out / "params_default.yaml")
     data = out / "ffcv_default"

@@ -23,14 +23,14 @@ import numpy as np
 from barlow import distributed as dist
 from barlow.config import (AugmentConfig, DataConfig, LinearConfig, ModelConfig,
                            load_section)
-from barlow.data.convert import read_manifest
+from barlow.data.convert import normalisation, read_manifest
 from barlow.data.loaders import eval_loader
 from barlow.data.subsets import load_splits
 from barlow.probe import (Recipe, embedding, epoch_logger, gathered_features, log_summary,
                           probe_augmented, probe_features, split_rows)
 from barlow.stage import (data_option, live_option, open_live, params_option, run_in_workers,
                           run_stage, weights_option)
-from barlow.train import AUTOCAST, normalisation
+from barlow.precision import AUTOCAST
 
 
 @click.command()

@@ -33,7 +33,7 @@ from torch import nn
 from barlow import distributed as dist
 from barlow.checkpoint import load_backbone_weights
 from barlow.config import DataConfig, ModelConfig, SemisupConfig, load_section
-from barlow.data.convert import read_manifest
+from barlow.data.convert import normalisation, read_manifest
 from barlow.data.loaders import eval_loader
 from barlow.data.sources import DataError
 from barlow.data.subsets import load_splits
@@ -42,7 +42,7 @@ from barlow.models import build_backbone
 from barlow.progress import Progress
 from barlow.stage import (data_option, live_option, open_live, params_option, run_in_workers, run_stage,
                           weights_option)
-from barlow.train import AUTOCAST, normalisation
+from barlow.precision import AUTOCAST
 
 RUNS = ("barlow", "scratch")
 

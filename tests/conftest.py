@@ -9,26 +9,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-from barlow.config import read_params
+from barlow.config import merge_params, read_params
 from barlow.data.convert import FfcvSettings, write_beton
 from barlow.data.sources import Source
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``changes`` applied key by key, mappings recursively."""
-    out = dict(base)
-    for key, value in changes.items():
-        out[key] = (merged(base[key], value)
-                    if isinstance(value, dict) and isinstance(base.get(key), dict) else value)
-    return out
-
-
 def repo_params(**changes: dict[str, Any]) -> dict[str, Any]:
     """The repository's params.yaml with ``changes`` (section -> keys) applied: a whole
     params file, as every stage requires (no key may be missing)."""
-    return merged(read_params(REPO / "params.yaml"), changes)
+    return merge_params(read_params(REPO / "params.yaml"), changes)
 
 
 # Runs of 2 epochs × 4 steps on 64 images, small enough for CPU tests.

@@ -18,7 +18,9 @@ from barlow import distributed as dist
 from barlow.data.convert import read_manifest
 from barlow.data.loaders import eval_loader
 from barlow.loss import barlow_twins_loss
-from barlow.train import export, normalisation, pretrain, resolve_precision
+from barlow.data.convert import normalisation
+from barlow.precision import resolve_precision
+from barlow.train import export, pretrain
 from conftest import TINY_PARAMS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

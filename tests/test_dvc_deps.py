@@ -34,7 +34,14 @@ def module_file(name: str) -> Path | None:
 def imports_of(path: Path) -> set[str]:
     """Dotted names of every project module ``path`` imports (barlow.*, stages.*)."""
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    # Imports for type checkers only never run.
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"
+                   for n in ast.walk(block)}
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -95,3 +102,16 @@ def test_the_closure_follows_lazy_and_package_imports():
     assert Path("src/barlow/train.py") in files
     assert Path("stages/pretrain.py") in files
     assert not any(f.name == "__init__.py" for f in files)  # empty package markers
+
+
+@pytest.mark.parametrize("stage", ["stages.linear", "stages.semisup", "stages.transfer"])
+def test_evaluations_do_not_depend_on_the_training_loop(stage):
+    """A change to pretraining's loop reruns pretraining, not every evaluation."""
+    assert Path("src/barlow/train.py") not in closure(stage)
+
+
+def test_conversion_depends_on_no_model_code():
+    """Converting ImageNet takes hours: a change to the loss, the models or the
+    augmentations must not redo it."""
+    files = {f.name for f in closure("stages.convert")}
+    assert not files & {"loss.py", "models.py", "augment.py", "train.py", "distributed.py"}

@@ -35,7 +35,7 @@ from barlow.data.sources import Source
 from barlow.distributed import DistEnv
 from barlow.models import build_backbone
 from barlow.stage import open_live
-from conftest import REPO
+from conftest import repo_params, REPO
 from stages import linear, semisup
 
 N_TRAIN, N_TEST, N_VAL = 70, 33, 15
@@ -85,8 +85,8 @@ def params(setup: dict, section: str, **overrides) -> dict:
                     "scratch_lr_backbone": 0.05, "scratch_lr_head": 0.5,
                     "workers": 1, "channels_last": False},
     }
-    return {"data": {"subsets_dir": str(setup["subsets"])}, "model": MODEL,
-            "augment": {"resolution": 16}, section: {**sections[section], **overrides}}
+    return repo_params(data={"subsets_dir": str(setup["subsets"])}, model=MODEL,
+                       augment={"resolution": 16}, **{section: {**sections[section], **overrides}})
 
 
 def run(setup: dict, tmp: Path, stage, nproc: int, **overrides) -> dict:

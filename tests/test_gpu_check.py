@@ -14,6 +14,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_check  # noqa: E402
+from barlow.config import merge_params  # noqa: E402
 import imagenet_like  # noqa: E402
 
 
@@ -33,7 +34,7 @@ def test_every_section_has_a_limit_and_a_function():
 def test_merge_sets_leaves_like_dvc_set_params():
     base = {"pretrain": {"epochs": 16, "batch_size": 256}, "loss": {"lambd": 0.005},
             "augment": {"crop_scale": [0.2, 1.0]}}
-    out = gpu_check.merged(base, {"pretrain": {"epochs": 1000}},
+    out = merge_params(base, {"pretrain": {"epochs": 1000}},
                            {"augment": {"crop_scale": [0.08, 1.0]}})
     assert out == {"pretrain": {"epochs": 1000, "batch_size": 256}, "loss": {"lambd": 0.005},
                    "augment": {"crop_scale": [0.08, 1.0]}}

@@ -20,7 +20,7 @@ from barlow.data.loaders import eval_loader
 from barlow.evaluate import extract_features
 from barlow.models import build_backbone
 from barlow.probe import SUMMARY_KEYS, Recipe, embedding, fit_and_test, probe_augmented
-from barlow.train import normalisation
+from barlow.data.convert import normalisation
 from conftest import REPO, repo_params
 from stages import linear
 

@@ -219,30 +219,30 @@ CPUINFO = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f {extra}\nbogomips\t:
 @pytest.mark.parametrize("extra, native", [("avx512_bf16", True), ("amx_bf16 amx_tile", True),
                                            ("avx512_vnni", False), ("", False)])
 def test_native_bf16_read_from_cpu_flags(extra, native):
-    from barlow.train import cpu_has_native_bf16
+    from barlow.precision import cpu_has_native_bf16
 
     assert cpu_has_native_bf16(CPUINFO.format(extra=extra)) is native
     assert cpu_has_native_bf16("no flags line") is False
 
 
 def test_auto_precision_follows_the_cpu(monkeypatch):
-    import barlow.train as train
+    import barlow.precision as precision
 
     cpu = torch.device("cpu")
     for given in ("fp32", "bf16", "fp16"):
-        assert train.resolve_precision(given, cpu) == given
-    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
-    assert train.resolve_precision("auto", cpu) == "bf16"
-    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
-    assert train.resolve_precision("auto", cpu) == "fp32"
+        assert precision.resolve_precision(given, cpu) == given
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert precision.resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert precision.resolve_precision("auto", cpu) == "fp32"
 
 
 def test_bf16_autocast_run_trains_and_matches_fp32_closely(data_dir, tmp_path, monkeypatch):
     """precision auto on a CPU with native bf16: the run trains in bf16 (fp32 loss), its
     losses stay within a few per cent of the fp32 run's over the same steps."""
-    import barlow.train as train
+    import barlow.precision
 
-    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(barlow.precision, "cpu_has_native_bf16", lambda: True)
     runs = {}
     for precision in ("fp32", "auto"):
         params = {**PARAMS, "pretrain": {**PARAMS["pretrain"], "precision": precision,
@@ -259,7 +259,7 @@ def test_bf16_autocast_run_trains_and_matches_fp32_closely(data_dir, tmp_path, m
 def test_auto_precision_on_a_gpu_follows_its_tensor_cores(capability, precision):
     """V100 (7.0) and T4 (7.5) emulate bf16, which torch.cuda.is_bf16_supported()
     counts as support: "auto" must pick fp16 there, bf16 from Ampere (8.0) on."""
-    from barlow.train import cuda_precision
+    from barlow.precision import cuda_precision
 
     assert cuda_precision(capability) == precision
 

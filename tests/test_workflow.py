@@ -109,7 +109,7 @@ def run_pretrain(params: dict, data: Path, tmp: Path) -> subprocess.CompletedPro
 
 
 def test_bad_params_for_two_processes_stop_in_one_line_before_any_process(tmp_path):
-    params = {**TINY_PARAMS, "loss": {"lambd": -0.1},
+    params = {**TINY_PARAMS, "loss": {**TINY_PARAMS["loss"], "lambd": -0.1},
               "pretrain": {**TINY_PARAMS["pretrain"], "nproc_per_node": 2}}
     result = run_pretrain(params, tmp_path / "nodata", tmp_path)
     assert result.returncode == 2

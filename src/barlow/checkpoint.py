@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 from barlow.config import diff_keys, fingerprint
+from barlow.errors import BadInput
 from barlow.interrupt import partial_path
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BadInput):
     """A checkpoint or weights file does not fit the run; the message says why."""
 
 
@@ -162,4 +163,4 @@ def _not_weights(path: Path) -> str:
     if not zipfile.is_zipfile(path):
         return "not a torch weights file (not a torch.save archive)"
     return ("a torch file holding objects other than tensors (a training checkpoint such"
-            " as this project's checkpoint.pt?)")
+            " as checkpoint.pt?)")

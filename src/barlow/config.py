@@ -16,6 +16,7 @@ The dataclasses themselves live next to the code that uses them (``barlow.loss``
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 import hashlib
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
 import yaml
+
+from barlow.errors import BadInput
 
 T = TypeVar("T")
 
@@ -47,7 +50,7 @@ ParamsLoader.yaml_implicit_resolvers = {
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput):
     """A params.yaml value is missing, unknown, of the wrong type or out of range."""
 
 
@@ -153,6 +156,20 @@ def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     require(isinstance(params, dict), str(path), "top level must be a mapping of sections")
     return params
+
+
+def merge_params(base: Mapping[str, Any], *overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with every leaf of each override set, as ``dvc exp run -S key=value`` for
+    each leaf would: mappings merged key by key, anything else (lists too) replaced.
+    Neither argument is modified."""
+    out = copy.deepcopy(dict(base))
+    for override in overrides:
+        for key, value in override.items():
+            if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+                out[key] = merge_params(out[key], value)
+            else:
+                out[key] = copy.deepcopy(value)
+    return out
 
 
 def load_section(cls: type[T], section: str, path: str | Path = "params.yaml") -> T:
@@ -270,6 +287,18 @@ class LossConfig:
         require(self.lambd >= 0.0, f"{section}.lambd", f"{self.lambd} is negative")
 
 
+def parse_projector_sizes(sizes: str) -> list[int]:
+    """"8192-8192-8192" → [8192, 8192, 8192]; ValueError naming the spec otherwise."""
+    try:
+        dims = [int(part) for part in sizes.split("-")]
+    except ValueError:
+        dims = []
+    if not dims or min(dims) < 1:
+        raise ValueError(f"projector sizes {sizes!r}: expected positive integers joined "
+                         f"by '-', e.g. '8192-8192-8192'")
+    return dims
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """`model:` — backbone and projector (barlow.models)."""
@@ -280,8 +309,6 @@ class ModelConfig:
     projector: str
 
     def check(self, section: str) -> None:
-        from barlow.models import parse_projector_sizes
-
         require(self.width >= 1, f"{section}.width", "must be >= 1")
         require(len(self.layers) == 4 and all(n >= 1 for n in self.layers),
                 f"{section}.layers", f"{list(self.layers)} is not four block counts >= 1")
@@ -322,16 +349,6 @@ class AugmentConfig:
         require(0.0 < self.blur_sigma[0] <= self.blur_sigma[1], f"{section}.blur_sigma",
                 "must be 0 < min <= max")
 
-    def views(self):
-        """The two ViewSpecs: A (blur_p[0], solarize_p[0]) and B (blur_p[1], solarize_p[1])."""
-        from barlow.data.loaders import ViewSpec
-
-        common = dict(resolution=self.resolution, crop_scale=self.crop_scale, flip_p=self.flip_p,
-                      jitter_p=self.jitter_p, brightness=self.brightness, contrast=self.contrast,
-                      saturation=self.saturation, hue=self.hue, grayscale_p=self.grayscale_p,
-                      blur_sigma=self.blur_sigma)
-        return tuple(ViewSpec(**common, blur_p=self.blur_p[i], solarize_p=self.solarize_p[i])
-                     for i in (0, 1))
 
 
 @dataclass(frozen=True)
@@ -349,7 +366,7 @@ class PretrainConfig:
     warmup_epochs: float
     final_lr_ratio: float
     # auto: bf16 on a CPU with native bf16 or a bf16 GPU, fp16 on older GPUs, else fp32
-    # (barlow.train.resolve_precision).
+    # (barlow.precision.resolve_precision).
     precision: typing.Literal["auto", "fp32", "bf16", "fp16"]
     channels_last: bool
     compile: bool

@@ -13,6 +13,8 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock
 
+from barlow.config import parse_projector_sizes
+
 ARCHS = ("resnet50", "small_resnet")
 
 
@@ -93,18 +95,6 @@ def build_backbone(arch: str, width: int = 64, layers: Sequence[int] = (2, 2, 2,
     if arch == "small_resnet":
         return small_resnet(width, layers, in_channels)
     raise ValueError(f"backbone {arch!r} is not one of {list(ARCHS)}")
-
-
-def parse_projector_sizes(sizes: str) -> list[int]:
-    """"8192-8192-8192" → [8192, 8192, 8192]; ValueError naming the spec otherwise."""
-    try:
-        dims = [int(part) for part in sizes.split("-")]
-    except ValueError:
-        dims = []
-    if not dims or min(dims) < 1:
-        raise ValueError(f"projector sizes {sizes!r}: expected positive integers joined "
-                         f"by '-', e.g. '8192-8192-8192'")
-    return dims
 
 
 class Projector(nn.Sequential):

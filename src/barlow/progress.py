@@ -22,7 +22,7 @@ import sys
 import time
 from typing import TextIO
 
-from barlow.distributed import launched_rank
+from barlow.launch import launched_rank
 
 
 def duration(seconds: float) -> str:

@@ -244,8 +244,8 @@ def held_out_pairs(test_beton: Path, train_beton: Path, augment: Mapping[str, An
 
     from barlow.config import AugmentConfig, from_mapping
     from barlow.data.convert import read_manifest
-    from barlow.data.loaders import eval_loader, pretrain_loader
-    from barlow.train import normalisation
+    from barlow.data.loaders import config_views, eval_loader, pretrain_loader
+    from barlow.data.convert import normalisation
 
     aug = from_mapping(AugmentConfig, dict(augment), "checkpoint config.augment")
     mean, std = normalisation(read_manifest(train_beton))
@@ -255,7 +255,7 @@ def held_out_pairs(test_beton: Path, train_beton: Path, augment: Mapping[str, An
     n -= n % batch_size  # whole batches only (pretrain_loader drops the last partial one)
     indices = np.arange(n)
     if views == "augmented":
-        loader = pretrain_loader(str(test_beton), batch_size, workers, aug.views(), mean, std,
+        loader = pretrain_loader(str(test_beton), batch_size, workers, config_views(aug), mean, std,
                                  seed=seed, order="sequential", indices=indices,
                                  channels_last=False)
         return [(a.clone(), b.clone()) for a, b in loader]

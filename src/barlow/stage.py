@@ -10,15 +10,15 @@ from __future__ import annotations
 import contextlib
 import sys
 from pathlib import Path
-from typing import Any, Iterator, NoReturn
+from typing import TYPE_CHECKING, Any, Iterator, NoReturn
 
 import click
 
-from barlow import distributed as dist
-from barlow.checkpoint import CheckpointError
-from barlow.distributed import DistEnv
-from barlow.config import ConfigError
-from barlow.data.sources import DataError
+from barlow import launch
+from barlow.errors import BadInput
+
+if TYPE_CHECKING:
+    from barlow.distributed import DistEnv
 
 
 params_option = click.option("--params", default="params.yaml", show_default=True,
@@ -42,20 +42,20 @@ REPORTED_EXITS = (BAD_INPUT, FAULT)
 
 @contextlib.contextmanager
 def run_stage(name: str) -> Iterator[None]:
-    """Run a stage body; ConfigError/DataError/CheckpointError exit with status 2 and
-    the message."""
+    """Run a stage body; a BadInput (ConfigError, DataError, CheckpointError) exits with
+    status 2 and its message."""
     try:
         yield
-    except (ConfigError, DataError, CheckpointError) as err:
+    except BadInput as err:
         fail(name, err, BAD_INPUT)
 
 
 def fail(name: str, err: object, status: int) -> NoReturn:
     """Report ``name: error: err`` in one line on stderr and exit with ``status``. A
-    worker of barlow.distributed.launch hands the line to the launcher instead, which
+    worker of barlow.launch.launch hands the line to the launcher instead, which
     prints the first failing rank's once for all."""
     line = f"{name}: error: {err}"
-    if not dist.report_to_launcher(line):
+    if not launch.report_to_launcher(line):
         print(line, file=sys.stderr, flush=True)
     sys.exit(status)
 
@@ -63,18 +63,18 @@ def fail(name: str, err: object, status: int) -> NoReturn:
 def run_in_workers(module: str, nproc_per_node: int) -> None:
     """Started by hand or by DVC (not by torchrun) with ``nproc_per_node`` > 1: run this
     same command, with the same options, in that many processes through torchrun's
-    launcher (barlow.distributed.launch), and exit with their status: a worker's
+    launcher (barlow.launch.launch), and exit with their status: a worker's
     reported error comes back as its one line and its status (2 or 3), a crash with
     torchrun's report. Otherwise return at once: this process is the (only) worker.
     Started by torchrun directly (several nodes), every process is a worker."""
-    if nproc_per_node <= 1 or dist.under_torchrun():
+    if nproc_per_node <= 1 or launch.under_torchrun():
         return
     ctx = click.get_current_context()
     args = []
     for param in ctx.command.params:
         if isinstance(param, click.Option) and ctx.params.get(param.name) is not None:
             args += [param.opts[0], str(ctx.params[param.name])]
-    sys.exit(dist.launch(module, args, nproc_per_node, REPORTED_EXITS))
+    sys.exit(launch.launch(module, args, nproc_per_node, REPORTED_EXITS))
 
 
 class _Silent:

@@ -31,49 +31,13 @@ from barlow.checkpoint import (load_resumable, non_finite_keys, rng_state, save_
                                set_rng_state)
 from barlow.config import (AugmentConfig, LossConfig, ModelConfig, PretrainConfig, as_dict,
                            fingerprint)
-from barlow.data.convert import read_manifest
-from barlow.data.loaders import eval_loader, pretrain_loader
+from barlow.data.convert import normalisation, read_manifest
+from barlow.data.loaders import config_views, eval_loader, pretrain_loader
 from barlow.evaluate import extract_features, knn_top1
 from barlow.models import BarlowTwins, Projector, backbone_state_dict, build_backbone
 from barlow.optim import build_optimizer, param_groups, scale_lr, warmup_cosine
+from barlow.precision import AUTOCAST, resolve_precision
 from barlow.progress import Progress
-
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU computes bf16 in hardware: the x86 flags avx512_bf16 or
-    amx_bf16 in /proc/cpuinfo (Zen 4+, Cooper Lake, Sapphire Rapids+). Elsewhere bf16
-    is emulated and slower than fp32, so "auto" keeps fp32 (also where /proc is absent)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
-                  if line.startswith("flags")), [])
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def cuda_precision(capability: tuple[int, int]) -> str:
-    """"auto" on a GPU of compute capability ``capability``: bf16 where its tensor cores
-    have it (Ampere, 8.0, and later), else fp16 with the grad scaler. Not
-    ``torch.cuda.is_bf16_supported()``, which also answers True for the emulated bf16
-    of a V100 or T4 (slower than fp16 there)."""
-    return "bf16" if capability >= (8, 0) else "fp16"
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """The precision a run uses: "fp32", "bf16" and "fp16" as given; "auto" is
-    ``cuda_precision`` on a GPU, bf16 on a CPU with native bf16 (measured 1.38x the fp32
-    step here, benchmarks/README.md), fp32 on other CPUs.
-    The loss is fp32 in every case (barlow.loss)."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return cuda_precision(torch.cuda.get_device_capability(device))
-    return "bf16" if cpu_has_native_bf16() else "fp32"
-
 
 class NonFiniteLossError(RuntimeError):
     """The loss, or a weight, became NaN or Inf; training stops and the last checkpoint
@@ -112,12 +76,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def normalisation(manifest: dict[str, Any]) -> tuple[list[float], list[float]]:
-    """Mean and std in 0–1 units from the convert stage's manifest."""
-    res = manifest["resolution"]
-    return [m / 255 for m in res["mean"]], [max(s, 1e-3) / 255 for s in res["std"]]
 
 
 def knn_monitor(backbone: torch.nn.Module, loaders: tuple | None, num_classes: int,
@@ -180,7 +138,7 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
 
     local_batch = cfg.batch_size // env.world_size
-    loader = pretrain_loader(str(train_beton), local_batch, cfg.workers, setup.augment.views(),
+    loader = pretrain_loader(str(train_beton), local_batch, cfg.workers, config_views(setup.augment),
                              mean, std, seed=cfg.seed, distributed=env.world_size > 1,
                              device=env.device, channels_last=cfg.channels_last)
     steps_per_epoch = len(loader)

@@ -251,6 +251,12 @@ def check_beton(beton: str | Path, manifest: dict[str, Any]) -> None:
         raise DataError(f"{beton}: sha256 differs from its manifest's beton_sha256: {rerun}")
 
 
+def normalisation(manifest: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """Mean and std in 0–1 units from the convert stage's manifest."""
+    res = manifest["resolution"]
+    return [m / 255 for m in res["mean"]], [max(s, 1e-3) / 255 for s in res["std"]]
+
+
 def read_manifest(beton: str | Path) -> dict[str, Any]:
     """The manifest beside ``beton``, after checking the .beton against it (check_beton);
     errors name the file. Every stage opens a .beton through this."""

@@ -54,8 +54,9 @@ from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorch
 
 from barlow.augment import (ColorJitter, GaussianBlur, RandomGrayscale, RandomHorizontalFlip,
                             RandomResizedCrop, Solarization)
+from barlow.config import AugmentConfig
 
-__all__ = ["ViewSpec", "paper_views", "view_operations", "pretrain_loader", "eval_loader",
+__all__ = ["ViewSpec", "paper_views", "config_views", "view_operations", "pretrain_loader", "eval_loader",
            "SeekableLoader"]
 
 Order = Literal["random", "sequential", "quasi_random"]
@@ -96,6 +97,18 @@ def paper_views(resolution: int = 224) -> Tuple[ViewSpec, ViewSpec]:
     """The paper's (view A, view B): blur p 1.0 / 0.1, solarisation p 0.0 / 0.2."""
     view_a = ViewSpec(resolution=resolution)
     return view_a, replace(view_a, blur_p=0.1, solarize_p=0.2)
+
+
+def config_views(cfg: AugmentConfig) -> Tuple[ViewSpec, ViewSpec]:
+    """The two views of params.yaml's ``augment:`` section: A takes blur_p[0] and
+    solarize_p[0], B blur_p[1] and solarize_p[1]; every other setting is shared."""
+    common = dict(resolution=cfg.resolution, crop_scale=tuple(cfg.crop_scale),
+                  flip_p=cfg.flip_p, jitter_p=cfg.jitter_p, brightness=cfg.brightness,
+                  contrast=cfg.contrast, saturation=cfg.saturation, hue=cfg.hue,
+                  grayscale_p=cfg.grayscale_p, blur_sigma=tuple(cfg.blur_sigma))
+    view_a, view_b = (ViewSpec(**common, blur_p=cfg.blur_p[i], solarize_p=cfg.solarize_p[i])
+                      for i in (0, 1))
+    return view_a, view_b
 
 
 def _op_seed(seed: int, view: int, op: int) -> int:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from barlow.errors import BadInput
 from barlow.progress import Progress
 
 # Decoding a truncated file must fail, not pad the image with grey.
@@ -30,7 +31,7 @@ Image.LOAD_TRUNCATED_IMAGES = False
 
 
 
-class DataError(ValueError):
+class DataError(BadInput):
     """An input file or folder is missing, unreadable or malformed; the message names it."""
 
 

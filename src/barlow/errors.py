@@ -1,0 +1,10 @@
+"""The base of every error a stage reports in one line and exit status 2 (barlow.stage):
+a bad input, named, as opposed to a crash. Each module raises its own kind
+(barlow.config.ConfigError, barlow.data.sources.DataError,
+barlow.checkpoint.CheckpointError); the stage's edge needs to know only this one.
+"""
+
+
+class BadInput(ValueError):
+    """A params value, data file or weights file the run cannot use; the message names
+    it and says why."""

@@ -1,0 +1,82 @@
+"""Starting a stage's processes: one command that, with N > 1, runs N workers of itself
+through torchrun's launcher, and passes a worker's one-line error back as one line.
+
+Apart from barlow.distributed (the process group and every collective) because every
+stage needs this at its edge, the conversion stages too, which must not depend on the
+loss and the training code that barlow.distributed holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Collection, Sequence
+
+
+#: Set by `launch` in its workers' environment (see `report_to_launcher`).
+_LAUNCHED = "BARLOW_LAUNCHED_WORKER"
+
+
+def launched_rank() -> int:
+    """This process's rank as torchrun's environment gives it, 0 without torchrun;
+    readable before (or without) `init`, e.g. to print progress on rank 0 only."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def under_torchrun() -> bool:
+    """Whether torchrun (or another launcher setting its variables) started this process."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def launch(module: str, args: Sequence[str], nproc_per_node: int,
+           reported_exits: Collection[int]) -> int:
+    """Run ``python -m module *args`` in ``nproc_per_node`` processes on this node, as
+    ``torchrun --standalone --nproc_per_node=N -m module *args`` does; return 0 when
+    every process succeeds.
+
+    When the first process to fail exited with a status in ``reported_exits`` (an error
+    it reported itself, in one line), return that status, without torchrun's failure
+    report and its traceback. Any other failure (a crash, a kill) raises torchrun's
+    ChildFailedError, whose report names the rank, the exit code or signal."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    # The agent also logs each failure at ERROR level before raising; the exception's
+    # report says the same, so a reported error stays one line.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    os.environ[_LAUNCHED] = "1"  # inherited by the workers: see report_to_launcher
+    # torchrun's own default for several processes, set here so that it does not print
+    # a four-line notice saying so.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    parsed = get_args_parser().parse_args(
+        ["--standalone", f"--nproc_per_node={nproc_per_node}", "-m", module, *args])
+    try:
+        run(parsed)
+    except ChildFailedError as err:
+        _, first = err.get_first_failure()
+        if first.exitcode not in reported_exits:
+            raise
+        reported = first.error_file_data.get("message")
+        if isinstance(reported, dict):  # else the worker printed it (click's usage errors)
+            print(reported["message"], file=sys.stderr, flush=True)
+        return first.exitcode
+    return 0
+
+
+def report_to_launcher(line: str) -> bool:
+    """Hand a one-line error report to the `launch` that started this worker, which
+    prints the first failing rank's line once (every rank usually meets the same bad
+    input); False when `launch` did not start this process: print it yourself.
+
+    The line goes into torchrun's per-worker error file (TORCHELASTIC_ERROR_FILE), in
+    the layout its ErrorHandler writes, which the launcher reads back on failure."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE") if os.environ.get(_LAUNCHED) else None
+    if not path:
+        return False
+    report = {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}
+    with open(path, "w") as f:
+        json.dump({"message": report}, f)
+    return True
