@@ -19,8 +19,8 @@ import click
 from barlow import distributed as dist
 from barlow.config import (AugmentConfig, LossConfig, ModelConfig, PretrainConfig,
                            load_section)
-from barlow.stage import (FAULT, data_option, fail, live_option, params_option,
-                          run_in_workers, run_stage)
+from barlow.stage import (FAULT, data_option, fail, live_option, open_live,
+                          params_option, run_in_workers, run_stage)
 from barlow.train import NonFiniteLossError, PretrainSetup, export, pretrain
 
 
@@ -57,10 +57,7 @@ def main(params: str, data_dir: Path, out_dir: Path, live_dir: Path) -> None:
                 if not env.is_main:
                     return
                 if live is None:
-                    from dvclive import Live
-
-                    live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False,
-                                report=None)
+                    live = open_live(live_dir, env)
                 live.step = step
                 for key, value in metrics.items():
                     live.log_metric(f"pretrain/{key}", value)

@@ -489,3 +489,24 @@ def test_a_class_left_empty_by_skip_bad_is_refused(tmp_path):
         f"convert: error: imagefolder:{tree / 'train'} train: no images of class b"
         " (1 skipped by data.skip_bad)\n")), result.stderr
     assert not list((tmp_path / "ffcv").glob("*"))
+
+
+def test_a_non_finite_metric_is_refused_and_leaves_no_metrics(tmp_path, capsys):
+    """Every stage logs through barlow.stage.open_live: a NaN figure (a diverged head,
+    say) stops the stage with one line and status 3, and the metrics written so far
+    are removed, so nothing that looks like a result is left."""
+    from barlow import distributed as dist
+    from barlow.stage import open_live, run_stage
+
+    env = dist.DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    with pytest.raises(SystemExit) as exit_info, run_stage("linear"):
+        live = open_live(tmp_path / "live", env)
+        live.step = 0
+        live.log_metric("linear/barlow/top1", 50.0)
+        live.next_step()
+        assert (tmp_path / "live" / "metrics.json").is_file()
+        live.log_metric("linear/barlow/top1", float("nan"))
+    assert exit_info.value.code == 3
+    assert capsys.readouterr().err.strip() == (
+        "linear: error: metric linear/barlow/top1 is nan; no metrics were kept")
+    assert not (tmp_path / "live" / "metrics.json").exists()

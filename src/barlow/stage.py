@@ -8,6 +8,7 @@ loss); anything else is a crash, with its traceback."""
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, NoReturn
@@ -40,14 +41,21 @@ FAULT = 3
 REPORTED_EXITS = (BAD_INPUT, FAULT)
 
 
+class NonFiniteMetric(RuntimeError):
+    """A figure about to be logged is NaN or Inf: the run diverged, and its metrics are
+    not results."""
+
+
 @contextlib.contextmanager
 def run_stage(name: str) -> Iterator[None]:
     """Run a stage body; a BadInput (ConfigError, DataError, CheckpointError) exits with
-    status 2 and its message."""
+    status 2 and its message, a NonFiniteMetric with status 3 (a fault mid-run)."""
     try:
         yield
     except BadInput as err:
         fail(name, err, BAD_INPUT)
+    except NonFiniteMetric as err:
+        fail(name, err, FAULT)
 
 
 def fail(name: str, err: object, status: int) -> NoReturn:
@@ -86,11 +94,34 @@ class _Silent:
         return lambda *args, **kwargs: None
 
 
+class _FiniteLive:
+    """dvclive's Live that refuses a NaN or Inf metric: it raises NonFiniteMetric
+    before writing the value and removes the metrics file written so far, so a
+    diverged run leaves no metrics.json that looks like a result."""
+
+    def __init__(self, live: Any):
+        object.__setattr__(self, "_live", live)
+
+    def log_metric(self, name: str, value: float, *args: Any, **kwargs: Any) -> None:
+        if not math.isfinite(float(value)):
+            Path(self._live.metrics_file).unlink(missing_ok=True)
+            raise NonFiniteMetric(f"metric {name} is {value}; no metrics were kept")
+        self._live.log_metric(name, value, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._live, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._live, name, value)
+
+
 def open_live(live_dir: Path, env: DistEnv) -> Any:
-    """dvclive's Live writing to ``live_dir`` on rank 0, a silent stand-in on the other
-    ranks: a stage logs the same way on every rank and only rank 0 writes."""
+    """dvclive's Live writing to ``live_dir`` on rank 0 (refusing non-finite metrics,
+    `_FiniteLive`), a silent stand-in on the other ranks: a stage logs the same way on
+    every rank and only rank 0 writes."""
     if not env.is_main:
         return _Silent()
     from dvclive import Live
 
-    return Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+    return _FiniteLive(Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False,
+                            report=None))
