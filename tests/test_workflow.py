@@ -204,8 +204,11 @@ def test_make_ablations_queues_studies_in_dvcs_grammar(tmp_path):
     dvc("init", "-q", cwd=tmp_path, env=env)
     git("add", "-A", cwd=tmp_path)
     git("commit", "-qm", "pipeline", cwd=tmp_path)
-    printed = subprocess.run(["make", "-n", "ablations", "SEEDS=0,1"], cwd=tmp_path,
-                             capture_output=True, text=True, check=True).stdout.splitlines()
+    # --no-print-directory: under `make test` (CI) a nested make would add its
+    # "Leaving directory" line to what is compared.
+    printed = subprocess.run(["make", "--no-print-directory", "-n", "ablations", "SEEDS=0,1"],
+                             cwd=tmp_path, capture_output=True, text=True,
+                             check=True).stdout.splitlines()
     queue = [line for line in printed if line.startswith("dvc exp run --queue")]
     assert len(queue) == 5 and printed[-1] == "dvc queue start -j 1"
     subprocess.run(["bash", "-euc", "\n".join(queue[:2])], cwd=tmp_path, env=env, check=True,
