@@ -167,13 +167,14 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
             # The loss is checked before each update, so the update itself can still
             # write NaN (bf16 convolutions on 1x1 maps gave Inf gradients on the CPU):
             # no checkpoint, and so no exported backbone, ever holds one.
-            broken = non_finite_keys(model.state_dict())
+            weights = model.state_dict()
+            broken = non_finite_keys(weights)
             if broken:
                 raise NonFiniteLossError(
                     f"pretrain: non-finite weights (NaN/Inf) in {len(broken)} tensors, first"
                     f" {broken[0]}, after step {step}; the last good checkpoint {ckpt_path}"
                     " is untouched")
-            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            save_atomic({"model": weights, "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "rng": rng_state(), "step": step,
                          "history": history, "window": window,
                          "window_steps": window_steps, "finished": step == total_steps,
