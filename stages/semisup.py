@@ -86,7 +86,7 @@ def run_once(backbone: nn.Module, feat_dim: int, num_classes: int, train, val, t
                       lr_head=lrs[1], weight_decay=cfg.weight_decay, device=device,
                       momentum=cfg.momentum, schedule=cfg.schedule,
                       channels_last=cfg.channels_last, autocast_dtype=autocast_dtype,
-                      on_epoch=on_epoch, env=env)
+                      on_epoch=on_epoch, env=env, recompute_bn=cfg.precise_bn)
     assert best["epoch"] == result["best"]["epoch"]  # same tie rule as finetune's
     change = relative_change(start, backbone)
     net = nn.Sequential(backbone, head)

@@ -16,6 +16,7 @@ from barlow.evaluate import (
     fit_linear_on_features,
     knn_top1,
     lr_factor,
+    precise_bn,
     raw_pixel_features,
     topk_accuracy,
     train_linear_head,
@@ -224,6 +225,57 @@ def test_finetune_improves_accuracy_and_changes_backbone():
     assert set(result["last"]) >= {"lr_backbone", "lr_head"}
     assert result["last"]["lr_backbone"] == pytest.approx(0.05 * lr_factor("cosine", 3, 4))
     assert not backbone.training and not head.training
+
+
+def test_precise_bn_is_the_mean_of_the_batch_statistics():
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, 4, 4, generator=g) * (k + 1) + k, torch.zeros(8)) for k in range(3)]
+    net = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+    weights = {k: v.clone() for k, v in net.state_dict().items()
+               if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    assert precise_bn(net, batches, "cpu") == 3
+    with torch.no_grad():
+        acts = [net[0](x) for x, _ in batches]
+    bn = net[1]
+    torch.testing.assert_close(bn.running_mean, torch.stack([a.mean((0, 2, 3)) for a in acts]).mean(0))
+    torch.testing.assert_close(bn.running_var,
+                               torch.stack([a.var((0, 2, 3), unbiased=True) for a in acts]).mean(0))
+    assert bn.momentum == 0.1 and net.training
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in weights.items())
+    with pytest.raises(ValueError, match="no batches"):
+        precise_bn(net, [], "cpu")
+
+
+def test_finetune_recompute_bn_replays_the_epoch_and_changes_only_statistics(tiny_ffcv):
+    """Training uses batch statistics, so re-estimating the running ones between epochs
+    must leave every weight bit-identical, provided the FFCV loader is rewound to the
+    epoch just trained and then set to the next: a wrong rewind changes the batches of
+    the following epochs, hence the weights."""
+    from barlow.data.loaders import eval_loader
+    from barlow.models import build_backbone
+
+    common = dict(resolution=16, mean=[0.0] * 3, std=[255.0] * 3, channels_last=False,
+                  num_workers=1)
+    train = eval_loader(str(tiny_ffcv / "train.beton"), 16, train_aug=True, seed=3,
+                        train_crop_scale=(0.3, 1.0), order="random", **common)
+    val = eval_loader(str(tiny_ffcv / "test.beton"), 32, train_aug=False, crop_ratio=1.0,
+                      **common)
+    runs = {}
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        backbone, dim = build_backbone("small_resnet", 4, [1, 1, 1, 1])
+        head = nn.Linear(dim, 4)
+        train.seek(0)
+        finetune(backbone, head, train, val, epochs=3, lr_backbone=0.05, lr_head=0.5,
+                 weight_decay=0.0, device="cpu", recompute_bn=recompute)
+        assert train.next_epoch == 3
+        runs[recompute] = backbone.state_dict()
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    for key, value in runs[False].items():
+        if key.endswith(stats):
+            continue
+        assert torch.equal(value, runs[True][key]), key
+    assert not torch.equal(runs[False]["bn1.running_var"], runs[True]["bn1.running_var"])
 
 
 # --------------------------------------------------------------------------- VOC07 SVM

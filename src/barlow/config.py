@@ -541,6 +541,7 @@ class SemisupConfig:
     weight_decay: float
     momentum: float
     schedule: typing.Literal["cosine", "step"]
+    precise_bn: bool  # re-estimate BN statistics on the epoch's batches before validating
     resolution: int  # side of the train crops and the val/test crops
     train_crop_scale: tuple[float, float]  # RandomResizedCrop's area range
     eval_crop_ratio: float  # val/test centre crop: 224/256; 1.0 keeps 28 px whole

@@ -280,6 +280,7 @@ def _fit(
     autocast_dtype: torch.dtype | None,
     on_epoch: OnEpoch | None,
     after_epoch: Callable[[], None] | None = None,
+    before_val: Callable[[int], None] | None = None,
 ) -> dict:
     """The loop every trainer here shares: per epoch, set the learning rates, train the
     modules in ``trained`` (train mode) through ``train_net``, validate (eval mode)
@@ -288,8 +289,10 @@ def _fit(
     collectives that the ranks' unequal validation shares must not call.
 
     ``train_batches(epoch)`` yields that epoch's batches; every optimiser group carries a
-    ``name`` and its base ``lr``, logged as ``lr_<name>``; ``after_epoch`` runs after
-    validation (the frozen-backbone check). The modules are left in eval mode."""
+    ``name`` and its base ``lr``, logged as ``lr_<name>``; ``before_val(epoch)`` runs
+    after training, modules still in train mode (the batch-norm re-estimation);
+    ``after_epoch`` runs after validation (the frozen-backbone check). The modules are
+    left in eval mode."""
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     base_lrs = [group["lr"] for group in optimizer.param_groups]
@@ -304,6 +307,8 @@ def _fit(
             module.train()
         train_loss = _train_epoch(train_net, train_batches(epoch), optimizer, scaler,
                                   device, channels_last, autocast_dtype)
+        if before_val is not None:
+            before_val(epoch)
         for module in trained:
             module.eval()
         val = accuracy(eval_net, val_batches, device, channels_last, autocast_dtype)
@@ -444,6 +449,40 @@ def fit_linear_on_features(
     return head, result
 
 
+def precise_bn(net: nn.Module, batches: Batches, device: str | torch.device,
+               channels_last: bool = False, autocast_dtype: torch.dtype | None = None) -> int:
+    """Re-estimate the running statistics of every batch norm in ``net`` at its current
+    weights (PreciseBN: Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm", sec. 3).
+    With K batches of per-batch statistics μ_k, σ²_k (σ² unbiased):
+
+        running_mean = (1/K) Σ_k μ_k,    running_var = (1/K) Σ_k σ²_k
+
+    in place of the exponential moving average that training leaves (momentum m = 0.1:
+    mostly the last ~10 batches, each computed at different, older weights). When the
+    weights move fast relative to the number of steps (a few epochs of fine-tuning on a
+    small subset) the two differ enough to change the predictions in eval mode
+    (docs/results.md, "Semi-supervised recipe"). No gradients, no weight changes; under
+    several processes the converted batch norms pool every rank's batch, so each rank
+    must pass its own equal share. Leaves ``net`` in train mode; returns K."""
+    device = torch.device(device)
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average
+    net.train()
+    count = 0
+    with torch.no_grad():
+        for x, _ in batches:
+            _logits(net, x, device, channels_last, autocast_dtype)
+            count += 1
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    if count == 0:
+        raise ValueError("precise_bn: the loader yielded no batches")
+    return count
+
+
 def finetune(
     backbone: nn.Module,
     head: nn.Module,
@@ -461,6 +500,7 @@ def finetune(
     autocast_dtype: torch.dtype | None = None,
     on_epoch: OnEpoch | None = None,
     env: dist.DistEnv | None = None,
+    recompute_bn: bool = False,
 ) -> dict:
     """Semi-supervised fine-tuning (paper Table 2), also the supervised-from-scratch
     baseline when ``backbone`` is randomly initialised.
@@ -475,7 +515,12 @@ def finetune(
     statistics update); SGD with two groups, ``lr_backbone`` and ``lr_head``, momentum,
     ``weight_decay`` on both, ``lr_factor(schedule)`` per epoch. Trains ``backbone`` and
     ``head`` in place (both must be on ``device``) and leaves them in eval mode. Returns
-    the result dict of the module docstring, with ``lr_backbone`` and ``lr_head`` rows."""
+    the result dict of the module docstring, with ``lr_backbone`` and ``lr_head`` rows.
+
+    ``recompute_bn``: before each validation, replace the batch-norm running statistics
+    by ``precise_bn`` over the epoch's own training batches again (an ffcv Loader is
+    rewound to the epoch just trained and then set to the next one, so the training
+    batches are those of a run without it)."""
     device = torch.device(device)
     if env is not None:
         backbone = dist.convert_sync_batchnorm(backbone, env)
@@ -484,9 +529,19 @@ def finetune(
                      momentum, weight_decay)
     net = nn.Sequential(backbone, head)
     train_net = net if env is None else dist.wrap_ddp(net, env)
+
+    def recompute(epoch: int) -> None:
+        # An ffcv Loader counts its own epochs: replay the one just trained, then go on.
+        following = getattr(train_loader, "next_epoch", None)
+        if following is not None:
+            train_loader.next_epoch = following - 1
+        precise_bn(backbone, train_loader, device, channels_last, autocast_dtype)
+        if following is not None:
+            train_loader.next_epoch = following
+
     return _fit(train_net, net, lambda epoch: train_loader, val_loader, optimizer,
                 [backbone, head], epochs, schedule, device, channels_last, autocast_dtype,
-                on_epoch)
+                on_epoch, before_val=recompute if recompute_bn else None)
 
 
 # ------------------------------------------------------------------------- VOC07 SVMs
