@@ -25,8 +25,11 @@ def section(cls, name):
 
 def test_pretraining_recipe():
     model, loss = section(ModelConfig, "model"), section(LossConfig, "loss")
-    assert (model.arch, model.projector) == ("resnet50", "8192-8192-8192")
-    assert loss.lambd == 0.005 and loss.variant == "full"
+    assert (model.arch, model.projector, model.projector_bn) == ("resnet50", "8192-8192-8192",
+                                                                 True)
+    assert (loss.lambd, loss.variant, loss.normalization) == (0.005, "full", "batch")
+    # Set in paper.yaml itself, not inherited from params.yaml's quick profile.
+    assert PAPER["model"]["projector_bn"] is True and PAPER["loss"]["normalization"] == "batch"
     p = section(PretrainConfig, "pretrain")
     assert (p.epochs, p.warmup_epochs, p.batch_size, p.optimizer) == (1000, 10.0, 2048, "lars")
     assert (p.lr_weights, p.lr_biases, p.eta, p.momentum) == (0.2, 0.0048, 0.001, 0.9)
