@@ -121,3 +121,37 @@ def test_dvc_set_param_floats_load_as_floats(tmp_path):
     pre = load_section(PretrainConfig, "pretrain", params)
     assert pre.weight_decay == 1e-6 and pre.batch_size == 128
     assert load_section(LossConfig, "loss", params).lambd == 5e-3
+
+
+@pytest.mark.parametrize("overrides, loss_norm, bn", [
+    (["loss.normalization=feature"], "feature", True),
+    (["model.projector_bn=false"], "batch", False),
+    (["model.projector_bn=false", "loss.normalization=none"], "none", False),
+])
+def test_loss_ablation_rows_round_trip(tmp_path, overrides, loss_norm, bn):
+    """Each loss-ablation row is a `dvc exp run -S` away: DVC's edit of params.yaml
+    loads as the row's settings."""
+    from dvc.utils.hydra import apply_overrides
+
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    apply_overrides(str(params), overrides)
+    assert load_section(LossConfig, "loss", params).normalization == loss_norm
+    assert load_section(ModelConfig, "model", params).projector_bn is bn
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.normalization=layer", "loss.normalization: 'layer' is not one of"),
+    ("model.projector_bn=maybe", "model.projector_bn: expected true or false, got 'maybe'"),
+])
+def test_loss_ablation_bad_values_refused_by_key(tmp_path, override, message):
+    from dvc.utils.hydra import apply_overrides
+
+    from barlow.errors import BadInput
+
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    apply_overrides(str(params), [override])
+    cls, name = (LossConfig, "loss") if override.startswith("loss") else (ModelConfig, "model")
+    with pytest.raises(BadInput, match=re.escape(message)):
+        load_section(cls, name, params)
