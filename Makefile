@@ -22,6 +22,9 @@ test: setup
 # params (every study's baseline) and each study's other values, each with the seeds
 # SEEDS, reproducing pretrain + linear (its random-init and raw-pixel probes do not
 # depend on the ablated settings); then the queue runs one experiment at a time.
+# The loss-term study is the paper's six rows: the baseline, loss.variant (two rows),
+# loss.normalization=feature, and a grid of one point per line's -S lists: the last
+# line gives no BN in the projector (with batch normalisation) and no BN with none.
 # ABLATION_SET adds settings to every run, e.g. a budget:
 #   make ablations ABLATION_SET="-S pretrain.epochs=1 -S pretrain.knn_every_epochs=0"
 # `make -n ablations` prints the commands. Commit first: queued runs see tracked files.
@@ -36,4 +39,6 @@ ablations: setup
 	$(ablate) -S 'pretrain.batch_size=32,64,128,512' linear
 	$(ablate) -S 'model.projector=128-128-128,2048-2048-2048' linear
 	$(ablate) -S 'loss.variant=invariance,redundancy' linear
+	$(ablate) -S 'loss.normalization=feature' linear
+	$(ablate) -S 'model.projector_bn=false' -S 'loss.normalization=batch,none' linear
 	dvc queue start -j 1

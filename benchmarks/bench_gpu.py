@@ -65,7 +65,8 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     res, projector = (32, "64-64-64") if args.smoke else (224, "8192-8192-8192")
-    model = build_model(ModelConfig(arch="resnet50", projector=projector))
+    model = build_model(ModelConfig(arch="resnet50", width=64, layers=(2, 2, 2, 2),
+                                    projector=projector, projector_bn=True))
     model = model.to(device, memory_format=torch.channels_last).train()
     opt = build_optimizer("lars", param_groups(model, 1.5e-6), momentum=0.9, eta=0.001)
     for group in opt.param_groups:

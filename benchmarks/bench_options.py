@@ -80,7 +80,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     base = build_model(ModelConfig(arch="small_resnet", width=args.width, layers=(1, 1, 1, 1),
-                                   projector=args.projector))
+                                   projector=args.projector, projector_bn=True))
     gen = torch.Generator().manual_seed(0)
     y1, y2 = (torch.randn(args.batch, 3, args.res, args.res, generator=gen) for _ in range(2))
 

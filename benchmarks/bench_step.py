@@ -221,10 +221,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sizes = [ModelConfig(arch="small_resnet", width=16, layers=(1, 1, 1, 1),
-                         projector="512-512-512")]
+                         projector="512-512-512", projector_bn=True)]
     if args.second_size:
         sizes.append(ModelConfig(arch="small_resnet", width=32, layers=(2, 2, 2, 2),
-                                 projector="2048-2048-2048"))
+                                 projector="2048-2048-2048", projector_bn=True))
     print(f"pretraining step, {args.res} px, batch {args.batch}, {args.threads} threads; "
           f"pairs/s (higher is better), ratio = ours / reference")
     for cfg in sizes:

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from barlow import distributed as bdist
-from barlow.loss import VARIANTS, barlow_twins_loss
+from barlow.loss import NORMALIZATIONS, VARIANTS, barlow_twins_loss
 from barlow.models import BarlowTwins, Projector, small_resnet
 
 WORLD = 2
@@ -27,11 +27,23 @@ ODD_DIM = 5        # not divisible by WORLD
 WORLD3 = 3
 BATCH3 = 6         # global; two rows per rank
 DIMS3 = (7, 2)     # 7 = 3 + 3 + 1 features per rank; 2 leaves rank 2 no real feature
+# The loss ablations run through DDP: name -> (loss variant, loss normalization,
+# projector batch norm). Every variant with the paper's normalisation, then the
+# paper's other rows: feature-dim normalisation, no BN in the projector, and neither
+# BN nor normalisation.
+# Three ranks: every variant with the paper's normalisation, every normalization with
+# the full loss, for each D.
+CASES3 = [(d, v, "batch") for d in DIMS3 for v in VARIANTS] + \
+         [(d, "full", nm) for d in DIMS3 for nm in NORMALIZATIONS if nm != "batch"]
+RUNS = ({f"exact-{v}": (v, "batch", True) for v in VARIANTS}
+        | {"exact-feature": ("full", "feature", True),
+           "exact-nobn": ("full", "batch", False),
+           "exact-nobn-none": ("full", "none", False)})
 
 
-def make_model() -> nn.Module:
+def make_model(projector_bn: bool = True) -> nn.Module:
     backbone, dim = small_resnet(width=4, layers=(1, 1, 1, 1))
-    return BarlowTwins(backbone, Projector(dim, "16-16")).double()
+    return BarlowTwins(backbone, Projector(dim, "16-16", projector_bn)).double()
 
 
 def make_bn(case) -> nn.Module:
@@ -89,23 +101,24 @@ def worker(rank: int, port: int, payload_path: str, out_dir: str) -> None:
             return _real(*args)
         setattr(bdist, impl, traced)
 
-    runs = {f"exact-{v}": v for v in VARIANTS} | {"naive": None}
-    for name, variant in runs.items():
-        model = make_model()
-        model.load_state_dict(payload["state"])
+    for name, run in (RUNS | {"naive": None}).items():
+        variant, normalization, projector_bn = run or ("full", "batch", True)
+        model = make_model(projector_bn)
+        model.load_state_dict(payload["state" if projector_bn else "state_nobn"])
         model = bdist.wrap_ddp(bdist.convert_sync_batchnorm(model, env), env)
         z1, z2 = model(y1, y2)
-        if variant is None:
+        if run is None:
             loss = naive_reference_code_loss(z1, z2, LAMBD)
         else:
-            terms = bdist.distributed_barlow_twins_loss(z1, z2, LAMBD, variant)
+            terms = bdist.distributed_barlow_twins_loss(z1, z2, LAMBD, variant, normalization)
             out[name + "_terms"] = [t.detach() for t in terms]
             loss = terms.loss
         loss.backward()
         out[name] = {k: p.grad.clone() for k, p in model.module.named_parameters()}
         out[name + "_buffers"] = {k: b.clone() for k, b in model.module.named_buffers()}
-        out["bn_types"] = sorted({type(m).__name__ for m in model.modules()
-                                  if isinstance(m, nn.modules.batchnorm._BatchNorm)})
+        if projector_bn:
+            out["bn_types"] = sorted({type(m).__name__ for m in model.modules()
+                                      if isinstance(m, nn.modules.batchnorm._BatchNorm)})
 
     # D = ODD_DIM does not divide over the ranks: padded feature blocks.
     out["odd"] = {}
@@ -132,7 +145,7 @@ def worker(rank: int, port: int, payload_path: str, out_dir: str) -> None:
 
 def worker3(rank: int, port: int, payload_path: str, out_dir: str) -> None:
     """Three ranks, embeddings whose dimension 3 does not divide: the sharded loss
-    with padded feature blocks, every variant."""
+    with padded feature blocks, every variant and every normalization."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD3), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -140,13 +153,12 @@ def worker3(rank: int, port: int, payload_path: str, out_dir: str) -> None:
     payload = torch.load(payload_path)
     rows = slice(rank * BATCH3 // WORLD3, (rank + 1) * BATCH3 // WORLD3)
     out = {}
-    for d in DIMS3:
-        for variant in VARIANTS:
-            z1, z2 = (payload[f"{k}{d}"][rows].clone().requires_grad_() for k in ("z1_", "z2_"))
-            terms = bdist.sharded_barlow_twins_loss(z1, z2, LAMBD, variant)
-            terms.loss.backward()
-            out[d, variant] = {"terms": [t.detach() for t in terms],
-                               "grads": [z1.grad, z2.grad]}
+    for d, variant, normalization in CASES3:
+        z1, z2 = (payload[f"{k}{d}"][rows].clone().requires_grad_() for k in ("z1_", "z2_"))
+        terms = bdist.sharded_barlow_twins_loss(z1, z2, LAMBD, variant, normalization)
+        terms.loss.backward()
+        out[d, variant, normalization] = {"terms": [t.detach() for t in terms],
+                                          "grads": [z1.grad, z2.grad]}
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     bdist.shutdown()
 
@@ -168,12 +180,19 @@ def payload():
             nn.init.uniform_(m.weight, 0.5, 1.5, generator=g)
             nn.init.uniform_(m.bias, -0.5, 0.5, generator=g)
     state = model.state_dict()
+    # The no-BN projector: the same backbone; the projector's own seeded weights and
+    # non-zero biases, so that every bias receives a gradient to compare.
+    nobn = make_model(projector_bn=False)
+    nobn.backbone.load_state_dict(model.backbone.state_dict())
+    for m in nobn.projector:
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.uniform_(m.bias, -0.5, 0.5, generator=g)
 
     def rand(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64)
 
     return {
-        "state": state,
+        "state": state, "state_nobn": nobn.state_dict(),
         "y1": rand(BATCH, 3, 8, 8), "y2": rand(BATCH, 3, 8, 8),
         "odd1": rand(BATCH, ODD_DIM), "odd2": rand(BATCH, ODD_DIM),
         # 4D with an exponential running average and 2D with a cumulative one; the
@@ -200,12 +219,13 @@ def reference(payload):
     """One process, no conversion, the whole batch."""
     out = {"bn": [run_bn_case(make_bn(case), case, slice(None))
                   for case in payload["bn_cases"]]}
-    for variant in VARIANTS:
-        model = make_model()
-        model.load_state_dict(payload["state"])
-        terms = barlow_twins_loss(*model(payload["y1"], payload["y2"]), LAMBD, variant)
+    for name, (variant, normalization, projector_bn) in RUNS.items():
+        model = make_model(projector_bn)
+        model.load_state_dict(payload["state" if projector_bn else "state_nobn"])
+        terms = barlow_twins_loss(*model(payload["y1"], payload["y2"]), LAMBD, variant,
+                                  normalization)
         terms.loss.backward()
-        out[variant] = {"terms": [t.detach() for t in terms],
+        out[name] = {"terms": [t.detach() for t in terms],
                         "grads": {k: p.grad for k, p in model.named_parameters()},
                         "buffers": dict(model.named_buffers())}
     z1, z2 = (payload[k].clone().requires_grad_() for k in ("odd1", "odd2"))
@@ -229,13 +249,12 @@ def three(tmp_path_factory):
     mp.spawn(worker3, args=(free_port(), str(tmp / "payload.pt"), str(tmp)), nprocs=WORLD3)
     ranks = [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD3)]
     reference = {}
-    for d in DIMS3:
-        for variant in VARIANTS:
-            z1, z2 = (payload[f"{k}{d}"].clone().requires_grad_() for k in ("z1_", "z2_"))
-            terms = barlow_twins_loss(z1, z2, LAMBD, variant)
-            terms.loss.backward()
-            reference[d, variant] = {"terms": [t.detach() for t in terms],
-                                     "grads": [z1.grad, z2.grad]}
+    for d, variant, normalization in CASES3:
+        z1, z2 = (payload[f"{k}{d}"].clone().requires_grad_() for k in ("z1_", "z2_"))
+        terms = barlow_twins_loss(z1, z2, LAMBD, variant, normalization)
+        terms.loss.backward()
+        reference[d, variant, normalization] = {"terms": [t.detach() for t in terms],
+                                                "grads": [z1.grad, z2.grad]}
     return ranks, reference
 
 
@@ -255,31 +274,31 @@ def test_sharded_path_serves_every_dimension(results):
     for out in results:
         # Every distributed_barlow_twins_loss call, odd D included, then the explicit
         # call of the gathered form the odd-D check compares with.
-        assert out["paths"] == (["sharded_barlow_twins_loss"] * (len(VARIANTS) + 1)
+        assert out["paths"] == (["sharded_barlow_twins_loss"] * (len(RUNS) + 1)
                                 + ["gathered_barlow_twins_loss"])
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_loss_equals_single_process_loss(results, reference, variant):
+@pytest.mark.parametrize("run", RUNS)
+def test_loss_equals_single_process_loss(results, reference, run):
     for out in results:
-        for got, want in zip(out[f"exact-{variant}_terms"], reference[variant]["terms"]):
+        for got, want in zip(out[f"{run}_terms"], reference[run]["terms"]):
             assert_close(got, want, "loss terms")
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_gradients_equal_single_process_gradients(results, reference, variant):
-    grads = reference[variant]["grads"]
+@pytest.mark.parametrize("run", RUNS)
+def test_gradients_equal_single_process_gradients(results, reference, run):
+    grads = reference[run]["grads"]
     assert grads  # every parameter, backbone BN included
     for out in results:
-        assert out[f"exact-{variant}"].keys() == grads.keys()
+        assert out[run].keys() == grads.keys()
         for name, want in grads.items():
             assert want.abs().max() > 0, name
-            assert_close(out[f"exact-{variant}"][name], want, name)
+            assert_close(out[run][name], want, name)
 
 
 def test_batchnorm_buffers_equal_single_process_buffers(results, reference):
     for out in results:
-        for name, want in reference["full"]["buffers"].items():
+        for name, want in reference["exact-full"]["buffers"].items():
             assert_close(out["exact-full_buffers"][name], want, name)
 
 
@@ -287,7 +306,7 @@ def test_reference_code_scheme_divides_gradients_by_world_size(results, referenc
     # What facebookresearch/barlowtwins computes; caught here so the exact test above
     # is known to distinguish the two.
     for out in results:
-        for name, want in reference["full"]["grads"].items():
+        for name, want in reference["exact-full"]["grads"].items():
             assert_close(out["naive"][name] * WORLD, want, name)
 
 
@@ -303,17 +322,16 @@ def test_loss_when_dim_does_not_divide(results, reference, impl):
         assert_close(got / WORLD, want["grads"][view], f"view {view + 1} gradient")
 
 
-@pytest.mark.parametrize("d", DIMS3)
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_three_ranks_shard_dimensions_they_do_not_divide(three, d, variant):
+@pytest.mark.parametrize("case", CASES3, ids=lambda c: "-".join(map(str, c)))
+def test_three_ranks_shard_dimensions_they_do_not_divide(three, case):
     ranks, reference = three
-    want = reference[d, variant]
+    want = reference[case]
     for out in ranks:
-        for got, w in zip(out[d, variant]["terms"], want["terms"]):
+        for got, w in zip(out[case]["terms"], want["terms"]):
             assert_close(got, w, "loss terms")
     for view in range(2):
         assert want["grads"][view].abs().max() > 0
-        got = torch.cat([out[d, variant]["grads"][view] for out in ranks])
+        got = torch.cat([out[case]["grads"][view] for out in ranks])
         assert_close(got / WORLD3, want["grads"][view], f"view {view + 1} gradient")
 
 

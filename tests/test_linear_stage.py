@@ -135,7 +135,7 @@ def test_augmented_probe_leaves_the_backbone_unchanged(setup, tiny_ffcv):
     would move if the head's optimiser reached them."""
     mean, std = normalisation(read_manifest(tiny_ffcv / "train.beton"))
     backbone = embedding("barlow", ModelConfig(**{**MODEL, "layers": (1, 1, 1, 1),
-                                                  "projector": "32-32"}),
+                                                  "projector": "32-32", "projector_bn": True}),
                          setup["weights"], 0, torch.device("cpu"))
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from barlow.loss import VARIANTS, LossTerms, barlow_twins_loss, combine, standardize
+from barlow.loss import (BN_EPS, NORMALIZATIONS, VARIANTS, LossTerms, barlow_twins_loss, combine,
+                         normalize, standardize, standardize_rows)
 
 LAMBD = 0.0051
 
@@ -137,3 +138,98 @@ def test_rejects_bad_shapes():
         barlow_twins_loss(torch.randn(4, 3), torch.randn(4, 2), LAMBD)
     with pytest.raises(ValueError):
         barlow_twins_loss(torch.randn(1, 3), torch.randn(1, 3), LAMBD)
+
+
+# --- the normalizations of the paper's loss ablations ---------------------------------
+
+def reference_other_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float,
+                         normalization: str) -> LossTerms:
+    """A literal transcription for the other normalizations: ẑ per row across the D
+    features (mean, biased variance, eps as BatchNorm's) or z itself, then c = ẑ1ᵀẑ2/N,
+    the full D×D matrix and a mask."""
+    n, d = z1.shape
+
+    def rows(z):
+        mean = z.sum(dim=1, keepdim=True) / d
+        var = ((z - mean) ** 2).sum(dim=1, keepdim=True) / d
+        return (z - mean) / torch.sqrt(var + BN_EPS)
+
+    a, b = (rows(z1), rows(z2)) if normalization == "feature" else (z1, z2)
+    c = a.T @ b / n
+    on = (torch.diagonal(c) - 1).pow(2).sum()
+    off = c[~torch.eye(d, dtype=torch.bool)].pow(2).sum()
+    return LossTerms(on + lambd * off, on, off)
+
+
+@pytest.mark.parametrize("normalization", ["feature", "none"])
+@pytest.mark.parametrize("n,d", SHAPES)
+def test_other_normalizations_match_formula_float64(normalization, n, d):
+    z1, z2 = correlated_views(n, d)
+    got = barlow_twins_loss(z1, z2, LAMBD, normalization=normalization)
+    want = reference_other_loss(z1, z2, LAMBD, normalization)
+    assert got.loss.dtype == torch.float64
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+    grads = []
+    for fn in (lambda a, b: barlow_twins_loss(a, b, LAMBD, normalization=normalization),
+               lambda a, b: reference_other_loss(a, b, LAMBD, normalization)):
+        a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+        fn(a, b).loss.backward()
+        grads.append((a.grad, b.grad))
+    for g, w in zip(*grads):
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)
+
+
+def test_batch_normalization_is_the_default_bit_for_bit():
+    z1, z2 = correlated_views(16, 64, dtype=torch.float32)
+    for variant in VARIANTS:
+        default = barlow_twins_loss(z1, z2, LAMBD, variant)
+        batch = barlow_twins_loss(z1, z2, LAMBD, variant, "batch")
+        assert all(torch.equal(a, b) for a, b in zip(default, batch))
+    assert set(NORMALIZATIONS) == {"batch", "feature", "none"}
+
+
+def test_standardize_rows_is_layer_norm_without_affine():
+    z, _ = correlated_views(10, 7)
+    torch.testing.assert_close(standardize_rows(z), nn.functional.layer_norm(z, (7,)))
+    torch.testing.assert_close(normalize(z, "feature"), standardize_rows(z))
+    assert normalize(z, "none") is z
+
+
+@pytest.mark.parametrize("n,d", [(16, 64), (64, 16)])
+def test_feature_normalization_invariant_to_per_sample_affine_maps(n, d):
+    # The batch normalisation is not: this tells the two apart.
+    z = [v * 100 for v in correlated_views(n, d)]
+    g = torch.Generator().manual_seed(2)
+    scale = torch.rand(n, 1, generator=g, dtype=torch.float64) * 10 + 1
+    shift = torch.randn(n, 1, generator=g, dtype=torch.float64) * 100
+    moved = [z[0] * scale + shift, z[1]]
+    for normalization, invariant in (("feature", True), ("batch", False)):
+        before = barlow_twins_loss(*z, LAMBD, normalization=normalization)
+        after = barlow_twins_loss(*moved, LAMBD, normalization=normalization)
+        assert torch.allclose(after.loss, before.loss, rtol=1e-8, atol=1e-10) == invariant
+
+
+def test_no_normalization_scales_c():
+    # c is bilinear in raw z: doubling one view doubles every c_ij.
+    z1, z2 = correlated_views(16, 8)
+    base = barlow_twins_loss(z1, z2, LAMBD, normalization="none")
+    doubled = barlow_twins_loss(z1, 2 * z2, LAMBD, normalization="none")
+    torch.testing.assert_close(doubled.off_diag, 4 * base.off_diag)
+
+
+def test_feature_normalization_fp32_under_bf16_autocast():
+    z1, z2 = correlated_views(32, 128, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = z1.bfloat16(), z2.bfloat16()
+        terms = barlow_twins_loss(a, b, LAMBD, normalization="feature")
+    assert all(t.dtype == torch.float32 for t in terms)
+    want = barlow_twins_loss(a.float(), b.float(), LAMBD, normalization="feature")
+    for t, w in zip(terms, want):
+        torch.testing.assert_close(t, w)
+
+
+def test_unknown_normalization_is_refused_by_name():
+    z1, z2 = correlated_views(8, 4)
+    with pytest.raises(ValueError, match=r"'layer' is not one of \['batch', 'feature', 'none'\]"):
+        barlow_twins_loss(z1, z2, LAMBD, normalization="layer")

@@ -6,8 +6,10 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from barlow.config import ModelConfig
 from barlow.models import (BarlowTwins, Projector, backbone_state_dict, build_backbone,
                            parse_projector_sizes, resnet50_backbone, small_resnet)
+from barlow.train import build_model
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +99,26 @@ def test_projector_structure():
     assert proj(torch.randn(4, 16)).shape == (4, 8)
     assert proj.out_dim == 8
     assert [type(m) for m in Projector(16, "8")] == [nn.Linear]
+
+
+def test_projector_without_batch_norm():
+    proj = Projector(16, "32-32-8", batch_norm=False)
+    assert [type(m) for m in proj] == [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear]
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in proj.modules())
+    # Hidden Linears keep their biases (no BN to supply the offset); the last has none.
+    assert [m.bias is not None for m in proj if isinstance(m, nn.Linear)] == [True, True, False]
+    # Without BN each sample's embedding depends on that sample alone, in training mode.
+    x = torch.randn(6, 16)
+    torch.testing.assert_close(proj.train()(x)[:2], proj(x[:2]))
+    assert [type(m) for m in Projector(16, "8", batch_norm=False)] == [nn.Linear]
+
+
+def test_build_model_reads_projector_bn():
+    cfg = dict(arch="small_resnet", width=4, layers=(1, 1, 1, 1), projector="16-8")
+    with_bn = build_model(ModelConfig(**cfg, projector_bn=True)).projector
+    without = build_model(ModelConfig(**cfg, projector_bn=False)).projector
+    assert [type(m) for m in with_bn] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    assert [type(m) for m in without] == [nn.Linear, nn.ReLU, nn.Linear]
 
 
 def test_barlow_twins_normalises_each_view_by_its_own_batch():

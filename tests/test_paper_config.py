@@ -25,8 +25,11 @@ def section(cls, name):
 
 def test_pretraining_recipe():
     model, loss = section(ModelConfig, "model"), section(LossConfig, "loss")
-    assert (model.arch, model.projector) == ("resnet50", "8192-8192-8192")
-    assert loss.lambd == 0.005 and loss.variant == "full"
+    assert (model.arch, model.projector, model.projector_bn) == ("resnet50", "8192-8192-8192",
+                                                                 True)
+    assert (loss.lambd, loss.variant, loss.normalization) == (0.005, "full", "batch")
+    # Set in paper.yaml itself, not inherited from params.yaml's quick profile.
+    assert PAPER["model"]["projector_bn"] is True and PAPER["loss"]["normalization"] == "batch"
     p = section(PretrainConfig, "pretrain")
     assert (p.epochs, p.warmup_epochs, p.batch_size, p.optimizer) == (1000, 10.0, 2048, "lars")
     assert (p.lr_weights, p.lr_biases, p.eta, p.momentum) == (0.2, 0.0048, 0.001, 0.9)
@@ -118,3 +121,37 @@ def test_dvc_set_param_floats_load_as_floats(tmp_path):
     pre = load_section(PretrainConfig, "pretrain", params)
     assert pre.weight_decay == 1e-6 and pre.batch_size == 128
     assert load_section(LossConfig, "loss", params).lambd == 5e-3
+
+
+@pytest.mark.parametrize("overrides, loss_norm, bn", [
+    (["loss.normalization=feature"], "feature", True),
+    (["model.projector_bn=false"], "batch", False),
+    (["model.projector_bn=false", "loss.normalization=none"], "none", False),
+])
+def test_loss_ablation_rows_round_trip(tmp_path, overrides, loss_norm, bn):
+    """Each loss-ablation row is a `dvc exp run -S` away: DVC's edit of params.yaml
+    loads as the row's settings."""
+    from dvc.utils.hydra import apply_overrides
+
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    apply_overrides(str(params), overrides)
+    assert load_section(LossConfig, "loss", params).normalization == loss_norm
+    assert load_section(ModelConfig, "model", params).projector_bn is bn
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.normalization=layer", "loss.normalization: 'layer' is not one of"),
+    ("model.projector_bn=maybe", "model.projector_bn: expected true or false, got 'maybe'"),
+])
+def test_loss_ablation_bad_values_refused_by_key(tmp_path, override, message):
+    from dvc.utils.hydra import apply_overrides
+
+    from barlow.errors import BadInput
+
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    apply_overrides(str(params), [override])
+    cls, name = (LossConfig, "loss") if override.startswith("loss") else (ModelConfig, "model")
+    with pytest.raises(BadInput, match=re.escape(message)):
+        load_section(cls, name, params)

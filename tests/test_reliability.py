@@ -388,7 +388,13 @@ def assert_refused(result, run: Path, line: str) -> None:
 
 @pytest.mark.parametrize("section, change, message", [
     ("loss", {"lambd": -0.1}, "loss.lambd: -0.1 is negative"),
-    ("loss", {"lamda": 0.1}, "loss.lamda: unknown key (known keys: lambd, variant)"),
+    ("loss", {"lamda": 0.1}, "loss.lamda: unknown key (known keys: lambd, normalization,"
+     " variant)"),
+    ("loss", {"normalization": "layer"}, "loss.normalization: 'layer' is not one of"
+     " ['batch', 'feature', 'none']"),
+    ("loss", {"variant": "both"}, "loss.variant: 'both' is not one of"
+     " ['full', 'invariance', 'redundancy']"),
+    ("model", {"projector_bn": "no"}, "model.projector_bn: expected true or false, got 'no'"),
     ("augment", {"grayscale_p": 1.2}, "augment.grayscale_p: 1.2 is not a probability in [0, 1]"),
     ("augment", {"blur_p": [1.0, -0.1]}, "augment.blur_p[1]: -0.1 is not a probability in [0, 1]"),
     ("pretrain", {"batch_size": "big"}, "pretrain.batch_size: expected an integer, got 'big'"),

@@ -19,7 +19,8 @@ from barlow.train import build_model, seed_everything
 from conftest import REPO
 from stages.report import main as report_cli
 
-TINY_MODEL = {"arch": "small_resnet", "width": 4, "layers": [1, 1, 1, 1], "projector": "32-32"}
+TINY_MODEL = {"arch": "small_resnet", "width": 4, "layers": [1, 1, 1, 1], "projector": "32-32",
+              "projector_bn": True}
 
 
 def write_live(root: Path, stage: str, metrics: dict, curves: dict | None = None) -> None:

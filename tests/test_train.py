@@ -113,6 +113,28 @@ def test_checkpoint_from_another_config_is_refused(data_dir, tmp_path):
         run(other, data_dir, tmp_path)
 
 
+def test_loss_ablation_params_reach_the_model_and_the_loss(data_dir, tmp_path, monkeypatch):
+    """The paper's "no BN in the MLP, no normalisation" row: the projector is built
+    without batch norm and every step's loss gets the normalization."""
+    setup = setup_from({**PARAMS, "model": {**PARAMS["model"], "projector_bn": False},
+                        "loss": {**PARAMS["loss"], "normalization": "none"}})
+    import barlow.train as train
+
+    real = train.dist.distributed_barlow_twins_loss
+    seen = []
+
+    def recorded(z1, z2, lambd, variant, normalization):
+        seen.append((variant, normalization))
+        return real(z1, z2, lambd, variant, normalization)
+
+    monkeypatch.setattr(train.dist, "distributed_barlow_twins_loss", recorded)
+    result = run(setup, data_dir, tmp_path, stop_after_steps=2)
+    assert seen == [("full", "none")] * 2
+    projector = result["model"].projector
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                   for m in projector.modules())
+
+
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkeypatch):
     setup = setup_from(PARAMS)
     run(setup, data_dir, tmp_path, stop_after_steps=3)
@@ -121,9 +143,9 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkey
     real = train.dist.distributed_barlow_twins_loss
     calls = {"n": 0}
 
-    def poisoned(z1, z2, lambd, variant):
+    def poisoned(z1, z2, lambd, variant, normalization):
         calls["n"] += 1
-        terms = real(z1, z2, lambd, variant)
+        terms = real(z1, z2, lambd, variant, normalization)
         return terms._replace(loss=terms.loss * float("nan")) if calls["n"] == 2 else terms
 
     monkeypatch.setattr(train.dist, "distributed_barlow_twins_loss", poisoned)

@@ -193,8 +193,9 @@ def test_push_fresh_clone_pull_and_nothing_to_reproduce(tmp_path):
 # ------------------------------------------------------------------------------- sweeps
 def test_make_ablations_queues_studies_in_dvcs_grammar(tmp_path):
     """The Makefile's `dvc exp run --queue` lines, run by bash with the real DVC in a
-    copy of the project's pipeline: the baseline and the λ study, one experiment per
-    value and seed, each with exactly its change (the other studies' lines are alike)."""
+    copy of the project's pipeline: the baseline, the λ study and the loss-term rows
+    (whose last line is a two-param grid), one experiment per value and seed, each with
+    exactly its change (the other studies' lines are alike)."""
     env = {**ENV, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t"}
@@ -210,13 +211,18 @@ def test_make_ablations_queues_studies_in_dvcs_grammar(tmp_path):
                              cwd=tmp_path, capture_output=True, text=True,
                              check=True).stdout.splitlines()
     queue = [line for line in printed if line.startswith("dvc exp run --queue")]
-    assert len(queue) == 5 and printed[-1] == "dvc queue start -j 1"
-    subprocess.run(["bash", "-euc", "\n".join(queue[:2])], cwd=tmp_path, env=env, check=True,
-                   capture_output=True)
+    assert len(queue) == 7 and printed[-1] == "dvc queue start -j 1"
+    # The baseline, the λ study and the two lines of the loss-term rows that -S grids make.
+    subprocess.run(["bash", "-euc", "\n".join(queue[:2] + queue[-2:])], cwd=tmp_path, env=env,
+                   check=True, capture_output=True)
     shown = json.loads(dvc("exp", "show", "--json", cwd=tmp_path, env=env))
-    runs = sorted((p["loss"]["lambd"], p["pretrain"]["seed"], p["linear"]["baselines"])
+    runs = sorted((p["loss"]["lambd"], p["loss"]["normalization"], p["model"]["projector_bn"],
+                   p["pretrain"]["seed"], p["linear"]["baselines"])
                   for rev in shown for exp in rev.get("experiments") or []
                   for run in exp["revs"]
                   for p in [run["data"]["params"]["params.yaml"]["data"]])
-    assert runs == [(lambd, seed, []) for lambd in (0.002, 0.005, 0.0051, 0.01, 0.02)
-                    for seed in (0, 1)]
+    lambd_study = [(lambd, "batch", True) for lambd in (0.002, 0.005, 0.0051, 0.01, 0.02)]
+    # Feature-dim normalisation; no BN in the projector; no BN and no normalisation.
+    loss_rows = [(0.005, "feature", True), (0.005, "batch", False), (0.005, "none", False)]
+    assert runs == sorted((*row, seed, []) for row in lambd_study + loss_rows
+                          for seed in (0, 1))

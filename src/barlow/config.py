@@ -278,10 +278,18 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """`loss:` — the Barlow Twins objective, on + λ·off (barlow.loss)."""
+    """`loss:` — the Barlow Twins objective, on + λ·off (barlow.loss).
+
+    variant: which terms (barlow.loss.combine). normalization: what c is computed from
+    (barlow.loss.normalize), c_ij = Σ_b ẑ1_bi ẑ2_bj / N with
+      batch:   ẑ_bi = (z_bi − mean_b z_bi) / sqrt(var_b z_bi + eps)   (the paper's)
+      feature: ẑ_bi = (z_bi − mean_i z_bi) / sqrt(var_i z_bi + eps)   (per embedding)
+      none:    ẑ_bi = z_bi
+    """
 
     lambd: float
     variant: typing.Literal["full", "invariance", "redundancy"]
+    normalization: typing.Literal["batch", "feature", "none"]
 
     def check(self, section: str) -> None:
         require(self.lambd >= 0.0, f"{section}.lambd", f"{self.lambd} is negative")
@@ -307,6 +315,9 @@ class ModelConfig:
     width: int  # small_resnet only: channels of the first stage
     layers: tuple[int, ...]  # small_resnet only: BasicBlocks per stage
     projector: str
+    # true: hidden blocks Linear(no bias) → BatchNorm1d → ReLU (the paper's);
+    # false: Linear(with bias) → ReLU (barlow.models.Projector)
+    projector_bn: bool
 
     def check(self, section: str) -> None:
         require(self.width >= 1, f"{section}.width", "must be >= 1")

@@ -28,7 +28,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from barlow.interrupt import die_with_parent
 from barlow.launch import under_torchrun
-from barlow.loss import LossTerms, Variant, barlow_twins_loss, combine, standardize
+from barlow.loss import (NORMALIZATIONS, LossTerms, Normalization, Variant, barlow_twins_loss,
+                         combine, normalize, standardize)
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,8 @@ def all_reduce_sum_with_grad(x: Tensor) -> Tensor:
 
 
 def distributed_barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float,
-                                  variant: Variant = "full") -> LossTerms:
+                                  variant: Variant = "full",
+                                  normalization: Normalization = "batch") -> LossTerms:
     """`barlow_twins_loss` of the GLOBAL batch (all ranks' rows), identical on every rank.
 
     One process: `barlow_twins_loss` itself. Several: `sharded_barlow_twins_loss`, for
@@ -135,12 +137,13 @@ def distributed_barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float,
     (drop the last incomplete batch).
     """
     if world_size() == 1:
-        return barlow_twins_loss(z1, z2, lambd, variant)
-    return sharded_barlow_twins_loss(z1, z2, lambd, variant)
+        return barlow_twins_loss(z1, z2, lambd, variant, normalization)
+    return sharded_barlow_twins_loss(z1, z2, lambd, variant, normalization)
 
 
 def gathered_barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float,
-                               variant: Variant = "full") -> LossTerms:
+                               variant: Variant = "full",
+                               normalization: Normalization = "batch") -> LossTerms:
     """`barlow_twins_loss` of the global batch: both views all-gathered over the ranks.
 
     Every rank computes the same global loss L(z_1, ..., z_W) of all ranks' slices z_r
@@ -160,11 +163,13 @@ def gathered_barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float,
     sharded loss; this one stays as the simple form to compare with (tests,
     benchmarks/bench_comm.py) and for such large-batch, small-D settings.
     """
-    return barlow_twins_loss(gather_with_grad(z1), gather_with_grad(z2), lambd, variant)
+    return barlow_twins_loss(gather_with_grad(z1), gather_with_grad(z2), lambd, variant,
+                             normalization)
 
 
 def sharded_barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float,
-                              variant: Variant = "full") -> LossTerms:
+                              variant: Variant = "full",
+                              normalization: Normalization = "batch") -> LossTerms:
     """`barlow_twins_loss` of the global batch with the D features sharded over W ranks.
 
     Rank r holds rows z_r (b = B/W of the global B) of all D features. One all-to-all
@@ -205,6 +210,12 @@ def sharded_barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float,
     more of its bytes. Per-rank Gram compute is 2·B²·k multiply-adds, about 1/W of the
     gathered loss's.
 
+    Other normalizations (barlow.loss.normalize): "feature" standardises each row
+    across its D features, which this rank holds whole before the all-to-all, so it
+    is applied to z1, z2 there (in float32, and sent in float32: twice the all-to-all's
+    bytes under bf16, for this ablation only); "none" uses the shard's columns as they
+    are. Either way the same ẑ as the single process's enters the formulas above.
+
     Requires the same b on every rank. "invariance" needs no Gram gradient, so the
     Grams are then computed without autograd: they only feed the logged ``off_diag``,
     and the backward skips their all-gather.
@@ -212,6 +223,9 @@ def sharded_barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float,
     if z1.shape != z2.shape or z1.ndim != 2:
         raise ValueError(f"expected two (batch, dim) tensors of one shape, got "
                          f"{tuple(z1.shape)} and {tuple(z2.shape)}")
+    if normalization not in NORMALIZATIONS:  # before any collective: no rank waits
+        raise ValueError(f"loss normalization {normalization!r} is not one of "
+                         f"{list(NORMALIZATIONS)}")
     world = world_size()
     b_local, d = z1.shape
     n = b_local * world
@@ -224,13 +238,17 @@ def sharded_barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float,
     with torch.autocast(z1.device.type, enabled=False):
         # Chunk s of the all-to-all input goes to rank s: this rank's rows of feature
         # block s, both views side by side, so one collective moves both. Sent in the
-        # embeddings' own dtype (bf16 under autocast halves the bytes), cast after.
+        # embeddings' own dtype (bf16 under autocast halves the bytes), cast after;
+        # "feature" normalises whole rows first, here, where this rank has all D.
+        if normalization == "feature":
+            z1, z2 = normalize(z1.to(dtype), "feature"), normalize(z2.to(dtype), "feature")
         both = nn.functional.pad(torch.stack([z1, z2]), (0, world * k - d))
         blocks = both.reshape(2, b_local, world, k).permute(2, 1, 0, 3)
         shard = funcol.all_to_all_single(blocks.reshape(n, 2 * k).contiguous(),
                                          None, None, group).to(dtype)
-        a = standardize(shard[:, :real])
-        b = standardize(shard[:, k:k + real])
+        a, b = shard[:, :real], shard[:, k:k + real]
+        if normalization == "batch":
+            a, b = standardize(a), standardize(b)
         diag = (a * b).sum(dim=0) / n
         with torch.set_grad_enabled(torch.is_grad_enabled() and variant != "invariance"):
             grams = funcol.reduce_scatter_single(torch.cat([a @ a.T, b @ b.T], dim=1),

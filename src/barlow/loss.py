@@ -13,6 +13,8 @@ from torch import Tensor
 
 Variant = Literal["full", "invariance", "redundancy"]
 VARIANTS: tuple[str, ...] = get_args(Variant)
+Normalization = Literal["batch", "feature", "none"]
+NORMALIZATIONS: tuple[str, ...] = get_args(Normalization)
 
 # BatchNorm1d's default; the reference normalises z with BatchNorm1d(affine=False).
 BN_EPS = 1e-5
@@ -36,6 +38,37 @@ def standardize(z: Tensor, eps: float = BN_EPS) -> Tensor:
     return (z - mean) * torch.rsqrt(var + eps)
 
 
+def standardize_rows(z: Tensor, eps: float = BN_EPS) -> Tensor:
+    """Per-sample standardisation across the D features, as LayerNorm(D, elementwise_affine=False).
+
+    ẑ_bi = (z_bi − m_b) / sqrt(s²_b + eps), m_b = mean_i z_bi, s²_b = mean_i (z_bi − m_b)²
+    (biased variance; the same eps as `standardize`). Each row is normalised on its own,
+    so the result does not depend on the rest of the batch.
+    """
+    var, mean = torch.var_mean(z, dim=1, correction=0, keepdim=True)
+    return (z - mean) * torch.rsqrt(var + eps)
+
+
+def normalize(z: Tensor, normalization: Normalization) -> Tensor:
+    """The embeddings the cross-correlation is computed from (the paper's loss ablations).
+
+    batch:   `standardize`, each feature over the batch (the paper's loss; the reference's
+             BatchNorm1d(affine=False)).
+    feature: `standardize_rows`, each embedding across its D features (the paper's
+             "normalization along the feature dimension", 69.8 vs 71.4 top-1).
+    none:    z itself (the paper's "no normalization", reported with no BN in the
+             projector: 53.4).
+    """
+    if normalization == "batch":
+        return standardize(z)
+    if normalization == "feature":
+        return standardize_rows(z)
+    if normalization == "none":
+        return z
+    raise ValueError(f"loss normalization {normalization!r} is not one of "
+                     f"{list(NORMALIZATIONS)}")
+
+
 def combine(on_diag: Tensor, off_diag: Tensor, lambd: float, variant: Variant) -> Tensor:
     """The objective of an ablation variant (the paper's loss ablations).
 
@@ -50,11 +83,12 @@ def combine(on_diag: Tensor, off_diag: Tensor, lambd: float, variant: Variant) -
     raise ValueError(f"loss variant {variant!r} is not one of {list(VARIANTS)}")
 
 
-def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float,
-                      variant: Variant = "full") -> LossTerms:
+def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float, variant: Variant = "full",
+                      normalization: Normalization = "batch") -> LossTerms:
     """Barlow Twins loss of two (batch N, dim D) projector outputs of the same images.
 
-        ẑ = standardize(z)                  (per feature over the batch, see `standardize`)
+        ẑ = standardize(z)                  (per feature over the batch, see `standardize`;
+                                             other normalizations: see `normalize`)
         c_ij = Σ_b ẑ1_bi ẑ2_bj / N          (cross-correlation matrix, D×D)
         on   = Σ_i (1 − c_ii)²
         off  = Σ_i Σ_{j≠i} c_ij²  = ‖c‖²_F − Σ_i c_ii²
@@ -64,6 +98,10 @@ def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float,
     paper's D = 8192 with per-step batches of 256..2048) c is not formed at all:
     ‖c‖²_F = ‖ẑ1ᵀẑ2‖²_F / N² = Σ_ab (ẑ1ẑ1ᵀ)_ab (ẑ2ẑ2ᵀ)_ab / N², two N×N Gram matrices,
     and c_ii = Σ_b ẑ1_bi ẑ2_bi / N; that costs 2N²D instead of ND² multiply-adds.
+
+    With normalization "feature" or "none", c is the same Σ_b ẑ1_bi ẑ2_bj / N of the
+    other ẑ: no longer a correlation (c_ii is not bounded by 1), but the same target I
+    and the same two terms, as in the paper's ablation.
 
     Computed in float32 (float64 inputs stay float64) with autocast disabled, since
     the reduced-precision c is what makes the reference's fp16 runs diverge to NaN.
@@ -76,8 +114,8 @@ def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float,
         raise ValueError(f"batch statistics need at least 2 samples, got {n}")
     dtype = torch.promote_types(z1.dtype, torch.float32)
     with torch.autocast(z1.device.type, enabled=False):
-        a = standardize(z1.to(dtype))
-        b = standardize(z2.to(dtype))
+        a = normalize(z1.to(dtype), normalization)
+        b = normalize(z2.to(dtype), normalization)
         diag = (a * b).sum(dim=0) / n
         if 2 * n < d:
             frobenius_sq = ((a @ a.T) * (b @ b.T)).sum() / n**2

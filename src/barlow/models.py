@@ -98,19 +98,34 @@ def build_backbone(arch: str, width: int = 64, layers: Sequence[int] = (2, 2, 2,
 
 
 class Projector(nn.Sequential):
-    """MLP head: (Linear → BatchNorm1d → ReLU) per hidden layer, then a bare Linear.
+    """MLP head: one block per hidden layer, then a bare Linear without bias.
 
-    All Linears have no bias (a following BN would cancel it; the last one follows the
-    reference). ``sizes`` lists the output widths: "8192-8192-8192" is the paper's
-    2048 → 8192 → 8192 → 8192 head.
+    ``sizes`` lists the output widths: "8192-8192-8192" is the paper's 2048 → 8192 →
+    8192 → 8192 head. ``batch_norm`` chooses the hidden blocks (the paper's loss
+    ablations, "no BN in MLP"):
+
+        true:  h ← ReLU(BN(W h))       Linear without bias → BatchNorm1d → ReLU, as the
+                                       reference: BN subtracts the batch mean, which
+                                       would cancel a bias, and adds its own β
+        false: h ← ReLU(W h + b)       Linear with bias → ReLU: with no BN to supply the
+                                       offset, each unit keeps its own bias, as in any
+                                       plain MLP
+
+    The last Linear has no bias either way, as in the reference: with the loss's
+    batch normalisation a bias there would cancel; with "feature" or "none"
+    normalisation it would not, and this head still has none, so the two switches
+    change only what they name.
     """
 
-    def __init__(self, in_dim: int, sizes: str) -> None:
+    def __init__(self, in_dim: int, sizes: str, batch_norm: bool = True) -> None:
         dims = [in_dim, *parse_projector_sizes(sizes)]
         layers: list[nn.Module] = []
         for d_in, d_out in zip(dims[:-2], dims[1:-1]):
-            layers += [nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out),
-                       nn.ReLU(inplace=True)]
+            if batch_norm:
+                layers += [nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out)]
+            else:
+                layers += [nn.Linear(d_in, d_out, bias=True)]
+            layers.append(nn.ReLU(inplace=True))
         layers.append(nn.Linear(dims[-2], dims[-1], bias=False))
         super().__init__(*layers)
         self.out_dim = dims[-1]

@@ -5,7 +5,8 @@ Per step t (0-based) of T = epochs · steps_per_epoch, with f = batch/256:
     lr_weights(t) = warmup_cosine(t, T, warmup_epochs · steps_per_epoch, lr_weights · f)
     lr_biases(t)  = the same with lr_biases · f
     z1, z2 = projector(backbone(view_a)), projector(backbone(view_b))
-    loss   = Σ(1 − c_ii)² + λ Σ_{i≠j} c_ij²  over the global batch (barlow.distributed)
+    loss   = Σ(1 − c_ii)² + λ Σ_{i≠j} c_ij²  over the global batch (barlow.distributed;
+             loss.variant and loss.normalization choose the paper's ablations)
 
 Resuming: the checkpoint holds model, optimiser, scaler, RNG and the logged history;
 the loader is rebuilt with the same seed and seeks to the checkpoint's epoch and batch.
@@ -69,7 +70,7 @@ class PretrainSetup:
 
 def build_model(model: ModelConfig) -> BarlowTwins:
     backbone, dim = build_backbone(model.arch, model.width, model.layers)
-    return BarlowTwins(backbone, Projector(dim, model.projector))
+    return BarlowTwins(backbone, Projector(dim, model.projector, model.projector_bn))
 
 
 def seed_everything(seed: int) -> None:
@@ -221,7 +222,8 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
             with amp:
                 z1, z2 = train_model(y1, y2)
             terms = dist.distributed_barlow_twins_loss(z1, z2, setup.loss.lambd,
-                                                       setup.loss.variant)
+                                                       setup.loss.variant,
+                                                       setup.loss.normalization)
             if not torch.isfinite(terms.loss):
                 raise NonFiniteLossError(
                     f"pretrain: loss is {terms.loss.item()} at step {step} (epoch {epoch});"
