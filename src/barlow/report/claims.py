@@ -3,6 +3,7 @@ data/paper_results.yaml), and our value for each of the paper's figures."""
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
@@ -32,6 +33,14 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}" if abs(x) < 1 else f"{x:.1f}"
 
 
+def _not_finite(inputs: Mapping[str, float]) -> Verdict | None:
+    """"not run", naming the inputs that are NaN or infinite; None when all are finite.
+    Every comparison with a NaN is false, so unchecked it would pass for evidence: "not
+    held" for one side of a "greater", "held" for an "increasing" that never falls."""
+    bad = [name for name, x in inputs.items() if not math.isfinite(x)]
+    return Verdict(NOT_RUN, "not finite: " + ", ".join(bad)) if bad else None
+
+
 def evaluate_claim(claim: Mapping[str, Any], metrics: Mapping[str, float],
                    curves: Mapping[str, Curve], ablations: Ablations) -> Verdict:
     """Test one claim of the paper file against this run (see data/paper_results.yaml)."""
@@ -41,22 +50,26 @@ def evaluate_claim(claim: Mapping[str, Any], metrics: Mapping[str, float],
         matches = [(k, b) for k, b in _expand(claim["metric"], metrics) if k in metrics]
         if not matches:
             return Verdict(NOT_RUN, f"no metric {claim['metric']}")
-        parts, missing, ok = [], [], True
+        pairs, missing = [], []
         for key, bound in matches:
             others = [t.replace("*", bound) if bound else t for t in claim["than"]]
             absent = [t for t in others if t not in metrics]
-            if absent:
-                missing += absent
-                continue
-            for other in others:
-                a, b = metrics[key], metrics[other]
-                holds = a > b + margin if kind == "greater" else a < b - margin
-                ok &= holds
-                sign = {("greater", True): ">", ("greater", False): "≯",
-                        ("less", True): "<", ("less", False): "≮"}[kind, holds]
-                parts.append(f"{key} {_fmt(a)} {sign} {other} {_fmt(b)}")
+            missing += absent
+            if not absent:
+                pairs += [(key, other) for other in others]
         if missing:
             return Verdict(NOT_RUN, "missing: " + ", ".join(missing))
+        invalid = _not_finite({k: metrics[k] for pair in pairs for k in pair})
+        if invalid:
+            return invalid
+        parts, ok = [], True
+        for key, other in pairs:
+            a, b = metrics[key], metrics[other]
+            holds = a > b + margin if kind == "greater" else a < b - margin
+            ok &= holds
+            sign = {("greater", True): ">", ("greater", False): "≯",
+                    ("less", True): "<", ("less", False): "≮"}[kind, holds]
+            parts.append(f"{key} {_fmt(a)} {sign} {other} {_fmt(b)}")
         suffix = f" (margin {margin:g})" if margin else ""
         return Verdict(HELD if ok else NOT_HELD, "; ".join(parts) + suffix)
     if kind == "decreases":
@@ -64,6 +77,10 @@ def evaluate_claim(claim: Mapping[str, Any], metrics: Mapping[str, float],
         if not curve or len(curve[1]) < 2:
             return Verdict(NOT_RUN, f"no curve {claim['curve']} with two or more points")
         first, last = curve[1][0], curve[1][-1]
+        invalid = _not_finite({f"{claim['curve']} at step {curve[0][0]:g}": first,
+                               f"{claim['curve']} at step {curve[0][-1]:g}": last})
+        if invalid:
+            return invalid
         holds = first > last + margin
         return Verdict(HELD if holds else NOT_HELD,
                        f"{claim['curve']}: {_fmt(first)} at step {curve[0][0]:g} → "
@@ -74,6 +91,9 @@ def evaluate_claim(claim: Mapping[str, Any], metrics: Mapping[str, float],
         if len(means) < 2:
             return Verdict(NOT_RUN, f"fewer than two finished groups of {claim['param']}")
         ordered = sorted(means, key=lambda v: order_key(v, claim.get("order")))
+        invalid = _not_finite({f"{claim['param']}={v}": means[v] for v in ordered})
+        if invalid:
+            return invalid
         listing = ", ".join(f"{v}: {_fmt(means[v])}" for v in ordered)
         if kind == "spread":
             spread = max(means.values()) - min(means.values())
@@ -108,7 +128,10 @@ def resolve_ours(entry: Mapping[str, Any], metrics: Mapping[str, float],
                 texts.append(NOT_RUN)
                 continue
             means = {v: s[metric].mean for v, s in groups.items() if metric in s}
-            if pattern.startswith("ablation_spread/"):
+            # A range over a NaN mean is undefined (min and max skip it or not, depending
+            # on where it stands): list every group instead, as for a trend.
+            if (pattern.startswith("ablation_spread/")
+                    and all(math.isfinite(m) for m in means.values())):
                 texts.append(f"{_fmt(min(means.values()))}–{_fmt(max(means.values()))}")
             else:
                 texts.append(", ".join(f"{v}: {_fmt(means[v])}" for v in

@@ -3,6 +3,7 @@ that differ from it only in their seeds."""
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -20,7 +21,15 @@ class Stat:
 
     @classmethod
     def of(cls, values: Sequence[float]) -> Stat:
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        """std is 0.0 for one value (undefined: text() prints "(1 seed)", no ±) and NaN
+        when a value is NaN or infinite (statistics.stdev raises on those; one diverged
+        seed must show in its row, not stop the report)."""
+        if len(values) < 2:
+            std = 0.0
+        elif all(math.isfinite(v) for v in values):
+            std = statistics.stdev(values)
+        else:
+            std = math.nan
         return cls(statistics.fmean(values), std, len(values))
 
     def text(self, digits: int = 1) -> str:
