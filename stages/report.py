@@ -27,9 +27,14 @@ from pathlib import Path
 import click
 import yaml
 
-from barlow import report as rp
 from barlow.config import ReportConfig, load_section, read_params
 from barlow.data.sources import DataError
+from barlow.report.ablations import parse_exp_show
+from barlow.report.build import ReportInputs, build_document
+from barlow.report.crosscorr import cc_before_after, checkpoint_models, held_out_pairs
+from barlow.report.document import write_report
+from barlow.report.inputs import load_curves, load_metrics
+from barlow.report.profiles import profile_snapshot
 from barlow.stage import params_option, run_stage
 
 
@@ -67,14 +72,14 @@ def build(params: str, live_root: Path, checkpoint: Path, data_dir: Path, paper:
         cfg = load_section(ReportConfig, "report", params)
         all_params = read_params(params)
         paper_data = yaml.safe_load(paper.read_text())
-        metrics, status = rp.load_metrics(live_root)
-        curves = rp.load_curves(live_root / "pretrain" / "plots" / "metrics")
+        metrics, status = load_metrics(live_root)
+        curves = load_curves(live_root / "pretrain" / "plots" / "metrics")
         runs = None
         if ablations_path.is_file():
             runs = json.loads(ablations_path.read_text()).get("runs", [])
 
-        inputs = rp.ReportInputs(paper=paper_data, params=all_params, metrics=metrics,
-                                 status=status, curves=curves, runs=runs)
+        inputs = ReportInputs(paper=paper_data, params=all_params, metrics=metrics,
+                              status=status, curves=curves, runs=runs)
         if profiles_dir is not None and profiles_dir.is_dir():
             for path in sorted(profiles_dir.glob("*.json")):
                 try:
@@ -91,7 +96,7 @@ def build(params: str, live_root: Path, checkpoint: Path, data_dir: Path, paper:
         if not checkpoint.is_file():
             inputs.cc_note = f"{checkpoint} does not exist (pretraining not run)"
         else:
-            info = rp.checkpoint_models(checkpoint)
+            info = checkpoint_models(checkpoint)
             inputs.checkpoint = {"config": info.config, "step": info.step,
                                  "finished": info.finished}
             inputs.backbone_params = sum(p.numel() for p in info.after.backbone.parameters())
@@ -100,11 +105,11 @@ def build(params: str, live_root: Path, checkpoint: Path, data_dir: Path, paper:
             elif not (data_dir / "test.beton").is_file():
                 inputs.cc_note = f"{data_dir / 'test.beton'} does not exist"
             else:
-                pairs = rp.held_out_pairs(data_dir / "test.beton", data_dir / "train.beton",
-                                          info.config["augment"], cfg.cc_images,
-                                          cfg.cc_batch_size, cfg.cc_views, cfg.cc_seed,
-                                          cfg.workers)
-                inputs.cc = rp.cc_before_after(info, pairs, cfg.cc_block)
+                pairs = held_out_pairs(data_dir / "test.beton", data_dir / "train.beton",
+                                       info.config["augment"], cfg.cc_images,
+                                       cfg.cc_batch_size, cfg.cc_views, cfg.cc_seed,
+                                       cfg.workers)
+                inputs.cc = cc_before_after(info, pairs, cfg.cc_block)
                 views = ("two augmented views (view A, view B of the pretraining "
                          f"augmentations, seed {cfg.cc_seed})" if cfg.cc_views == "augmented"
                          else "the whole image twice (identical views: c_ii = 1 by construction)")
@@ -118,8 +123,8 @@ def build(params: str, live_root: Path, checkpoint: Path, data_dir: Path, paper:
                     f"images, independent features still give |c_ij| of order 1/√N = "
                     f"{inputs.cc['num_images'] ** -0.5:.3f}: the floor of the off-diagonal."
                     + unfinished)
-        doc, summary = rp.build_document(inputs, cfg)
-        rp.write_report(doc, out_dir)
+        doc, summary = build_document(inputs, cfg)
+        write_report(doc, out_dir)
         for claim, verdict in summary["claims"].items():
             click.echo(f"report: {claim}: {verdict['status']}")
         click.echo(f"report: wrote {out_dir / 'report.md'} and {out_dir / 'report.html'}")
@@ -142,7 +147,7 @@ def ablations(out_path: Path, from_json: Path | None) -> None:
             print(f"report: error: dvc exp show failed: {done.stderr.strip()}", file=sys.stderr)
             sys.exit(2)
         raw = json.loads(done.stdout)
-    runs = rp.parse_exp_show(raw)
+    runs = parse_exp_show(raw)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     # Sorted, so that the same experiments give the same bytes (a committed dep).
     runs.sort(key=lambda r: (str(r["baseline_rev"]), str(r["name"]), str(r["rev"])))
@@ -168,12 +173,12 @@ def ablations(out_path: Path, from_json: Path | None) -> None:
 def profile(name: str, rev: str, params_path: Path, live_root: Path, out_path: Path) -> None:
     """Snapshot a finished run of another profile into OUT for `build --profiles`."""
     with run_stage("report"):
-        metrics, status = rp.load_metrics(live_root)
+        metrics, status = load_metrics(live_root)
         missing = [stage for stage, state in status.items() if state != "ok"]
         if missing:
             raise DataError(f"{live_root}: no metrics for {', '.join(missing)}; "
                                  "snapshot a finished run")
-        snapshot = rp.profile_snapshot(name, rev, read_params(params_path), metrics)
+        snapshot = profile_snapshot(name, rev, read_params(params_path), metrics)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = out_path.with_name(out_path.name + ".tmp")
         tmp.write_text(json.dumps(snapshot, indent=1, sort_keys=True) + "\n")

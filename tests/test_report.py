@@ -12,7 +12,10 @@ import yaml
 import torch
 from click.testing import CliRunner
 
-from barlow import report as rp
+from barlow.report.ablations import group_ablations, parse_exp_show
+from barlow.report.crosscorr import cc_before_after, cc_stats, checkpoint_models, cross_correlation
+from barlow.report.profiles import profile_snapshot
+from barlow.report.seeds import is_seed_replica, seed_rows
 from barlow.config import ModelConfig, ReportConfig, load_section
 from barlow.models import Projector
 from barlow.train import build_model, seed_everything
@@ -154,10 +157,10 @@ def test_ablations_grouped_with_seeds(fabricated: Path) -> None:
     runs += [(params(lambd=0.02, seed=0, epochs=2), top1(81.5))]
     runs += [(params(lambd=0.02, seed=1, epochs=2), {})]            # still queued
     runs += [(params(seed=0, epochs=7), top1(99.0))]                # other budget
-    parsed = rp.parse_exp_show(exp_show(runs, params()))
+    parsed = parse_exp_show(exp_show(runs, params()))
     assert [r["state"] for r in parsed].count("queued") == 1
     cfg = load_section(ReportConfig, "report", REPO / "params.yaml")
-    abl = rp.group_ablations(parsed, cfg.ablation_params, cfg.seed_param, cfg.ablation_metrics)
+    abl = group_ablations(parsed, cfg.ablation_params, cfg.seed_param, cfg.ablation_metrics)
     assert abl.context == {"pretrain.epochs": 2} and abl.other_blocks == 1
     full = abl.studies["loss.variant"]["full"]["linear/barlow/top1_best"]
     assert (full.mean, full.n) == (81.0, 3) and full.std == pytest.approx(1.0)
@@ -192,14 +195,14 @@ def test_cross_correlation_identity_for_identical_white_views() -> None:
     x = torch.randn(8192, 16)
     with torch.no_grad():
         z = head(x)
-    c = rp.cross_correlation(z, z)
+    c = cross_correlation(z, z)
     assert torch.allclose(torch.diagonal(c), torch.ones(16, dtype=c.dtype), atol=1e-4)
-    stats = rp.cc_stats(c)
+    stats = cc_stats(c)
     # Orthogonal map of white noise: off-diagonal only sampling noise, ~1/sqrt(N).
     assert stats["offdiag_abs_mean"] < 0.03
     # Standardisation: per-feature affine changes of either view leave c unchanged.
     scale, shift = torch.rand(16) + 0.5, torch.randn(16)
-    assert torch.allclose(rp.cross_correlation(z * scale + shift, z), c, atol=1e-4)
+    assert torch.allclose(cross_correlation(z * scale + shift, z), c, atol=1e-4)
 
 
 def test_checkpoint_models_rebuild_init_and_weights(tmp_path: Path) -> None:
@@ -212,14 +215,14 @@ def test_checkpoint_models_rebuild_init_and_weights(tmp_path: Path) -> None:
     path = tmp_path / "checkpoint.pt"
     torch.save({"model": trained.state_dict(), "step": 8, "finished": True,
                 "config": {"model": TINY_MODEL, "pretrain": {"seed": 3}, "augment": {}}}, path)
-    info = rp.checkpoint_models(path)
+    info = checkpoint_models(path)
     for a, b in zip(info.before.state_dict().values(), init.state_dict().values()):
         assert torch.equal(a, b)
     for a, b in zip(info.after.state_dict().values(), trained.state_dict().values()):
         assert torch.equal(a, b)
     # Identical views through the whole model: c_ii = 1 exactly, after standardisation.
     images = torch.randn(64, 3, 16, 16)
-    out = rp.cc_before_after(info, [(images, images)], block=8)
+    out = cc_before_after(info, [(images, images)], block=8)
     assert out["after"]["block"].shape == (8, 8)
     assert out["after"]["stats"]["diag_mean"] == pytest.approx(1.0, abs=1e-4)
 
@@ -263,12 +266,12 @@ def test_profile_snapshot_set_beside_this_run(fabricated: Path, tmp_path: Path) 
 
 def test_seed_replicas_are_told_apart_from_profiles() -> None:
     params = {"pretrain": {"seed": 0, "epochs": 16, "workers": 2}, "linear": {"seed": 0}}
-    snap = lambda p: rp.profile_snapshot("x", "r", p, {})  # noqa: E731
+    snap = lambda p: profile_snapshot("x", "r", p, {})  # noqa: E731
     other_seed = {"pretrain": {"seed": 1, "epochs": 16, "workers": 2}, "linear": {"seed": 1}}
     longer = {"pretrain": {"seed": 1, "epochs": 32, "workers": 2}, "linear": {"seed": 1}}
-    assert rp.is_seed_replica(params, snap(other_seed))
-    assert not rp.is_seed_replica(params, snap(longer))      # another experiment
-    assert not rp.is_seed_replica(params, snap(params))      # the same run again
+    assert is_seed_replica(params, snap(other_seed))
+    assert not is_seed_replica(params, snap(longer))      # another experiment
+    assert not is_seed_replica(params, snap(params))      # the same run again
 
 
 def test_seed_rows_give_mean_and_sample_std_with_baselines() -> None:
@@ -278,7 +281,7 @@ def test_seed_rows_give_mean_and_sample_std_with_baselines() -> None:
                              "linear/random_init/top1_best": 67.0, "pretrain/knn_top1": 81.0}},
                 {"metrics": {"linear/barlow/top1_best": 90.5,
                              "linear/random_init/top1_best": 65.0}}]
-    rows = rp.seed_rows(this, replicas, ["linear/barlow/top1_best", "pretrain/knn_top1"])
+    rows = seed_rows(this, replicas, ["linear/barlow/top1_best", "pretrain/knn_top1"])
     assert [r[0] for r in rows] == ["linear/barlow/top1_best", "linear/random_init/top1_best",
                                     "pretrain/knn_top1"]
     # mean 89.17, sample std sqrt(((−1.17)² + (−0.17)² + 1.33²) / 2) = 1.26

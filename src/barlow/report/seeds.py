@@ -1,0 +1,72 @@
+"""Mean ± sample standard deviation over seeds, and this run's seed replicas: snapshots
+that differ from it only in their seeds."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from barlow.report.inputs import flatten
+
+
+@dataclass
+class Stat:
+    """Mean and sample standard deviation (n − 1) of one metric over N seeds."""
+
+    mean: float
+    std: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Stat:
+        """std is 0.0 for one value (undefined: text() prints "(1 seed)", no ±) and NaN
+        when a value is NaN or infinite (statistics.stdev raises on those; one diverged
+        seed must show in its row, not stop the report)."""
+        if len(values) < 2:
+            std = 0.0
+        elif all(math.isfinite(v) for v in values):
+            std = statistics.stdev(values)
+        else:
+            std = math.nan
+        return cls(statistics.fmean(values), std, len(values))
+
+    def text(self, digits: int = 1) -> str:
+        if self.n == 1:
+            return f"{self.mean:.{digits}f} (1 seed)"
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f} (n={self.n})"
+
+
+#: The baselines reported beside each Barlow Twins metric ("…/barlow/…" → "…/<name>/…").
+BASELINES = ("random_init", "raw_pixels", "scratch")
+
+
+def is_seed_replica(this_params: Mapping[str, Any], profile: Mapping[str, Any]) -> bool:
+    """A snapshot whose params differ from this run's only in keys named ``seed`` (and
+    the operational keys profile_rows skips): the same experiment, another seed."""
+    mine = flatten(this_params, ".")
+    theirs = profile["params"]
+    differ = {k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)}
+    return bool(differ) and all(k.rsplit(".", 1)[-1] == "seed" for k in differ)
+
+
+def seed_rows(this_metrics: Mapping[str, float], replicas: Sequence[Mapping[str, Any]],
+              metric_names: Sequence[str]) -> list[list[str]]:
+    """Rows "metric | mean ± std (n) | each seed's value" over this run and its seed
+    replicas, for METRIC_NAMES and, beside each Barlow Twins metric, its baselines
+    (the same name with random_init, raw_pixels or scratch for barlow) where logged.
+    std is the sample standard deviation (n − 1)."""
+    runs = [this_metrics] + [r["metrics"] for r in replicas]
+    names = []
+    for name in metric_names:
+        names.append(name)
+        if "/barlow/" in name:
+            names += [name.replace("/barlow/", f"/{b}/") for b in BASELINES
+                      if name.replace("/barlow/", f"/{b}/") in this_metrics]
+    rows = []
+    for name in names:
+        values = [m[name] for m in runs if m.get(name) is not None]
+        if values:
+            rows.append([name, Stat.of(values).text()] + [f"{v:.2f}" for v in values])
+    return rows
