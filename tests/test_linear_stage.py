@@ -37,16 +37,13 @@ def tiny_params(subsets_dir: Path, **linear_overrides) -> dict:
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_ffcv, tmp_path_factory) -> dict:
+def setup(tiny_ffcv, pretrained_backbone, tmp_path_factory) -> dict:
     """val.txt holds 16 of tiny_ffcv's 64 training images (labels i % 4: 4 per class);
-    a tiny backbone saved as a plain state dict, as the pretrain stage exports it."""
+    the backbone of a short pretraining on tiny_ffcv, as the pretrain stage exports it."""
     root = tmp_path_factory.mktemp("linear")
     (root / "subsets").mkdir()
     (root / "subsets" / "val.txt").write_text("# val\n" + "".join(f"{i}\n" for i in range(16)))
-    torch.manual_seed(1)
-    backbone, _ = build_backbone(MODEL["arch"], MODEL["width"], MODEL["layers"])
-    torch.save(backbone.state_dict(), root / "backbone.pt")
-    return {"root": root, "data": tiny_ffcv, "weights": root / "backbone.pt"}
+    return {"root": root, "data": tiny_ffcv, "weights": pretrained_backbone}
 
 
 def invoke(setup: dict, tmp: Path, weights: Path | None = None, **linear_overrides):
@@ -63,7 +60,7 @@ def finished(request, setup, tmp_path_factory) -> dict:
     result = invoke(setup, tmp, mode=request.param)
     assert result.exit_code == 0, result.output + result.stderr + repr(result.exception)
     live = tmp / "live"
-    return {"result": result, "live": live,
+    return {"mode": request.param, "result": result, "live": live,
             "metrics": json.loads((live / "metrics.json").read_text())["linear"]}
 
 
@@ -75,13 +72,29 @@ def test_every_metric_is_reported_and_sane(finished):
         assert set(SUMMARY_KEYS) <= set(m), f"{name}: {sorted(m)}"
         assert m["best_epoch"] in range(EPOCHS)
         for when in ("best", "last"):
-            # 4 classes: top-5 is capped at 4 classes and counts every image.
-            assert 0.0 <= m[f"top1_{when}"] <= m[f"top5_{when}"] == 100.0
+            # Top-5 of 4 classes is top-4 (k capped at the class count): every image.
+            # It shows the cap and that top5 is not top1's copy, nothing more; top-k
+            # itself is tested in test_evaluate.
+            assert m[f"top5_{when}"] == 100.0
         if m["best_epoch"] == EPOCHS - 1:
             assert m["top1_best"] == m["top1_last"]
     # The class is a bright quadrant: raw pixels separate it, chance is 25%.
     assert metrics["raw_pixels"]["top1_best"] >= 75.0
     assert "linear: raw_pixels: test top-1" in finished["result"].output
+
+
+def test_pretrained_backbone_beats_its_random_init(finished):
+    """The probe on the pretrained backbone's features beats the same architecture at
+    random init (the weights pretraining started from) by 2 or more of the 32 test
+    images: a stage that evaluated anything but --weights (a fresh backbone, weights
+    loaded into a copy) would tie random_init. The margin's source: conftest's
+    PRETRAIN_EPOCHS. Augment mode is left out: at 4 epochs of 16 px crops every
+    backbone's probe is near chance (25-50 %), a noise comparison."""
+    if finished["mode"] != "features":
+        pytest.skip("augment mode: near chance at this size")
+    metrics = finished["metrics"]
+    assert metrics["random_init"]["top1_best"] >= 50.0  # the probe learns: chance is 25
+    assert metrics["barlow"]["top1_best"] >= metrics["random_init"]["top1_best"] + 6.25
 
 
 def test_curves_and_confusion_matrix(finished, tiny_ffcv):

@@ -1,59 +1,164 @@
-"""configs/paper.yaml is the paper's recipe, value by value, and applies cleanly."""
+"""configs/*.yaml applied as the README applies them, through DVC itself: each profile's
+-S arguments from scripts/params_args.py, word-split by the shell, queued by `dvc exp
+run` in a scratch git+DVC repository; the params.yaml DVC writes is then checked key by
+key (value and type), and configs/paper.yaml's result against the paper, value by value."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
-from barlow.config import (AugmentConfig, DataConfig, LinearConfig, LossConfig, ModelConfig,
-                           PretrainConfig, SemisupConfig, TransferConfig, from_mapping,
-                           load_section)
+from barlow.config import (SECTIONS, AugmentConfig, DataConfig, LinearConfig, LossConfig,
+                           ModelConfig, PretrainConfig, SemisupConfig, TransferConfig,
+                           from_mapping, load_section, read_params)
 from conftest import REPO
 
-PAPER = yaml.safe_load((REPO / "configs" / "paper.yaml").read_text())
-PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
+PROFILES = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
 
 
-def section(cls, name):
-    """The section as params.yaml would hold it after the profile is applied."""
-    return from_mapping(cls, {**PARAMS[name], **PAPER[name]}, name)
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
-def test_pretraining_recipe():
-    model, loss = section(ModelConfig, "model"), section(LossConfig, "loss")
+def typed(value: object) -> object:
+    """``value`` with the type of every scalar beside it: 10 and 10.0, or 1e-06 and
+    '1e-06', compare unequal."""
+    if isinstance(value, list):
+        return [typed(v) for v in value]
+    return (type(value).__name__, value)
+
+
+def dvc_applied(profile: str, tmp: Path) -> tuple[Path, str]:
+    """params.yaml as `dvc exp run --queue $(python scripts/params_args.py
+    configs/<profile>)` leaves it in the queued experiment, and DVC's console output.
+
+    The scratch repository holds what the command reads (params.yaml, the profile, the
+    script) and a one-stage dvc.yaml: queueing stashes the workspace with DVC's -S edits
+    applied and runs nothing."""
+    repo = tmp / "repo"
+    (repo / "configs").mkdir(parents=True)
+    (repo / "scripts").mkdir()
+    shutil.copy(REPO / "params.yaml", repo)
+    shutil.copy(REPO / "configs" / profile, repo / "configs")
+    shutil.copy(REPO / "scripts" / "params_args.py", repo / "scripts")
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(
+        {"stages": {"noop": {"cmd": "true", "params": sorted(SECTIONS)}}}))
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(tmp / "site"),
+           "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
+           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost",
+           "PY": sys.executable, "PROFILE": profile}
+    script = """set -e
+        git init -q && git config user.name test && git config user.email test@localhost
+        "$PY" -m dvc init -q && git add -A && git commit -qm baseline
+        "$PY" -m dvc exp run --queue -n profile $("$PY" scripts/params_args.py "configs/$PROFILE")
+        git show refs/exps/celery/stash:params.yaml > applied.yaml"""
+    result = subprocess.run(["bash", "-c", script], cwd=repo, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return repo / "applied.yaml", result.stdout
+
+
+@pytest.fixture(scope="module")
+def switched(tmp_path_factory):
+    """profile -> {path, output, params}: each profile queued once per module."""
+    done: dict[str, dict] = {}
+
+    def get(profile: str) -> dict:
+        if profile not in done:
+            path, output = dvc_applied(profile, tmp_path_factory.mktemp(profile))
+            done[profile] = {"profile": profile, "path": path, "output": output,
+                             "params": read_params(path)}  # as every stage reads it
+        return done[profile]
+    return get
+
+
+@pytest.fixture(params=PROFILES)
+def applied(request, switched) -> dict:
+    return switched(request.param)
+
+
+def test_every_profile_key_lands_with_its_value_and_type(applied):
+    """The stages see exactly the profile's values and types (an int where the profile
+    says 10.0 would be a different params hash and, for some keys, a refused type), and
+    every other key of params.yaml is left as it was."""
+    wanted = flatten(yaml.safe_load((REPO / "configs" / applied["profile"]).read_text()))
+    base = flatten(read_params(REPO / "params.yaml"))
+    got = flatten(applied["params"])
+    assert wanted and set(wanted) <= set(base)
+    assert {k: typed(got.get(k)) for k in wanted} == {k: typed(v) for k, v in wanted.items()}
+    assert {k: v for k, v in got.items() if k not in wanted} == \
+           {k: v for k, v in base.items() if k not in wanted}
+    assert "Queued experiment 'profile'" in applied["output"]
+
+
+def test_every_section_loads_after_the_switch(applied):
+    for name, cls in SECTIONS.items():
+        load_section(cls, name, applied["path"])
+
+
+@pytest.fixture
+def paper(switched) -> dict:
+    """params.yaml after the paper switch, read as the stages read it."""
+    return switched("paper.yaml")["params"]
+
+
+def section(params: dict, cls, name):
+    return from_mapping(cls, params[name], name)
+
+
+def test_pretraining_recipe(paper):
+    model, loss = section(paper, ModelConfig, "model"), section(paper, LossConfig, "loss")
     assert (model.arch, model.projector, model.projector_bn) == ("resnet50", "8192-8192-8192",
                                                                  True)
     assert (loss.lambd, loss.variant, loss.normalization) == (0.005, "full", "batch")
     # Set in paper.yaml itself, not inherited from params.yaml's quick profile.
-    assert PAPER["model"]["projector_bn"] is True and PAPER["loss"]["normalization"] == "batch"
-    p = section(PretrainConfig, "pretrain")
+    own = yaml.safe_load((REPO / "configs" / "paper.yaml").read_text())
+    assert own["model"]["projector_bn"] is True and own["loss"]["normalization"] == "batch"
+    p = section(paper, PretrainConfig, "pretrain")
     assert (p.epochs, p.warmup_epochs, p.batch_size, p.optimizer) == (1000, 10.0, 2048, "lars")
     assert (p.lr_weights, p.lr_biases, p.eta, p.momentum) == (0.2, 0.0048, 0.001, 0.9)
     assert p.weight_decay == 1.5e-6 and p.final_lr_ratio == 0.001
 
 
-def test_augmentations():
-    a = section(AugmentConfig, "augment")
+def test_augmentations(paper):
+    a = section(paper, AugmentConfig, "augment")
     assert (a.resolution, a.crop_scale, a.flip_p) == (224, (0.08, 1.0), 0.5)
     assert (a.jitter_p, a.brightness, a.contrast, a.saturation, a.hue) == (0.8, 0.4, 0.4, 0.2, 0.1)
     assert a.grayscale_p == 0.2
     assert (a.blur_p, a.blur_sigma, a.solarize_p) == ((1.0, 0.1), (0.1, 2.0), (0.0, 0.2))
 
 
-def test_evaluation_recipes():
-    lin = section(LinearConfig, "linear")
+def test_evaluation_recipes(paper):
+    lin = section(paper, LinearConfig, "linear")
     assert (lin.mode, lin.epochs, lin.batch_size, lin.lr, lin.momentum, lin.weight_decay,
             lin.schedule, lin.train_crop_scale) == \
            ("augment", 100, 256, 0.3, 0.9, 1e-6, "cosine", (0.08, 1.0))
-    semi = section(SemisupConfig, "semisup")
+    semi = section(paper, SemisupConfig, "semisup")
     assert (tuple(semi.epochs), semi.lr_backbone, semi.lr_head, semi.weight_decay,
             semi.train_crop_scale) == ((20, 20), 0.005, 0.5, 0.0, (0.08, 1.0))
-    tr = section(TransferConfig, "transfer")
+    tr = section(paper, TransferConfig, "transfer")
     assert (tr.epochs, tr.lr, tr.weight_decay, tr.schedule) == (14, 0.01, 5e-4, "step")
+
+
+def test_ffcv_and_data_settings(paper):
+    data = section(paper, DataConfig, "data")
+    assert dataclasses.asdict(data.ffcv) == {"write_mode": "proportion", "max_resolution": 500,
+                               "compress_probability": 0.5, "jpeg_quality": 90}
+    assert data.source == "imagefolder"
 
 
 def test_places205_and_inat18_epochs(tmp_path):
@@ -73,39 +178,6 @@ def test_places205_and_inat18_epochs(tmp_path):
     assert set(data.transfer_folders) == {"places205", "inat18"}
     assert tr.epochs_per_dataset == {"places205": 14, "inat18": 84}
     tr.check_datasets(list(data.transfer_folders))
-
-
-def test_ffcv_and_data_settings():
-    ffcv = PAPER["data"]["ffcv"]
-    assert ffcv == {"write_mode": "proportion", "max_resolution": 500,
-                    "compress_probability": 0.5, "jpeg_quality": 90}
-    assert PAPER["data"]["source"] == "imagefolder"
-
-
-@pytest.mark.parametrize("profile", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
-def test_profiles_apply_to_params_yaml(profile):
-    """Every profile key exists in params.yaml (the switch fails on a typo), and the
-    arguments survive the unquoted $(...) of the documented command value for value."""
-    script = f'printf "%s\\n" $("{sys.executable}" scripts/params_args.py configs/{profile})'
-    result = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    args = result.stdout.splitlines()
-    assert args and all(a.startswith("--set-param=") for a in args)
-    parsed = {}
-    for arg in args:
-        key, value = arg[len("--set-param="):].split("=", 1)
-        parsed[key] = yaml.safe_load(value)
-    expected = {}
-
-    def flatten(tree, prefix=""):
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                flatten(value, f"{prefix}{key}.")
-            else:
-                expected[f"{prefix}{key}"] = value
-
-    flatten(yaml.safe_load((REPO / "configs" / profile).read_text()))
-    assert parsed == expected
 
 
 def test_dvc_set_param_floats_load_as_floats(tmp_path):

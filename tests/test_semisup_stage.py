@@ -83,8 +83,11 @@ def test_end_to_end_metrics(finished):
             assert set(KEYS) <= set(m), f"{subset}/{run}: {sorted(m)}"
             assert m["best_epoch"] in range(epochs)
             for when in ("best", "last"):
-                assert 0.0 <= m[f"top1_{when}"] <= m[f"top5_{when}"] <= 100.0
-                # 4 classes: top-5 is capped at 4 and counts every image.
+                # Top-5 of 4 classes is top-4 (k capped at the class count): every image.
+                # No accuracy bound here: fine-tuning on 8-16 images for 2-3 epochs sits
+                # near chance whatever the start (measured: barlow 16-44, scratch 19-25
+                # over 4 pretrained backbones), so barlow-beats-scratch is not testable
+                # at this size.
                 assert m[f"top5_{when}"] == 100.0
             if m["best_epoch"] == epochs - 1:
                 assert m["top1_best"] == m["top1_last"]

@@ -103,8 +103,13 @@ def test_every_metric_is_reported_and_sane(finished):
             assert set(SUMMARY_KEYS) <= set(m), f"{dataset}/{name}: {sorted(m)}"
             assert m["best_epoch"] in range(EPOCHS)
             for when in ("best", "last"):
-                assert 0.0 <= m[f"top1_{when}"] <= m[f"top5_{when}"] == 100.0
-            assert 0.0 < metrics[dataset]["svm"][name]["map"] <= 100.0
+                # Top-5 of 3 classes is top-3 (k capped at the class count): every image.
+                assert m[f"top5_{when}"] == 100.0
+            # Chance is 1/3 for top-1 and, per class, for AP (a third of the images are
+            # positive). Measured with a random-init "barlow": top-1 >= 80, mAP >= 94.
+            # A head or SVM fed features misaligned with their labels sits near chance.
+            assert m["top1_best"] >= 60.0, (dataset, name, m["top1_best"])
+            assert metrics[dataset]["svm"][name]["map"] >= 60.0, (dataset, name)
         # The band position is plain in the pixels: raw pixels must find it.
         assert metrics[dataset]["linear"]["raw_pixels"]["top1_best"] >= 80.0
         assert metrics[dataset]["svm"]["raw_pixels"]["map"] >= 90.0
@@ -201,7 +206,9 @@ def test_folder_sets_run_last_with_their_own_epochs(setup, scenes, tmp_path):
     for name in EMBEDDINGS:
         assert set(SUMMARY_KEYS) <= set(metrics["scenes"]["linear"][name])
         assert metrics["scenes"]["linear"][name]["best_epoch"] in range(FOLDER_EPOCHS)
-        assert 0.0 < metrics["scenes"]["svm"][name]["map"] <= 100.0
+        # Chance 1/3 (3 classes); measured 100 for every embedding.
+        assert metrics["scenes"]["linear"][name]["top1_best"] >= 60.0, name
+        assert metrics["scenes"]["svm"][name]["map"] >= 60.0, name
     assert metrics["scenes"]["svm"]["raw_pixels"]["map"] >= 90.0
     plots = tmp_path / "live" / "plots" / "metrics" / "transfer"
     for dataset, epochs in (("small", EPOCHS), ("scenes", FOLDER_EPOCHS)):
