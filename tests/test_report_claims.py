@@ -16,7 +16,7 @@ import math
 import pytest
 import yaml
 
-from barlow.report.ablations import Ablations, group_ablations
+from barlow.report.ablations import Ablations, ablation_metrics, group_ablations
 from barlow.report.claims import HELD, NOT_HELD, evaluate_claim, resolve_ours
 from barlow.report.inputs import NOT_RUN
 from barlow.report.seeds import Stat, seed_rows
@@ -274,3 +274,36 @@ def test_group_ablations_single_seed_and_nan_runs() -> None:
                        {f"ablation/loss.variant={k}/{TOP1}": s[TOP1].mean
                         for k, s in groups.items()}, {}, abl)
     assert v.status == NOT_RUN and "invariance" in v.detail
+
+
+def test_group_ablations_composite_study_takes_runs_changing_exactly_its_params() -> None:
+    """The paper's no-BN + no-normalisation row changes two settings: the study
+    "model.projector_bn+loss.normalization" takes it; a run changing only one of them
+    goes to that one's own study; a run changing a pair no entry names is unclassified."""
+    base = {"model.projector_bn": True, "loss.normalization": "batch", "loss.lambd": 0.005,
+            "pretrain.seed": 0}
+
+    def r(seed, top1, **changes):
+        return {"state": "done", "params": {**base, "pretrain.seed": seed, **changes},
+                "baseline_params": base, "metrics": {TOP1: top1}}
+
+    sweep = ["loss.lambd", "loss.normalization", "model.projector_bn",
+             "model.projector_bn+loss.normalization"]
+    runs = [r(0, 80.0), r(1, 82.0),
+            r(0, 79.0, **{"model.projector_bn": False}),
+            r(0, 50.0, **{"model.projector_bn": False, "loss.normalization": "none"}),
+            r(1, 52.0, **{"model.projector_bn": False, "loss.normalization": "none"}),
+            r(0, 60.0, **{"loss.normalization": "none", "loss.lambd": 0.02})]
+    abl = group_ablations(runs, sweep, "pretrain.seed", [TOP1])
+    both = abl.studies["model.projector_bn+loss.normalization"]
+    assert set(both) == {"True+batch", "False+none"}
+    assert (both["False+none"][TOP1].mean, both["False+none"][TOP1].n) == (51.0, 2)
+    assert both["True+batch"][TOP1].n == 2                  # the baselines
+    assert set(abl.studies["model.projector_bn"]) == {"True", "False"}
+    assert abl.studies["model.projector_bn"]["False"][TOP1].mean == 79.0
+    assert "loss.normalization" not in abl.studies          # only the baseline ran alone
+    assert abl.unclassified == 1
+    metrics = ablation_metrics(abl)
+    assert metrics[f"ablation/model.projector_bn+loss.normalization=False+none/{TOP1}"] == 51.0
+    # A run must not be split into its params' single studies: blocks stay by the rest.
+    assert abl.other_blocks == 0

@@ -72,12 +72,15 @@ class Ablations:
     studies: dict[str, dict[str, dict[str, Stat]]] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)    # runs per state
     other_blocks: int = 0          # runs in other contexts (e.g. another epoch budget)
-    unclassified: int = 0          # runs that change two swept params at once
+    unclassified: int = 0          # runs whose changed params match no study
 
 
 def group_ablations(runs: Sequence[Mapping[str, Any]], sweep: Sequence[str],
                     seed_param: str, metrics: Sequence[str]) -> Ablations:
-    """Group finished runs by the one swept param they change from their baseline.
+    """Group finished runs by the study they belong to: the entry of ``sweep`` whose
+    params are exactly those the run changes from its baseline. An entry is one param
+    ("loss.lambd") or several joined by "+" ("model.projector_bn+loss.normalization",
+    a row of the paper that changes two settings at once; its values read "False+none").
 
     A run that changes no swept param (only the seed) is the baseline of every study.
     Runs are blocked by all their other params (absolute values, so runs queued from
@@ -88,9 +91,11 @@ def group_ablations(runs: Sequence[Mapping[str, Any]], sweep: Sequence[str],
     for run in runs:
         result.counts[run["state"]] = result.counts.get(run["state"], 0) + 1
     done = [r for r in runs if r["state"] == "done"]
+    members = {study: frozenset(study.split("+")) for study in sweep}
+    swept = frozenset().union(*members.values())
     blocks: dict[str, list] = {}
     for run in done:
-        fixed = {k: v for k, v in run["params"].items() if k not in sweep and k != seed_param}
+        fixed = {k: v for k, v in run["params"].items() if k not in swept and k != seed_param}
         blocks.setdefault(json.dumps(fixed, sort_keys=True, default=str), []).append(run)
     if not blocks:
         return result
@@ -102,14 +107,14 @@ def group_ablations(runs: Sequence[Mapping[str, Any]], sweep: Sequence[str],
     values: dict[str, dict[str, dict[str, list[float]]]] = {}
     for run in blocks[key]:
         base, params = run["baseline_params"], run["params"]
-        changed = [p for p in sweep if params.get(p) != base.get(p)]
-        if len(changed) > 1:
+        changed = frozenset(p for p in swept if params.get(p) != base.get(p))
+        studies = [study for study, keys in members.items() if keys == changed]
+        if changed and not studies:
             result.unclassified += 1
             continue
-        studies = changed or list(sweep)  # a baseline run belongs to every study
-        for param in studies:
-            value = format_value(params.get(param))
-            slot = values.setdefault(param, {}).setdefault(value, {})
+        for study in studies or list(sweep):  # a baseline run belongs to every study
+            value = "+".join(format_value(params.get(p)) for p in study.split("+"))
+            slot = values.setdefault(study, {}).setdefault(value, {})
             for metric in metrics:
                 if metric in run["metrics"]:
                     slot.setdefault(metric, []).append(run["metrics"][metric])
