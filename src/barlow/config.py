@@ -527,7 +527,7 @@ class TransferConfig:
 @dataclass(frozen=True)
 class SemisupConfig:
     """`semisup:` — fine-tuning on label subsets (paper Table 2) and the supervised
-    from-scratch baseline, same recipe (stages/semisup.py, barlow.evaluate.finetune).
+    from-scratch baseline, same recipe (stages/semisup.py, barlow.semisup).
     The paper's ImageNet recipe is configs/paper.yaml's."""
 
     subsets: tuple[str, ...]  # files <data.subsets_dir>/<name>.txt

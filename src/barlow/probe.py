@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -184,15 +184,17 @@ def probe_augmented(embed: nn.Module, train_loader: SeekableLoader, val_loader: 
     return fit_and_test(fit, head, test, device, on_epoch)
 
 
-def epoch_logger(live: Any, prefix: str, epochs: int | None = None) -> OnEpoch:
+def epoch_logger(live: Any, prefix: str, epochs: int | None = None,
+                 keys: Sequence[str] | None = CURVE_KEYS) -> OnEpoch:
     """The trainers' on_epoch callback writing each row as points of the
-    ``prefix/<key>`` curves (CURVE_KEYS) of a dvclive Live, at step = epoch, and
-    progress lines (barlow.progress) over ``epochs``."""
+    ``prefix/<key>`` curves of a dvclive Live, at step = epoch, and progress lines
+    (barlow.progress) over ``epochs``. ``keys``: the row's keys to log; None, every key
+    but "epoch" (the learning rates too), in the row's order."""
     progress = Progress(prefix, epochs, "epoch")
 
     def log(epoch: int, row: dict) -> None:
         live.step = epoch
-        for key in CURVE_KEYS:
+        for key in (keys if keys is not None else [k for k in row if k != "epoch"]):
             live.log_metric(f"{prefix}/{key}", row[key])
         progress.update(epoch + 1, train_loss=row["train_loss"], val_top1=row["val_top1"])
     return log
