@@ -1,5 +1,8 @@
 """Typed, validated views of params.yaml.
 
+(Over ~400 lines: one dataclass per params.yaml section, in the file's order, each
+with its checks; they read best side by side, and the generic part is barlow.params.)
+
 Every params.yaml section loads into a frozen dataclass at a stage's edge, before any
 work starts. `dvc exp run -S key=value` edits params.yaml and nothing else, so this is
 the one place where a mistyped key, a wrong type or an impossible value can be caught:
