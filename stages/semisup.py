@@ -6,7 +6,7 @@ the supervised-from-scratch baseline with the same recipe.
 
 For each subset S of ``semisup.subsets`` (files ``<data.subsets_dir>/S.txt``, indices
 into train.beton or ImageNet file names, read and checked by barlow.data.subsets) two
-runs of ``barlow.evaluate.finetune``:
+runs (barlow.semisup):
 ``barlow`` starts from the ``--weights`` backbone, ``scratch`` from a random one seeded
 with ``semisup.seed``. Both see the same batches (one loader per subset, rewound), pick
 the epoch with the best top-1 on ``val_subset`` and report test top-1/top-5 at that
@@ -24,11 +24,8 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
 
 import click
-import torch
-from torch import nn
 
 from barlow import distributed as dist
 from barlow.checkpoint import load_backbone_weights
@@ -37,70 +34,11 @@ from barlow.data.convert import normalisation, read_manifest
 from barlow.data.loaders import eval_loader
 from barlow.data.sources import DataError
 from barlow.data.subsets import load_splits
-from barlow.evaluate import accuracy, finetune, linear_head
 from barlow.models import build_backbone
-from barlow.progress import Progress
-from barlow.stage import (data_option, live_option, open_live, params_option, run_in_workers, run_stage,
-                          weights_option)
-from barlow.precision import AUTOCAST
-
-RUNS = ("barlow", "scratch")
-
-
-def relative_change(before: dict[str, torch.Tensor], module: nn.Module) -> float:
-    """‖θ − θ₀‖ / ‖θ₀‖ over the trainable parameters: how far fine-tuning moved them."""
-    params = dict(module.named_parameters())
-    diff = sum(float((params[k].detach().cpu() - v).pow(2).sum()) for k, v in before.items())
-    norm = sum(float(v.pow(2).sum()) for v in before.values())
-    return (diff / max(norm, 1e-12)) ** 0.5
-
-
-def run_once(backbone: nn.Module, feat_dim: int, num_classes: int, train, val, test,
-             cfg: SemisupConfig, epochs: int, lrs: tuple[float, float], env: dist.DistEnv,
-             log: Callable[[int, dict], None]) -> dict[str, float]:
-    """Fine-tune ``backbone`` plus a fresh head; test at the best-val and last epochs.
-    ``train`` holds this rank's share of every batch, ``val`` and ``test`` its share of
-    the rows; every rank returns the same figures."""
-    autocast_dtype = AUTOCAST[cfg.precision]
-    device = env.device
-    backbone = backbone.to(device)
-    if cfg.channels_last:
-        backbone = backbone.to(memory_format=torch.channels_last)
-    head = linear_head(feat_dim, num_classes, cfg.seed).to(device)
-    start = {k: p.detach().cpu().clone() for k, p in backbone.named_parameters()}
-    best: dict = {}
-
-    def on_epoch(epoch: int, row: dict) -> None:
-        log(epoch, row)
-        # Keep the weights of the best-val epoch so that the test set is evaluated only
-        # twice (best and last) instead of after every epoch. ">" keeps the first of
-        # ties, as finetune's own choice of "best" does.
-        if not best or row["val_top1"] > best["val_top1"]:
-            best.update(epoch=epoch, val_top1=row["val_top1"], state=(
-                {k: v.detach().clone() for k, v in backbone.state_dict().items()},
-                {k: v.detach().clone() for k, v in head.state_dict().items()}))
-
-    # Every run of this subset sees the same sample order and augmentations.
-    train.seek(0)
-    result = finetune(backbone, head, train, val, epochs=epochs, lr_backbone=lrs[0],
-                      lr_head=lrs[1], weight_decay=cfg.weight_decay, device=device,
-                      momentum=cfg.momentum, schedule=cfg.schedule,
-                      channels_last=cfg.channels_last, autocast_dtype=autocast_dtype,
-                      on_epoch=on_epoch, env=env, recompute_bn=cfg.precise_bn)
-    assert best["epoch"] == result["best"]["epoch"]  # same tie rule as finetune's
-    change = relative_change(start, backbone)
-    net = nn.Sequential(backbone, head)
-    last = accuracy(net, test, device, cfg.channels_last, autocast_dtype)
-    if best["epoch"] == result["last"]["epoch"]:
-        at_best = last
-    else:
-        backbone.load_state_dict(best["state"][0])
-        head.load_state_dict(best["state"][1])
-        at_best = accuracy(net, test, device, cfg.channels_last, autocast_dtype)
-    return {"top1_best": at_best["top1"], "top5_best": at_best["top5"],
-            "top1_last": last["top1"], "top5_last": last["top5"],
-            "best_epoch": result["best"]["epoch"], "val_top1_best": result["best"]["val_top1"],
-            "weight_change": change}
+from barlow.probe import epoch_logger
+from barlow.semisup import RUNS, finetune_and_test, run_backbone
+from barlow.stage import (data_option, live_option, open_live, params_option, run_in_workers,
+                          run_stage, weights_option)
 
 
 @click.command()
@@ -158,28 +96,13 @@ def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
                                 **common)
             for run in RUNS:
                 prefix = f"semisup/{name}/{run}"
-                progress = Progress(prefix, epochs, "epoch")
-
-                def log(epoch: int, row: dict, prefix: str = prefix,
-                        progress: Progress = progress) -> None:
-                    live.step = epoch
-                    for key, value in row.items():
-                        if key != "epoch":
-                            live.log_metric(f"{prefix}/{key}", value)
-                    progress.update(epoch + 1, train_loss=row["train_loss"],
-                                    val_top1=row["val_top1"])
-
-                if run == "barlow":
-                    backbone, dim = build_backbone(model.arch, model.width, model.layers)
-                    load_backbone_weights(backbone, weights)
-                    lrs = (cfg.lr_backbone, cfg.lr_head)
-                else:
-                    torch.manual_seed(cfg.seed)
-                    backbone, dim = build_backbone(model.arch, model.width, model.layers)
-                    lrs = (cfg.scratch_lr_backbone, cfg.scratch_lr_head)
+                log = epoch_logger(live, prefix, epochs, keys=None)
+                backbone, dim = run_backbone(run, model, weights, cfg.seed)
+                lrs = ((cfg.lr_backbone, cfg.lr_head) if run == "barlow"
+                       else (cfg.scratch_lr_backbone, cfg.scratch_lr_head))
                 started = time.perf_counter()
-                metrics = run_once(backbone, dim, num_classes, train, val, test, cfg, epochs,
-                                   lrs, env, log)
+                metrics = finetune_and_test(backbone, dim, num_classes, train, val, test, cfg,
+                                            epochs, lrs, env, log)
                 for key, value in metrics.items():
                     live.log_metric(f"{prefix}/{key}", value, plot=False)
                 if env.is_main:

@@ -37,12 +37,12 @@ from barlow.config import AugmentConfig, DataConfig, ModelConfig, TransferConfig
 from barlow.data.convert import normalisation, read_manifest
 from barlow.data.loaders import eval_loader
 from barlow.data.sources import split_indices
-from barlow.evaluate import voc07_svm_map, voc_devkit_targets
 from barlow.probe import (Recipe, embedding, epoch_logger, gathered_features, log_summary,
                           multilabel_batches, probe_features, split_rows)
 from barlow.stage import (live_option, open_live, params_option, run_in_workers, run_stage,
                           weights_option)
 from barlow.precision import AUTOCAST
+from barlow.voc07 import voc07_svm_map, voc_devkit_targets
 
 
 @click.command()

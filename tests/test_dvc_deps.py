@@ -101,7 +101,10 @@ def test_the_closure_follows_lazy_and_package_imports():
     assert Path("src/barlow/distributed.py") in files      # `from barlow import distributed`
     assert Path("src/barlow/train.py") in files
     assert Path("stages/pretrain.py") in files
-    assert not any(f.name == "__init__.py" for f in files)  # empty package markers
+    # Empty package markers are left out; a package __init__ with code (augment) is not.
+    assert Path("src/barlow/__init__.py") not in files
+    assert Path("src/barlow/data/__init__.py") not in files
+    assert Path("src/barlow/augment/__init__.py") in files
 
 
 @pytest.mark.parametrize("stage", ["stages.linear", "stages.semisup", "stages.transfer"])

@@ -17,7 +17,7 @@ from torch import nn
 from barlow.config import LinearConfig, ModelConfig, load_section
 from barlow.data.convert import read_manifest
 from barlow.data.loaders import eval_loader
-from barlow.evaluate import extract_features
+from barlow.features import extract_features
 from barlow.models import build_backbone
 from barlow.probe import SUMMARY_KEYS, Recipe, embedding, fit_and_test, probe_augmented
 from barlow.data.convert import normalisation

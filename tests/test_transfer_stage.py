@@ -25,7 +25,7 @@ from barlow.config import DataConfig, TransferConfig, load_section
 from barlow.data import sources
 from barlow.data.convert import FfcvSettings, write_beton
 from barlow.data.sources import Source
-from barlow.evaluate import voc07_svm_map, voc_devkit_targets
+from barlow.voc07 import voc07_svm_map, voc_devkit_targets
 from barlow.models import build_backbone
 from barlow.probe import SUMMARY_KEYS
 from conftest import REPO, repo_params

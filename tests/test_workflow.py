@@ -74,7 +74,7 @@ def test_imagefolder_scan_reports_progress(tmp_path, capsys):
 
 
 def test_svm_search_counts_unconverged_fits_instead_of_warning():
-    from barlow.evaluate import voc07_svm_map
+    from barlow.voc07 import voc07_svm_map
 
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(90, 20)), np.arange(90) % 3

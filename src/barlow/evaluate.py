@@ -1,4 +1,8 @@
-"""Evaluation of learned representations: linear probe, fine-tuning, kNN, VOC07 SVMs.
+"""The supervised trainers that evaluate learned representations: linear probe and
+fine-tuning, with their top-k metrics.
+
+(Over ~400 lines: the trainers are thin callers of one shared loop, ``_fit``, and its
+helpers; split, the loop would live apart from every function that uses it.)
 
 The protocols (recipe.md, paper Tables 1-3):
 
@@ -9,13 +13,10 @@ The protocols (recipe.md, paper Tables 1-3):
   on features extracted once without augmentation, which is much cheaper.
 - transfer linear (Places-205, iNat18): the same trainer with ``schedule="step"``.
 - semi-supervised fine-tuning and the supervised-from-scratch baseline: ``finetune``.
-- VOC07 classification: per-class linear SVMs, C by cross-validation (``voc07_svm_map``).
-- monitors and baselines: weighted kNN (``knn_top1``) and raw pixels
-  (``raw_pixel_features``).
 
-A *loader* is any iterable of ``(x, y)`` tensor batches (an FFCV Loader, a DataLoader, a
-list); a *backbone* is any module mapping ``x`` to ``(N, D)`` features; it must already
-be on ``device``.
+The other protocols live beside it: VOC07 classification by per-class linear SVMs in
+barlow.voc07; frozen-feature extraction, the weighted-kNN monitor and the raw-pixel
+baseline in barlow.features, whose *loader* and *backbone* conventions hold here too.
 
 Several processes (torchrun; ``env`` a barlow.distributed.DistEnv with world_size W > 1):
 each rank passes its own share of the batches. Training loaders are ffcv's distributed
@@ -42,30 +43,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
-from typing import Callable, Iterable, Iterator, Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from joblib import Parallel, delayed
-from sklearn.metrics import average_precision_score
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.model_selection import StratifiedKFold
-from sklearn.svm import LinearSVC
 from torch import Tensor, nn
 
 from barlow import distributed as dist
-from barlow.progress import Progress
+from barlow.features import Batches, autocast, eval_mode, to_input
 
-Batches = Iterable[tuple[Tensor, Tensor]]
 Schedule = Literal["cosine", "step"]
 OnEpoch = Callable[[int, dict], None]
-
-# The cost grid of the Goyal et al. (2019) benchmark's VOC07 SVM instructions
-# (fair_self_supervision_benchmark GETTING_STARTED.md), whose protocol PIRL and Barlow
-# Twins follow; VISSL's own default is only (0.1, 0.01).
-VOC07_SVM_COSTS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -82,102 +70,6 @@ def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) ->
     if labels.numel() == 0:
         raise ValueError("topk_accuracy: no samples")
     return {k: 100.0 * c / labels.numel() for k, c in topk_correct(logits, labels, ks).items()}
-
-
-# --------------------------------------------------------------------- feature extraction
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode, then restore each one's own flag (a caller may
-    hold a model whose submodules are in different modes)."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in flags:
-            m.training = training
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-def _to_input(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
-    x = x.to(device, non_blocking=True)
-    if channels_last and x.ndim == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
-
-
-def extract_features(
-    backbone: nn.Module,
-    loader: Batches,
-    device: str | torch.device,
-    channels_last: bool = False,
-    autocast_dtype: torch.dtype | None = None,
-    label: str | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Run ``backbone`` in eval mode over ``loader``; return (features (N, D) float32,
-    labels (N,)) on the CPU, in loader order. Every submodule's training flag is
-    restored afterwards. With a ``label``, progress lines name it (barlow.progress)."""
-    device = torch.device(device)
-    feats, labels = [], []
-    progress = (Progress(label, len(loader) if hasattr(loader, "__len__") else None, "batch")
-                if label else None)
-    # no_grad rather than inference_mode: inference tensors cannot be saved for
-    # backward, and fit_linear_on_features trains a head on these very tensors.
-    with _eval_mode(backbone), torch.no_grad():
-        for x, y in loader:
-            with _autocast(device, autocast_dtype):
-                f = backbone(_to_input(x, device, channels_last))
-            # FFCV reuses its output buffers batch after batch: copy, never keep views.
-            feats.append(f.float().to("cpu", copy=True))
-            labels.append(y.to("cpu", copy=True))
-            if progress is not None:
-                progress.update(len(feats))
-    if progress is not None:
-        progress.finish(len(feats), images=sum(len(y) for y in labels))
-    if not feats:
-        raise ValueError("extract_features: the loader yielded no batches")
-    return torch.cat(feats), torch.cat(labels)
-
-
-def raw_pixel_features(loader: Batches) -> tuple[Tensor, Tensor]:
-    """The raw-pixel baseline: each image flattened to one row, float32 on the CPU."""
-    return extract_features(nn.Flatten(), loader, "cpu")
-
-
-# ----------------------------------------------------------------------------------- kNN
-def knn_top1(
-    train_feats: Tensor,
-    train_labels: Tensor,
-    test_feats: Tensor,
-    test_labels: Tensor,
-    *,
-    num_classes: int,
-    k: int = 200,
-    temperature: float = 0.1,
-    chunk: int = 1024,
-) -> float:
-    """Weighted kNN top-1 accuracy (percent), the SSL monitor of Wu et al. (2018).
-
-    With f̂ = f / ‖f‖₂, s_ij = f̂_i · f̂_j (cosine similarity of test row i to training
-    row j) and N_k(i) the k training rows of largest s_ij:
-        score_c(i) = Σ_{j ∈ N_k(i), y_j = c} exp(s_ij / T),   ŷ_i = argmax_c score_c(i).
-    Test rows are processed ``chunk`` at a time so the similarity matrix never exceeds
-    chunk × N_train; the work runs on ``train_feats``' device."""
-    train = F.normalize(train_feats.float(), dim=1)
-    train_labels = train_labels.to(train.device)
-    k = min(k, train.shape[0])
-    correct = 0
-    for start in range(0, test_feats.shape[0], chunk):
-        query = F.normalize(test_feats[start:start + chunk].to(train.device).float(), dim=1)
-        sim, idx = (query @ train.T).topk(k, dim=1)
-        votes = torch.zeros(query.shape[0], num_classes, device=train.device)
-        votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
-        truth = test_labels[start:start + chunk].to(train.device)
-        correct += int((votes.argmax(dim=1) == truth).sum())
-    return 100.0 * correct / test_feats.shape[0]
 
 
 # ------------------------------------------------------------------ supervised training
@@ -208,9 +100,9 @@ Net = Callable[[Tensor], Tensor]  # images or features -> logits
 
 
 def _logits(net: Net, x, device, channels_last, autocast_dtype) -> Tensor:
-    with _autocast(device, autocast_dtype):
+    with autocast(device, autocast_dtype):
         # The loss and the metrics are computed in fp32 whatever the autocast dtype.
-        return net(_to_input(x, device, channels_last)).float()
+        return net(to_input(x, device, channels_last)).float()
 
 
 def _train_epoch(net: Net, batches, optimizer, scaler, device, channels_last,
@@ -249,7 +141,7 @@ def accuracy(net: Net, batches: Batches, device: str | torch.device, channels_la
     device = torch.device(device)
     loss_sum, seen, hits = 0.0, 0, {1: 0, 5: 0}
     # A plain callable (the trainers' closures) runs modules that _fit put in eval mode.
-    mode = _eval_mode(net) if isinstance(net, nn.Module) else contextlib.nullcontext()
+    mode = eval_mode(net) if isinstance(net, nn.Module) else contextlib.nullcontext()
     with mode, torch.no_grad():
         for x, y in batches:
             y = y.to(device, non_blocking=True)
@@ -384,7 +276,7 @@ def train_linear_head(
     optimizer = _sgd([{"params": head.parameters(), "lr": lr, "name": "head"}],
                      momentum, weight_decay)
     train_head = head if env is None else dist.wrap_ddp(head, env)
-    with _eval_mode(backbone):
+    with eval_mode(backbone):
         result = _fit(lambda x: train_head(frozen_features(x)),
                       lambda x: head(frozen_features(x)), lambda epoch: train_loader,
                       val_loader, optimizer, [head], epochs, schedule, device,
@@ -542,171 +434,3 @@ def finetune(
     return _fit(train_net, net, lambda epoch: train_loader, val_loader, optimizer,
                 [backbone, head], epochs, schedule, device, channels_last, autocast_dtype,
                 on_epoch, before_val=recompute if recompute_bn else None)
-
-
-# ------------------------------------------------------------------------- VOC07 SVMs
-def _precision_recall(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Precision and recall after each rank of ``scores`` sorted high to low; ``targets``
-    is 1 for a positive, anything else a negative. Ties keep input order."""
-    positive = np.asarray(targets)[np.argsort(-np.asarray(scores), kind="stable")] == 1
-    if not positive.any():
-        raise ValueError("average precision is undefined without a positive sample")
-    tp = np.cumsum(positive)
-    return tp / np.arange(1, len(tp) + 1), tp / tp[-1]
-
-
-def voc07_11point_ap(scores: np.ndarray, targets: np.ndarray) -> float:
-    """VOC2007 devkit AP (VOCevalcls): AP = (1/11) Σ_{t ∈ {0, 0.1, …, 1}} max_{r ≥ t} p(r),
-    the max being 0 where no rank reaches recall t. The thresholds are k/10 exactly, so a
-    recall of 3/10 counts at t = 0.3 (the devkit's 0:0.1:1 gives 0.30000000000000004)."""
-    precision, recall = _precision_recall(scores, targets)
-    return float(np.mean([precision[recall >= k / 10].max(initial=0.0) for k in range(11)]))
-
-
-def envelope_ap(scores: np.ndarray, targets: np.ndarray) -> float:
-    """AP as the area under the monotone precision envelope (VOC2010+ devkit; the AP of
-    the SSL VOC07 SVM benchmark of Goyal et al. 2019 / PIRL / VISSL):
-        AP = Σ_n (r_n − r_{n−1}) · max_{m ≥ n} p_m,   r_0 = 0."""
-    precision, recall = _precision_recall(scores, targets)
-    envelope = np.maximum.accumulate(precision[::-1])[::-1]
-    return float(np.sum(np.diff(recall, prepend=0.0) * envelope))
-
-
-def _numpy(x) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
-
-
-def voc_devkit_targets(devkit) -> np.ndarray:
-    """VOC devkit class-file values (1 present, −1 absent, 0 difficult) → the benchmark's
-    target layout that ``voc07_svm_map`` reads (1 present, 0 absent, −1 difficult), the
-    mapping of the benchmark's create_voc_data_files.py: 1 ↦ 1, −1 ↦ 0, 0 ↦ −1."""
-    devkit = _numpy(devkit)
-    if not np.isin(devkit, (-1, 0, 1)).all():
-        raise ValueError(f"VOC devkit labels must be 1, -1 or 0, got {np.unique(devkit)}")
-    return np.select([devkit == 1, devkit == -1], [1, 0], -1).astype(np.int64)
-
-
-def _label_matrix(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """(N, C) targets in the benchmark's layout: 1 present, 0 absent, -1 difficult.
-    Integer class labels (N,) become one-vs-rest columns."""
-    if labels.ndim == 1:
-        return (labels[:, None] == np.arange(num_classes)[None, :]).astype(np.int64)
-    return labels.astype(np.int64)
-
-
-def _l2_normalise(feats: np.ndarray) -> np.ndarray:
-    # x / (‖x‖ + 1e-5) as the benchmark code does; the epsilon keeps zero rows finite.
-    feats = feats.astype(np.float64)
-    return feats / (np.linalg.norm(feats, axis=1, keepdims=True) + 1e-5)
-
-
-def _svm(cost: float, seed: int, max_iter: int) -> LinearSVC:
-    # The benchmark's settings: squared hinge, L2, dual, intercept_scaling 1, positives
-    # weighted twice (labels are ±1), tol 1e-4, max_iter 2000.
-    return LinearSVC(C=cost, class_weight={1: 2, -1: 1}, intercept_scaling=1.0,
-                     penalty="l2", loss="squared_hinge", dual=True, tol=1e-4,
-                     max_iter=max_iter, random_state=seed)
-
-
-def _fit_svm(cost: float, seed: int, max_iter: int, feats: np.ndarray,
-             target: np.ndarray) -> tuple[LinearSVC, bool]:
-    """The fitted SVM and whether liblinear converged within ``max_iter`` iterations
-    (its own test: n_iter_ < max_iter). The warning it would print for every
-    unconverged fit is counted by the caller and reported once instead."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        svm = _svm(cost, seed, max_iter).fit(feats, target)
-    return svm, bool(svm.n_iter_ < max_iter)
-
-
-def _fold_ap(cost: float, seed: int, max_iter: int, feats: np.ndarray, target: np.ndarray,
-             fit_rows: np.ndarray, held_rows: np.ndarray) -> tuple[float, bool]:
-    """One cross-validation fold: AP of the SVM fitted on ``fit_rows`` over
-    ``held_rows`` (what cross_val_score(scoring="average_precision") computes), and
-    whether it converged."""
-    svm, converged = _fit_svm(cost, seed, max_iter, feats[fit_rows], target[fit_rows])
-    scores = svm.decision_function(feats[held_rows])
-    return float(average_precision_score(target[held_rows] == 1, scores)), converged
-
-
-def voc07_svm_map(
-    train_feats,
-    train_labels,
-    test_feats,
-    test_labels,
-    *,
-    costs: Sequence[float] = VOC07_SVM_COSTS,
-    folds: int = 3,
-    seed: int = 0,
-    max_iter: int = 2000,
-    n_jobs: int | None = None,
-    label: str | None = None,
-) -> dict:
-    """VOC07 linear-SVM classification, the protocol of Goyal et al. (2019) that PIRL and
-    Barlow Twins (Table 3, 86.2 mAP) report, as VISSL implements it.
-
-    Features are L2-normalised, x / (‖x‖₂ + 1e-5). Labels are either integer classes
-    (N,), made one-vs-rest, or an (N, C) matrix in the benchmark's layout: 1 present,
-    0 absent, -1 difficult (``voc_devkit_targets`` maps the devkit's files to it). For
-    each class c and each C in ``costs``, a LinearSVC (see ``_svm``) is scored by the
-    mean average precision over ``folds`` stratified folds of the training set (shuffled
-    with ``seed``; the benchmark's folds are unshuffled); the best C is refit on the
-    whole training set and its decision values rank the test set.
-
-    Difficult images: an image marked difficult for class c is a negative of c's SVM in
-    training and in the cross-validation that chooses C, and is left out of c's test AP,
-    as the benchmark's code does: its train_svm_kfold.py maps every target but 1 to −1 before
-    ``cross_val_score`` and ``fit``, and its test_svm.py drops the −1 rows before the AP
-    (VISSL's SVMTrainer does the same; only the low-shot variants also drop them in
-    training).
-
-    Returns, in percent:
-        "map"          mean over classes of ``envelope_ap`` — the benchmark's AP, so the
-                       number comparable with the paper's
-        "map_11point"  mean of ``voc07_11point_ap`` (VOC2007 devkit)
-        "map_sklearn"  mean of sklearn's average_precision_score (no interpolation)
-        "ap", "ap_11point", "ap_sklearn"  the per-class lists
-    and "cost" (chosen C per class), "cv_ap" (classes × costs cross-validation AP,
-    percent) and "not_converged" ({C: number of fits, folds and refits, that stopped at
-    ``max_iter``}). The folds of all costs of a class run in ``n_jobs`` processes; with
-    a ``label``, a progress line per class names it."""
-    train_feats, test_feats = _l2_normalise(_numpy(train_feats)), _l2_normalise(_numpy(test_feats))
-    train_labels, test_labels = _numpy(train_labels), _numpy(test_labels)
-    num_classes = (train_labels.shape[1] if train_labels.ndim == 2
-                   else int(max(train_labels.max(), test_labels.max())) + 1)
-    train_targets = _label_matrix(train_labels, num_classes)
-    test_targets = _label_matrix(test_labels, num_classes)
-    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    out = {name: [] for name in ("ap", "ap_11point", "ap_sklearn", "cost", "cv_ap")}
-    not_converged: dict[float, int] = {}
-    progress = Progress(label, num_classes, "class") if label else None
-    parallel = Parallel(n_jobs=n_jobs)
-    for c in range(num_classes):
-        target = np.where(train_targets[:, c] == 1, 1, -1)  # difficult trains as negative
-        folds = list(cv.split(train_feats, target))
-        fits = parallel(delayed(_fold_ap)(cost, seed, max_iter, train_feats, target, *fold)
-                        for cost in costs for fold in folds)
-        cv_ap = []
-        for i, cost in enumerate(costs):
-            runs = fits[i * len(folds):(i + 1) * len(folds)]
-            cv_ap.append(np.mean([ap for ap, _ in runs]))
-            missed = sum(not converged for _, converged in runs)
-            if missed:
-                not_converged[cost] = not_converged.get(cost, 0) + missed
-        cost = costs[int(np.argmax(cv_ap))]
-        svm, converged = _fit_svm(cost, seed, max_iter, train_feats, target)
-        if not converged:
-            not_converged[cost] = not_converged.get(cost, 0) + 1
-        if progress is not None:
-            progress.update(c + 1, C=cost)
-        keep = test_targets[:, c] != -1  # difficult: out of the test AP
-        scores, truth = svm.decision_function(test_feats[keep]), test_targets[keep, c]
-        out["ap"].append(100.0 * envelope_ap(scores, truth))
-        out["ap_11point"].append(100.0 * voc07_11point_ap(scores, truth))
-        out["ap_sklearn"].append(100.0 * float(average_precision_score(truth == 1, scores)))
-        out["cost"].append(cost)
-        out["cv_ap"].append([100.0 * float(a) for a in cv_ap])
-    return {"map": float(np.mean(out["ap"])),
-            "map_11point": float(np.mean(out["ap_11point"])),
-            "map_sklearn": float(np.mean(out["ap_sklearn"])),
-            **out, "not_converged": not_converged}

@@ -15,7 +15,7 @@ or, in the augmenting probe, under DDP on each rank's share of every batch.
 Embeddings compared under one recipe:
     barlow       the pretrained backbone, weights loaded strictly from a file
     random_init  the same architecture, randomly initialised from a seed, never trained
-    raw_pixels   the normalised input image, flattened (barlow.evaluate.raw_pixel_features
+    raw_pixels   the normalised input image, flattened (barlow.features.raw_pixel_features
                  as a module, so the augmenting trainer can use it too)
 """
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -33,9 +33,9 @@ from barlow import distributed as dist
 from barlow.checkpoint import load_backbone_weights
 from barlow.config import ModelConfig
 from barlow.data.loaders import SeekableLoader
-from barlow.evaluate import (Batches, OnEpoch, Schedule, extract_features,
-                             fit_linear_on_features, linear_head, topk_accuracy,
-                             train_linear_head)
+from barlow.evaluate import (OnEpoch, Schedule, fit_linear_on_features, linear_head,
+                             topk_accuracy, train_linear_head)
+from barlow.features import Batches, extract_features
 from barlow.models import build_backbone
 from barlow.progress import Progress
 
@@ -92,7 +92,7 @@ def gathered_features(embed: nn.Module, batches: Batches, device: torch.device,
     """(features, labels) of ``embed`` over this rank's ``batches`` (its share of a split,
     barlow.distributed.shard), all-gathered: every rank gets the whole split's rows, each
     once, in rank order, i.e. in the order one process extracts them. On the CPU.
-    ``label`` names the progress lines (barlow.evaluate.extract_features)."""
+    ``label`` names the progress lines (barlow.features.extract_features)."""
     feats, labels = extract_features(embed, batches, device, channels_last=True,
                                      autocast_dtype=autocast_dtype, label=label)
     return dist.gather_rows(feats), dist.gather_rows(labels)
@@ -184,15 +184,17 @@ def probe_augmented(embed: nn.Module, train_loader: SeekableLoader, val_loader: 
     return fit_and_test(fit, head, test, device, on_epoch)
 
 
-def epoch_logger(live: Any, prefix: str, epochs: int | None = None) -> OnEpoch:
+def epoch_logger(live: Any, prefix: str, epochs: int | None = None,
+                 keys: Sequence[str] | None = CURVE_KEYS) -> OnEpoch:
     """The trainers' on_epoch callback writing each row as points of the
-    ``prefix/<key>`` curves (CURVE_KEYS) of a dvclive Live, at step = epoch, and
-    progress lines (barlow.progress) over ``epochs``."""
+    ``prefix/<key>`` curves of a dvclive Live, at step = epoch, and progress lines
+    (barlow.progress) over ``epochs``. ``keys``: the row's keys to log; None, every key
+    but "epoch" (the learning rates too), in the row's order."""
     progress = Progress(prefix, epochs, "epoch")
 
     def log(epoch: int, row: dict) -> None:
         live.step = epoch
-        for key in CURVE_KEYS:
+        for key in (keys if keys is not None else [k for k in row if k != "epoch"]):
             live.log_metric(f"{prefix}/{key}", row[key])
         progress.update(epoch + 1, train_loss=row["train_loss"], val_top1=row["val_top1"])
     return log

@@ -34,7 +34,7 @@ from barlow.config import (AugmentConfig, LossConfig, ModelConfig, PretrainConfi
                            fingerprint)
 from barlow.data.convert import normalisation, read_manifest
 from barlow.data.loaders import config_views, eval_loader, pretrain_loader
-from barlow.evaluate import extract_features, knn_top1
+from barlow.features import extract_features, knn_top1
 from barlow.models import BarlowTwins, Projector, backbone_state_dict, build_backbone
 from barlow.optim import build_optimizer, param_groups, scale_lr, warmup_cosine
 from barlow.precision import AUTOCAST, resolve_precision
