@@ -424,7 +424,8 @@ class ReportConfig:
     cc_block: int  # top-left block of c drawn (D can be 8192)
     cc_seed: int  # the augmentations of the held-out views
     workers: int
-    # Ablation tables: the params scripts/ablations.sh sweeps, the seed param averaged
+    # Ablation tables: the studies `make ablations` queues (one param, or "a+b" for a row
+    # that changes both), the seed param averaged
     # over, and the metrics tabulated (the first one present is plotted).
     ablation_params: tuple[str, ...]
     seed_param: str
