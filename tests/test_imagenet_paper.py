@@ -90,6 +90,7 @@ def fresh_copy(dest: Path, env: dict) -> None:
 
 
 @pytest.mark.paper_e2e
+@pytest.mark.timeout(2400)  # 7.5-13.5 min measured on 2 shared cores
 def test_paper_switch_runs_every_stage_through_dvc(tmp_path):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1", "NUMBA_THREADING_LAYER": "workqueue"}
