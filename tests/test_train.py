@@ -106,6 +106,47 @@ def test_resume_equals_uninterrupted(uninterrupted, data_dir, tmp_path):
     assert strip_timing(resumed["logged"]) == strip_timing(full["logged"])
 
 
+def with_other_code(path: Path, **changes) -> None:
+    """Rewrite a checkpoint as if written by other code: barlow.loss's hash changed."""
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["code"] = {**ckpt["code"], "barlow.loss": "0" * 16}
+    for key, value in changes.items():
+        ckpt[key] = value
+    torch.save(ckpt, path)
+
+
+def test_a_finished_run_of_other_code_starts_over(uninterrupted, data_dir, tmp_path, capsys):
+    """The checkpoint is a persistent DVC output: after a code change DVC reruns the
+    stage, which must train with the new code, not re-export the old run's weights."""
+    full, out = uninterrupted
+    ckpt_path = tmp_path / "checkpoint.pt"
+    ckpt_path.write_bytes((out / "checkpoint.pt").read_bytes())
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    assert ckpt["finished"] and "barlow.loss" in ckpt["code"]
+    stale = {k: torch.zeros_like(v) if v.is_floating_point() else v
+             for k, v in ckpt["model"].items()}  # weights no training would give
+    with_other_code(ckpt_path, model=stale)
+    rerun = run(setup_from(PARAMS), data_dir, tmp_path)
+    assert "a finished run of other code (changed: barlow.loss); starting over" in capsys.readouterr().out
+    for key, value in full["model"].state_dict().items():
+        assert torch.equal(value, rerun["model"].state_dict()[key]), key
+    assert torch.load(ckpt_path, weights_only=False)["code"]["barlow.loss"] != "0" * 16
+
+
+def test_an_interrupted_run_of_other_code_resumes_and_says_so(uninterrupted, data_dir,
+                                                               tmp_path, capsys):
+    full, _ = uninterrupted
+    setup = setup_from(PARAMS)
+    run(setup, data_dir, tmp_path, stop_after_steps=5)
+    with_other_code(tmp_path / "checkpoint.pt")
+    resumed = run(setup, data_dir, tmp_path)
+    output = capsys.readouterr().out
+    assert "resuming an interrupted run although the code changed since" in output
+    assert "resumed from" in output and resumed["step"] == 8
+    for key, value in full["model"].state_dict().items():
+        assert torch.equal(value, resumed["model"].state_dict()[key]), key
+
+
 def test_checkpoint_from_another_config_is_refused(data_dir, tmp_path):
     run(setup_from(PARAMS), data_dir, tmp_path, stop_after_steps=3)
     other = setup_from({**PARAMS, "loss": {**PARAMS["loss"], "lambd": 0.01}})

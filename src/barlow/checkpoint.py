@@ -2,17 +2,20 @@
 
 A pretraining checkpoint holds everything a resumed run needs to continue as if it had
 never stopped: model, optimiser, grad scaler, step, every RNG state, the logged history,
-and the config it was made with. The data order and augmentations are functions of
-(seed, epoch, batch) and are rebuilt from the config and step (barlow.data.loaders).
+the config it was made with and the hashes of the code that made it (``code_hashes``).
+The data order and augmentations are functions of (seed, epoch, batch) and are rebuilt
+from the config and step (barlow.data.loaders).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+import sys
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -68,11 +71,39 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def load_resumable(path: str | Path, config: Mapping[str, Any]) -> dict[str, Any] | None:
+def code_hashes(packages: Sequence[str] = ("barlow", "stages")) -> dict[str, str]:
+    """Module name -> sha256 (16 hex digits) of its source, for every module of
+    ``packages`` this process has imported: the code that computes the weights."""
+    hashes = {}
+    for name, module in sorted(sys.modules.items()):
+        source = getattr(module, "__file__", None)
+        if name.split(".")[0] in packages and source:
+            hashes[name] = hashlib.sha256(Path(source).read_bytes()).hexdigest()[:16]
+    return hashes
+
+
+def changed_code(saved: Mapping[str, str] | None, now: Mapping[str, str]) -> list[str]:
+    """Modules whose source differs between a checkpoint's ``code_hashes`` and this
+    process's, among those both imported; ["(not recorded)"] for a checkpoint written
+    before the hashes were kept."""
+    if saved is None:
+        return ["(not recorded)"]
+    return sorted(name for name in set(saved) & set(now) if saved[name] != now[name])
+
+
+def load_resumable(path: str | Path, config: Mapping[str, Any],
+                   code: Mapping[str, str] | None = None,
+                   log: Callable[[str], None] = print) -> dict[str, Any] | None:
     """The checkpoint at ``path`` if there is one, after checking it was made with
     ``config``; None when there is none, or when it is a finished run's made with other
     params. An unfinished checkpoint (an interrupted run) from another config is refused
-    with the keys that differ (delete it, or restore the params, to go on)."""
+    with the keys that differ (delete it, or restore the params, to go on).
+
+    ``code`` (``code_hashes()``): a finished run's checkpoint written by other code is
+    not this code's product either. DVC reruns the stage because a code dep changed, and
+    the run starts over instead of re-exporting the old weights (the checkpoint is a
+    persistent output). An interrupted run's is resumed, the usual way on after fixing
+    what stopped it, with a line through ``log`` naming the changed modules."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -92,6 +123,14 @@ def load_resumable(path: str | Path, config: Mapping[str, Any]) -> dict[str, Any
         raise CheckpointError(
             f"{path}: made with another config; differing keys: " + "; ".join(changes[:10])
             + ". Restore those params to resume, or delete the checkpoint to start over.")
+    changed = [] if code is None else changed_code(ckpt.get("code"), code)
+    if changed and ckpt.get("finished"):
+        log(f"{path}: a finished run of other code (changed: {', '.join(changed[:5])});"
+            " starting over")
+        return None
+    if changed:
+        log(f"{path}: resuming an interrupted run although the code changed since"
+            f" (changed: {', '.join(changed[:5])})")
     return ckpt
 
 

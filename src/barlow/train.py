@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from barlow import distributed as dist
-from barlow.checkpoint import (load_resumable, non_finite_keys, rng_state, save_atomic,
-                               set_rng_state)
+from barlow.checkpoint import (code_hashes, load_resumable, non_finite_keys, rng_state,
+                               save_atomic, set_rng_state)
 from barlow.config import (AugmentConfig, LossConfig, ModelConfig, PretrainConfig, as_dict,
                            fingerprint)
 from barlow.data.convert import normalisation, read_manifest
@@ -119,6 +119,7 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
     resume_config = setup.resume_config({"inputs_sha256": manifest["inputs_sha256"],
                                          "ffcv": manifest["ffcv"]}, env.world_size)
     ckpt_path = out_dir / "checkpoint.pt"
+    code = code_hashes()  # every module of the run is imported by now
 
     seed_everything(cfg.seed)
     if env.device.type == "cuda":
@@ -151,7 +152,8 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
     # `window`: sums of the loss terms since the last log line; checkpointed with the
     # rest so a resumed run logs the same averages as an uninterrupted one.
     step, history, window, window_steps = 0, [], {}, 0
-    ckpt = load_resumable(ckpt_path, resume_config)
+    ckpt = load_resumable(ckpt_path, resume_config, code,
+                          log=lambda line: env.is_main and print(f"pretrain: {line}", flush=True))
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -179,7 +181,7 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
                          "scaler": scaler.state_dict(), "rng": rng_state(), "step": step,
                          "history": history, "window": window,
                          "window_steps": window_steps, "finished": step == total_steps,
-                         "config": resume_config,
+                         "config": resume_config, "code": code,
                          "fingerprint": fingerprint(resume_config)}, path)
 
     ddp_model = dist.wrap_ddp(model, env, bf16_gradients=precision == "bf16")
