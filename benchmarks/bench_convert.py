@@ -6,7 +6,7 @@ ImageNet's (longest side 500, 4:3 landscape or 3:4 portrait, smooth colour field
 noise, quality 90): ``train/`` with 4N images in --classes folders and ``val/`` with
 --val images. The N-image tree is the first N of them, hard-linked.
 
-1. Memory (--rss): the convert stage as DVC runs it (``python -m stages.convert main``
+1. Memory (--rss): the convert stage as DVC runs it (``python -m stages.convert dataset``
    with ``data.source: imagefolder`` and ffcv-imagenet's settings: proportion, 500 px,
    compress_probability 0.5, quality 90) on the N tree, then on the 4N tree. Three
    figures: the stage process's peak RSS (its VmHWM, read as it exits), the largest
@@ -182,7 +182,7 @@ def ours(root: Path, out: Path, workers: int, work: Path) -> dict:
         "ffcv": FFCV_IMAGENET}}))
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'src'}"}
-    return run_measured("stages.convert", ["main", "--params", str(params), "--out", str(out)],
+    return run_measured("stages.convert", ["dataset", "--params", str(params), "--out", str(out)],
                         env)
 
 

@@ -100,7 +100,7 @@ def record(out: Path, section: str, figures: dict) -> None:
 
 def convert(params_path: Path, out_dir: Path) -> None:
     """The convert stage, as dvc.yaml runs it."""
-    subprocess.run([sys.executable, "-m", "stages.convert", "main", "--params",
+    subprocess.run([sys.executable, "-m", "stages.convert", "dataset", "--params",
                     str(params_path), "--out", str(out_dir)], cwd=REPO, check=True)
 
 

@@ -55,14 +55,14 @@ def folder_splits(name: str, root: str,
 @click.group()
 def cli() -> None:
     """Convert image sources into FFCV datasets (paths from argv, settings from params.yaml):
-    `main` for the convert stage, `transfer` for convert_transfer."""
+    `dataset` for the convert stage, `transfer` for convert_transfer."""
 
 
 @cli.command()
 @params_option
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
               help="folder for train.beton, test.beton and their .json manifests")
-def main(params: str, out_dir: Path) -> None:
+def dataset(params: str, out_dir: Path) -> None:
     """The pretraining/evaluation data set: OUT/train.beton and OUT/test.beton.
 
     Reads the params section data (source, fashion_mnist_dir or imagefolder_root, ffcv,
@@ -121,7 +121,7 @@ def transfer(params: str, out_dir: Path) -> None:
                     ("elpv", sources.elpv(split, cfg.transfer_test_fraction, cfg.seed), elpv, 1)]
             if voc:
                 sets.append(("voc07", voc[split], voc07, 1))
-            # Folder trees are ImageNet-size: stored, and written, as `main` writes
+            # Folder trees are ImageNet-size: stored, and written, as `dataset` writes
             # ImageNet (Places-205's 2.4M images need the writer processes; with
             # data.workers: 1 their .beton files too are byte-identical on reruns).
             sets += [(name, pair[split], imagefolder, writers(pair[split], cfg))

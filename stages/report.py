@@ -31,10 +31,10 @@ from barlow.config import ReportConfig, load_section, read_params
 from barlow.data.sources import DataError
 from barlow.report.ablations import parse_exp_show
 from barlow.report.build import ReportInputs, build_document
-from barlow.report.crosscorr import cc_before_after, checkpoint_models, held_out_pairs
+from barlow.report.crosscorr import cc_section
 from barlow.report.document import write_report
 from barlow.report.inputs import load_curves, load_metrics
-from barlow.report.profiles import profile_snapshot
+from barlow.report.profiles import load_profiles, profile_snapshot
 from barlow.stage import params_option, run_stage
 
 
@@ -78,51 +78,15 @@ def build(params: str, live_root: Path, checkpoint: Path, data_dir: Path, paper:
         if ablations_path.is_file():
             runs = json.loads(ablations_path.read_text()).get("runs", [])
 
-        inputs = ReportInputs(paper=paper_data, params=all_params, metrics=metrics,
-                              status=status, curves=curves, runs=runs)
-        if profiles_dir is not None and profiles_dir.is_dir():
-            for path in sorted(profiles_dir.glob("*.json")):
-                try:
-                    snapshot = json.loads(path.read_text())
-                except json.JSONDecodeError:
-                    snapshot = None
-                if not (isinstance(snapshot, dict)
-                        and {"name", "rev", "params", "metrics"} <= snapshot.keys()):
-                    raise DataError(f"{path}: not a `report profile` snapshot")
-                inputs.profiles.append(snapshot)
         train_manifest = data_dir / "train.json"
-        if train_manifest.is_file():
-            inputs.train_images = json.loads(train_manifest.read_text()).get("num_images")
-        if not checkpoint.is_file():
-            inputs.cc_note = f"{checkpoint} does not exist (pretraining not run)"
-        else:
-            info = checkpoint_models(checkpoint)
-            inputs.checkpoint = {"config": info.config, "step": info.step,
-                                 "finished": info.finished}
-            inputs.backbone_params = sum(p.numel() for p in info.after.backbone.parameters())
-            if skip_cc:
-                inputs.cc_note = "left out (--skip-cc)"
-            elif not (data_dir / "test.beton").is_file():
-                inputs.cc_note = f"{data_dir / 'test.beton'} does not exist"
-            else:
-                pairs = held_out_pairs(data_dir / "test.beton", data_dir / "train.beton",
-                                       info.config["augment"], cfg.cc_images,
-                                       cfg.cc_batch_size, cfg.cc_views, cfg.cc_seed,
-                                       cfg.workers)
-                inputs.cc = cc_before_after(info, pairs, cfg.cc_block)
-                views = ("two augmented views (view A, view B of the pretraining "
-                         f"augmentations, seed {cfg.cc_seed})" if cfg.cc_views == "augmented"
-                         else "the whole image twice (identical views: c_ii = 1 by construction)")
-                unfinished = ("" if info.finished else
-                              f" The checkpoint is unfinished (step {info.step}).")
-                inputs.cc_note = (
-                    f"c = standardised z1ᵀz2 / N over the first {inputs.cc['num_images']} "
-                    f"test images, {views}; models in eval mode. Before: the same "
-                    f"architecture at the run's seeded initialisation (pretrain.seed "
-                    f"{info.config['pretrain']['seed']}); after: the checkpoint's weights. With N "
-                    f"images, independent features still give |c_ij| of order 1/√N = "
-                    f"{inputs.cc['num_images'] ** -0.5:.3f}: the floor of the off-diagonal."
-                    + unfinished)
+        inputs = ReportInputs(
+            paper=paper_data, params=all_params, metrics=metrics, status=status,
+            curves=curves, runs=runs,
+            profiles=(load_profiles(profiles_dir)
+                      if profiles_dir is not None and profiles_dir.is_dir() else []),
+            train_images=(json.loads(train_manifest.read_text()).get("num_images")
+                          if train_manifest.is_file() else None),
+            **cc_section(checkpoint, data_dir, cfg, skip_cc))
         doc, summary = build_document(inputs, cfg)
         write_report(doc, out_dir)
         for claim, verdict in summary["claims"].items():

@@ -242,7 +242,7 @@ def run_convert(tmp_path: Path, params: dict, *args: str) -> subprocess.Complete
 ])
 def test_stage_rejects_bad_params_before_work(tmp_path, data, message):
     out = tmp_path / "ffcv"
-    result = run_convert(tmp_path, {"data": data}, "main", "--out", str(out))
+    result = run_convert(tmp_path, {"data": data}, "dataset", "--out", str(out))
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert not out.exists() or not any(out.iterdir())
@@ -256,10 +256,10 @@ def test_stage_converts_an_imagefolder_tree(tree, tmp_path):
     (tree / "cat" / "broken.png").write_bytes(b"")
     data = {"source": "imagefolder", "imagefolder_root": str(tree.parent), "workers": 1}
     out = tmp_path / "ffcv"
-    result = run_convert(tmp_path, {"data": data}, "main", "--out", str(out))
+    result = run_convert(tmp_path, {"data": data}, "dataset", "--out", str(out))
     assert result.returncode == 2 and "broken.png: empty file" in result.stderr
     assert not (out / "train.beton").exists()
-    result = run_convert(tmp_path, {"data": {**data, "skip_bad": True}}, "main", "--out", str(out))
+    result = run_convert(tmp_path, {"data": {**data, "skip_bad": True}}, "dataset", "--out", str(out))
     assert result.returncode == 0, result.stderr
     manifest = json.loads((out / "train.json").read_text())
     assert manifest["num_images"] == 6 and manifest["skipped"][0]["file"] == "cat/broken.png"
@@ -278,7 +278,7 @@ def test_stage_stops_on_the_first_of_many_bad_images(tree, tmp_path):
         Image.fromarray(_rgb(7)).save(tree.parent / "val" / split / "v.png")
     data = {"source": "imagefolder", "imagefolder_root": str(tree.parent), "workers": 2}
     out = tmp_path / "ffcv"
-    result = run_convert(tmp_path, {"data": data}, "main", "--out", str(out))
+    result = run_convert(tmp_path, {"data": data}, "dataset", "--out", str(out))
     assert result.returncode == 2, result.stderr
     assert re.search(r"cat/bad\d{3}\.png: not an image file", result.stderr)
     assert not (out / "train.beton").exists()

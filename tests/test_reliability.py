@@ -330,7 +330,7 @@ def test_kill9_of_convert_leaves_no_process_and_the_rerun_no_debris(tmp_path, sp
     tree = image_tree(tmp_path / "tree", {"a": 20, "b": 20})
     params = convert_params(tmp_path, tree)
     out = tmp_path / "ffcv"
-    args = ["main", "--params", str(params), "--out", str(out)]
+    args = ["dataset", "--params", str(params), "--out", str(out)]
     (block_at,) = kill_points("kill9_convert", range(40), 1)
     marker = tmp_path / "blocked"
     proc = spawn([sys.executable, "-c", BLOCK_IN_WRITER, str(marker), str(block_at), *args])
@@ -363,7 +363,7 @@ def test_every_file_convert_writes_is_a_dvc_output(tmp_path):
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["convert"]
     out_arg = stage["cmd"].split("--out ")[1].split()[0]
     tree = image_tree(tmp_path / "tree", {"a": 3, "b": 3})
-    result = CliRunner().invoke(convert.cli, ["main", "--params",
+    result = CliRunner().invoke(convert.cli, ["dataset", "--params",
                                               str(convert_params(tmp_path, tree, workers=1)),
                                               "--out", str(tmp_path / "repo" / out_arg)])
     assert result.exit_code == 0, result.output + result.stderr
@@ -489,7 +489,7 @@ def test_a_class_left_empty_by_skip_bad_is_refused(tmp_path):
     tree = image_tree(tmp_path / "tree", {"a": 3, "b": 1})
     (tree / "train" / "b" / "0.png").write_bytes(b"not a png")
     params = convert_params(tmp_path, tree, skip_bad=True, workers=1)
-    result = CliRunner().invoke(convert.cli, ["main", "--params", str(params),
+    result = CliRunner().invoke(convert.cli, ["dataset", "--params", str(params),
                                               "--out", str(tmp_path / "ffcv")])
     assert (result.exit_code, result.stderr) == (2, (
         f"convert: error: imagefolder:{tree / 'train'} train: no images of class b"

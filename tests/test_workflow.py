@@ -87,7 +87,7 @@ def test_svm_search_counts_unconverged_fits_instead_of_warning():
 
 # ---------------------------------------------------------------------------- stage edge
 @pytest.mark.parametrize("module, command", [
-    ("stages.convert", "main"), ("stages.convert", "transfer"), ("stages.pretrain", None),
+    ("stages.convert", "dataset"), ("stages.convert", "transfer"), ("stages.pretrain", None),
     ("stages.linear", None), ("stages.semisup", None), ("stages.transfer", None),
     ("stages.report", "build")])
 def test_every_stage_help_says_what_it_reads_and_writes(module, command):

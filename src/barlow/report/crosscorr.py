@@ -120,3 +120,34 @@ def cc_before_after(info: CheckpointInfo, pairs: list[tuple[Tensor, Tensor]], bl
         out[name] = {"stats": cc_stats(c), "block": c[:block, :block].float().numpy(),
                      "dim": c.shape[0]}
     return out
+
+
+def cc_section(checkpoint: Path, data_dir: Path, cfg: Any, skip_cc: bool) -> dict[str, Any]:
+    """The report's inputs about the checkpoint (barlow.report.build.ReportInputs
+    fields): its config, step and size, c before and after training on held-out pairs
+    (``cfg``: the report params), and the note saying how c was computed or why not."""
+    if not checkpoint.is_file():
+        return {"cc_note": f"{checkpoint} does not exist (pretraining not run)"}
+    info = checkpoint_models(checkpoint)
+    fields: dict[str, Any] = {
+        "checkpoint": {"config": info.config, "step": info.step, "finished": info.finished},
+        "backbone_params": sum(p.numel() for p in info.after.backbone.parameters())}
+    if skip_cc:
+        return {**fields, "cc_note": "left out (--skip-cc)"}
+    if not (data_dir / "test.beton").is_file():
+        return {**fields, "cc_note": f"{data_dir / 'test.beton'} does not exist"}
+    pairs = held_out_pairs(data_dir / "test.beton", data_dir / "train.beton",
+                           info.config["augment"], cfg.cc_images, cfg.cc_batch_size,
+                           cfg.cc_views, cfg.cc_seed, cfg.workers)
+    cc = cc_before_after(info, pairs, cfg.cc_block)
+    views = ("two augmented views (view A, view B of the pretraining "
+             f"augmentations, seed {cfg.cc_seed})" if cfg.cc_views == "augmented"
+             else "the whole image twice (identical views: c_ii = 1 by construction)")
+    unfinished = "" if info.finished else f" The checkpoint is unfinished (step {info.step})."
+    note = (f"c = standardised z1ᵀz2 / N over the first {cc['num_images']} "
+            f"test images, {views}; models in eval mode. Before: the same "
+            f"architecture at the run's seeded initialisation (pretrain.seed "
+            f"{info.config['pretrain']['seed']}); after: the checkpoint's weights. With N "
+            f"images, independent features still give |c_ij| of order 1/√N = "
+            f"{cc['num_images'] ** -0.5:.3f}: the floor of the off-diagonal." + unfinished)
+    return {**fields, "cc": cc, "cc_note": note}

@@ -3,8 +3,11 @@ so that the report can set them beside this run."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from barlow.data.sources import DataError
 from barlow.report.ablations import format_value
 from barlow.report.inputs import flatten
 
@@ -17,6 +20,22 @@ def profile_snapshot(name: str, rev: str, params: Mapping[str, Any],
     metrics ("linear/barlow/top1_best")."""
     return {"name": name, "rev": rev, "params": flatten(params, "."),
             "metrics": dict(sorted(metrics.items()))}
+
+
+def load_profiles(folder: Path) -> list[dict[str, Any]]:
+    """Every snapshot in ``folder`` (*.json, by file name); a file that is not a
+    profile_snapshot is an error naming it."""
+    snapshots = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            snapshot = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            snapshot = None
+        if not (isinstance(snapshot, dict)
+                and {"name", "rev", "params", "metrics"} <= snapshot.keys()):
+            raise DataError(f"{path}: not a `report profile` snapshot")
+        snapshots.append(snapshot)
+    return snapshots
 
 
 def profile_rows(this_params: Mapping[str, Any], this_metrics: Mapping[str, float],
