@@ -272,6 +272,13 @@ def test_seed_replicas_are_told_apart_from_profiles() -> None:
     assert is_seed_replica(params, snap(other_seed))
     assert not is_seed_replica(params, snap(longer))      # another experiment
     assert not is_seed_replica(params, snap(params))      # the same run again
+    # Run with other workers or process counts, it is still the same experiment; a
+    # snapshot that changes only those is the same run again.
+    elsewhere = {"pretrain": {"seed": 2, "epochs": 16, "workers": 8, "nproc_per_node": 4},
+                 "linear": {"seed": 2}}
+    assert is_seed_replica(params, snap(elsewhere))
+    assert not is_seed_replica(params, snap({**params, "pretrain": {**params["pretrain"],
+                                                                     "workers": 8}}))
 
 
 def test_seed_rows_give_mean_and_sample_std_with_baselines() -> None:

@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 from barlow.data.sources import DataError
 from barlow.report.ablations import format_value
 from barlow.report.inputs import flatten
+from barlow.report.seeds import is_operational
 
 
 def profile_snapshot(name: str, rev: str, params: Mapping[str, Any],
@@ -44,10 +45,8 @@ def profile_rows(this_params: Mapping[str, Any], this_metrics: Mapping[str, floa
     """Rows "quantity | this run | profile…": first every param on which any profile
     differs from this run (data paths and worker counts aside), then METRIC_NAMES."""
     mine = flatten(this_params, ".")
-    skip = ("workers", "dir", "root", "nproc_per_node", "log_every_steps",
-            "checkpoint_every_steps", "extract_batch_size", "eval_batch_size")
     keys = sorted({k for p in profiles for k, v in p["params"].items()
-                   if v != mine.get(k) and not k.rsplit(".", 1)[-1].endswith(skip)})
+                   if v != mine.get(k) and not is_operational(k)})
     rows = [[k, format_value(mine.get(k, "—"))]
             + [format_value(p["params"].get(k, "—")) for p in profiles] for k in keys]
 

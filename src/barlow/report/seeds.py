@@ -42,12 +42,24 @@ class Stat:
 BASELINES = ("random_init", "raw_pixels", "scratch")
 
 
+#: Last parts of the params keys that say how a run executes or where its inputs lie,
+#: not what it computes (data paths: the inputs' hashes are in the manifests).
+OPERATIONAL = ("workers", "dir", "root", "nproc_per_node", "log_every_steps",
+               "checkpoint_every_steps", "extract_batch_size", "eval_batch_size")
+
+
+def is_operational(key: str) -> bool:
+    """Whether the dotted params key ``key`` is one of the OPERATIONAL kind."""
+    return key.rsplit(".", 1)[-1].endswith(OPERATIONAL)
+
+
 def is_seed_replica(this_params: Mapping[str, Any], profile: Mapping[str, Any]) -> bool:
-    """A snapshot whose params differ from this run's only in keys named ``seed`` (and
-    the operational keys profile_rows skips): the same experiment, another seed."""
+    """A snapshot whose params differ from this run's in keys named ``seed`` and
+    otherwise only in operational ones: the same experiment, another seed."""
     mine = flatten(this_params, ".")
     theirs = profile["params"]
-    differ = {k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)}
+    differ = {k for k in set(mine) | set(theirs)
+              if mine.get(k) != theirs.get(k) and not is_operational(k)}
     return bool(differ) and all(k.rsplit(".", 1)[-1] == "seed" for k in differ)
 
 
