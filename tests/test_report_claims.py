@@ -307,3 +307,12 @@ def test_group_ablations_composite_study_takes_runs_changing_exactly_its_params(
     assert metrics[f"ablation/model.projector_bn+loss.normalization=False+none/{TOP1}"] == 51.0
     # A run must not be split into its params' single studies: blocks stay by the rest.
     assert abl.other_blocks == 0
+
+
+def test_seed_rows_list_a_baseline_once_when_it_is_also_named() -> None:
+    scratch = "semisup/1percent/scratch/top1_best"
+    this = {"semisup/1percent/barlow/top1_best": 75.0, scratch: 24.0}
+    rows = seed_rows(this, [{"metrics": {"semisup/1percent/barlow/top1_best": 73.0,
+                                         scratch: 28.0}}],
+                     ["semisup/1percent/barlow/top1_best", scratch])
+    assert [r[0] for r in rows] == ["semisup/1percent/barlow/top1_best", scratch]

@@ -70,12 +70,13 @@ def seed_rows(this_metrics: Mapping[str, float], replicas: Sequence[Mapping[str,
     (the same name with random_init, raw_pixels or scratch for barlow) where logged.
     std is the sample standard deviation (n − 1)."""
     runs = [this_metrics] + [r["metrics"] for r in replicas]
-    names = []
+    names: list[str] = []
     for name in metric_names:
-        names.append(name)
-        if "/barlow/" in name:
-            names += [name.replace("/barlow/", f"/{b}/") for b in BASELINES
-                      if name.replace("/barlow/", f"/{b}/") in this_metrics]
+        baselines = ([name.replace("/barlow/", f"/{b}/") for b in BASELINES]
+                     if "/barlow/" in name else [])
+        # A baseline also named in METRIC_NAMES gets one row, beside its Barlow Twins one.
+        names += [n for n in [name] + [b for b in baselines if b in this_metrics]
+                  if n not in names]
     rows = []
     for name in names:
         values = [m[name] for m in runs if m.get(name) is not None]
