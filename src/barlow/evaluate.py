@@ -423,13 +423,11 @@ def finetune(
     train_net = net if env is None else dist.wrap_ddp(net, env)
 
     def recompute(epoch: int) -> None:
-        # An ffcv Loader counts its own epochs: replay the one just trained, then go on.
-        following = getattr(train_loader, "next_epoch", None)
-        if following is not None:
-            train_loader.next_epoch = following - 1
+        # An ffcv Loader counts its own epochs: replay the one just trained. Iterating
+        # it counts on again, so the next training epoch is the one it would have been.
+        if hasattr(train_loader, "next_epoch"):
+            train_loader.next_epoch -= 1
         precise_bn(backbone, train_loader, device, channels_last, autocast_dtype)
-        if following is not None:
-            train_loader.next_epoch = following
 
     return _fit(train_net, net, lambda epoch: train_loader, val_loader, optimizer,
                 [backbone, head], epochs, schedule, device, channels_last, autocast_dtype,
