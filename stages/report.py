@@ -8,7 +8,7 @@ Reads every dvclive metrics file that exists (a missing one is "not run"), the p
 checkpoint (cross-correlation of held-out pairs before and after training), the paper's
 numbers and claims, params.yaml, and a snapshot of the ablation experiments.
 
-    PYTHONPATH=src python -m stages.report ablations --out reports/ablations.json
+    PYTHONPATH=src python -m stages.report ablations --keep --out reports/ablations.json
 
 takes that snapshot from `dvc exp show --json`. It is a separate command, not part of the
 stage, because experiments live in git refs that DVC does not track as deps: a stage that
@@ -29,7 +29,7 @@ import yaml
 
 from barlow.config import ReportConfig, load_section, read_params
 from barlow.data.sources import DataError
-from barlow.report.ablations import parse_exp_show
+from barlow.report.ablations import attach_curves, merge_runs, parse_exp_show
 from barlow.report.build import ReportInputs, build_document
 from barlow.report.crosscorr import cc_section
 from barlow.report.document import write_report
@@ -95,11 +95,17 @@ def build(params: str, live_root: Path, checkpoint: Path, data_dir: Path, paper:
 
 
 @main.command()
+@params_option
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path))
 @click.option("--from-json", "from_json", type=click.Path(path_type=Path, exists=True),
               help="parse this saved `dvc exp show --json` output instead of running dvc")
-def ablations(out_path: Path, from_json: Path | None) -> None:
-    """Snapshot the ablation experiments (`dvc exp show --json --all-commits`) into OUT."""
+@click.option("--keep", is_flag=True,
+              help="keep OUT's runs whose experiments are gone (e.g. another budget's, "
+                   "removed with `dvc exp remove`): one snapshot holds every budget")
+def ablations(params: str, out_path: Path, from_json: Path | None, keep: bool) -> None:
+    """Snapshot the ablation experiments (`dvc exp show --json --all-commits`) into OUT,
+    with each finished run's curves report.ablation_curves read from its git commit."""
+    cfg = load_section(ReportConfig, "report", params)
     if from_json is not None:
         raw = json.loads(from_json.read_text())
     else:
@@ -112,15 +118,27 @@ def ablations(out_path: Path, from_json: Path | None) -> None:
             sys.exit(2)
         raw = json.loads(done.stdout)
     runs = parse_exp_show(raw)
+    attach_curves(runs, cfg.ablation_curves, _git_text)
+    if keep and out_path.is_file():
+        runs = merge_runs(runs, json.loads(out_path.read_text()).get("runs", []))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     # Sorted, so that the same experiments give the same bytes (a committed dep).
     runs.sort(key=lambda r: (str(r["baseline_rev"]), str(r["name"]), str(r["rev"])))
-    out_path.write_text(json.dumps({"source": "dvc exp show --json", "runs": runs},
-                                   indent=1, sort_keys=True) + "\n")
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.write_text(json.dumps({"source": "dvc exp show --json", "runs": runs},
+                              indent=1, sort_keys=True) + "\n")
+    tmp.replace(out_path)
     states: dict[str, int] = {}
     for run in runs:
         states[run["state"]] = states.get(run["state"], 0) + 1
     click.echo(f"report: {len(runs)} experiments ({states or 'none'}) → {out_path}")
+
+
+def _git_text(rev: str, path: str) -> str | None:
+    """PATH as committed in REV, or None where that commit has no such file (or the
+    rev is not in this repository, e.g. a snapshot parsed from another clone's JSON)."""
+    done = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True)
+    return done.stdout if done.returncode == 0 else None
 
 
 @main.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import yaml
 import torch
 from click.testing import CliRunner
 
-from barlow.report.ablations import group_ablations, parse_exp_show
+from barlow.report.ablations import group_ablations, mean_curve, parse_exp_show
 from barlow.report.crosscorr import cc_before_after, cc_stats, checkpoint_models, cross_correlation
 from barlow.report.profiles import profile_snapshot
 from barlow.report.seeds import is_seed_replica, seed_rows
@@ -160,8 +161,11 @@ def test_ablations_grouped_with_seeds(fabricated: Path) -> None:
     parsed = parse_exp_show(exp_show(runs, params()))
     assert [r["state"] for r in parsed].count("queued") == 1
     cfg = load_section(ReportConfig, "report", REPO / "params.yaml")
-    abl = group_ablations(parsed, cfg.ablation_params, cfg.seed_param, cfg.ablation_metrics)
-    assert abl.context == {"pretrain.epochs": 2} and abl.other_blocks == 1
+    abl = group_ablations(parsed, cfg.ablation_params, cfg.seed_param, cfg.ablation_metrics,
+                          cfg.ablation_budget)
+    # The 7-epoch run is a lone baseline: no study ran there, so it is left out.
+    assert [b.context for b in abl.blocks] == [{"pretrain.epochs": 2}] and abl.other_blocks == 1
+    assert abl.source["loss.variant"].budget == 2
     full = abl.studies["loss.variant"]["full"]["linear/barlow/top1_best"]
     assert (full.mean, full.n) == (81.0, 3) and full.std == pytest.approx(1.0)
     assert abl.studies["loss.lambd"]["0.02"]["linear/barlow/top1_best"].n == 1
@@ -177,11 +181,93 @@ def test_ablations_grouped_with_seeds(fabricated: Path) -> None:
     assert "pretrain.epochs=2" in md
 
 
+def test_each_study_judged_at_its_largest_budget(fabricated: Path) -> None:
+    """loss.variant ran at 2 and 9 epochs: the claims use 9, the table shows both; λ ran
+    only at 2 epochs, so it is judged there."""
+    runs = [(params(seed=s, epochs=2), top1(80.0 + s)) for s in (0, 1)]
+    runs += [(params("redundancy", seed=s, epochs=2), top1(79.0)) for s in (0, 1)]
+    runs += [(params(lambd=0.02, seed=s, epochs=2), top1(70.0)) for s in (0, 1)]
+    runs += [(params(seed=s, epochs=9), top1(85.0 + s)) for s in (0, 1)]
+    runs += [(params("redundancy", seed=s, epochs=9), top1(60.0)) for s in (0, 1)]
+    parsed = parse_exp_show(exp_show(runs, params(epochs=9)))
+    cfg = load_section(ReportConfig, "report", REPO / "params.yaml")
+    abl = group_ablations(parsed, cfg.ablation_params, cfg.seed_param, cfg.ablation_metrics,
+                          cfg.ablation_budget)
+    assert [b.budget for b in abl.blocks] == [2, 9]
+    assert abl.source["loss.variant"].budget == 9 and abl.source["loss.lambd"].budget == 2
+    assert abl.studies["loss.variant"]["redundancy"]["linear/barlow/top1_best"].mean == 60.0
+    assert abl.studies["loss.lambd"]["0.02"]["linear/barlow/top1_best"].mean == 70.0
+
+    md, _ = build(fabricated, {"runs": parsed})
+    # 79 vs 80.5 at 2 epochs would not hold with the claim's margin; 60 vs 85.5 at 9 does.
+    row = claim_row(md, "The redundancy-reduction term alone")
+    assert "| held |" in row and "(at pretrain.epochs=9)" in row
+    assert "(at pretrain.epochs=2)" in claim_row(md, "Accuracy is insensitive to λ")
+    assert "| redundancy | 79.0 ± 0.0 (n=2) | 60.0 ± 0.0 (n=2) |" in md  # no kNN column
+    assert "linear/barlow/top1_best (pretrain.epochs=9)" in md
+
+
+def _git(repo: Path, *args: str) -> str:
+    done = subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                          cwd=repo, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def test_ablations_snapshot_reads_curves_from_each_run_commit(tmp_path: Path, monkeypatch) -> None:
+    """The snapshot reads each finished run's kNN curve from its own git commit (a real
+    repository, as the experiments' refs are), against the epoch: runs of batch sizes
+    64 and 256 log at other steps but the same epochs. --keep keeps an earlier
+    snapshot's runs whose experiments are gone; without it they are dropped."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    plots = repo / "dvclive" / "pretrain" / "plots" / "metrics" / "pretrain"
+    plots.mkdir(parents=True)
+    revs = []
+    for steps_per_epoch, knn in ((10, (60.0, 70.0)), (40, (65.0, 75.0))):
+        (plots / "knn_top1.tsv").write_text(
+            "step\tknn_top1\n" + "".join(f"{steps_per_epoch * (e + 1)}\t{v}\n"
+                                         for e, v in enumerate(knn)))
+        (plots / "epoch.tsv").write_text(
+            "step\tepoch\n" + "".join(f"{s}\t{s / steps_per_epoch}\n"
+                                      for s in range(5, 2 * steps_per_epoch + 1, 5)))
+        _git(repo, "add", "-A")
+        _git(repo, "commit", "-qm", f"run {steps_per_epoch}")
+        revs.append(_git(repo, "rev-parse", "HEAD"))
+    raw = exp_show([(params(seed=s), top1(80.0)) for s in (0, 1)], params())
+    for exp, rev in zip(raw[1]["experiments"], revs):
+        exp["revs"][0]["rev"] = rev
+    (tmp_path / "exp.json").write_text(json.dumps(raw))
+    out = tmp_path / "abl.json"
+    old = {"name": "gone", "rev": "b" * 40, "baseline_rev": "a" * 40, "state": "done",
+           "params": params(epochs=1), "metrics": {}, "baseline_params": params()}
+    queued = {**old, "name": "never-ran", "rev": "c" * 40, "state": "queued"}
+    out.write_text(json.dumps({"runs": [old, queued]}))
+    monkeypatch.chdir(repo)
+    snapshot = ["ablations", "--params", str(REPO / "params.yaml"), "--out", str(out),
+                "--from-json", str(tmp_path / "exp.json")]
+    result = CliRunner().invoke(report_cli, snapshot + ["--keep"])
+    assert result.exit_code == 0, result.output
+    runs = {r["rev"]: r for r in json.loads(out.read_text())["runs"]}
+    assert runs[revs[0]]["curves"] == {"pretrain/knn_top1": [[1.0, 2.0], [60.0, 70.0]]}
+    assert runs[revs[1]]["curves"] == {"pretrain/knn_top1": [[1.0, 2.0], [65.0, 75.0]]}
+    assert runs["b" * 40]["name"] == "gone" and "c" * 40 not in runs
+    result = CliRunner().invoke(report_cli, snapshot)
+    assert result.exit_code == 0, result.output
+    assert {r["rev"] for r in json.loads(out.read_text())["runs"]} == set(revs)
+
+
+def test_mean_curve_over_the_steps_every_seed_logged() -> None:
+    assert mean_curve([([1, 2, 3], [10.0, 20.0, 30.0]), ([1, 2], [12.0, 22.0])]) == (
+        [1, 2], [11.0, 21.0])
+
+
 def test_ablations_snapshot_command(tmp_path: Path) -> None:
     raw = tmp_path / "exp.json"
     raw.write_text(json.dumps(exp_show([(params(seed=1), top1(80.0))], params())))
     out = tmp_path / "abl.json"
-    result = CliRunner().invoke(report_cli, ["ablations", "--out", str(out), "--from-json", str(raw)])
+    result = CliRunner().invoke(report_cli, ["ablations", "--params", str(REPO / "params.yaml"),
+                                              "--out", str(out), "--from-json", str(raw)])
     assert result.exit_code == 0, result.output
     runs = json.loads(out.read_text())["runs"]
     assert runs[0]["params"]["pretrain.seed"] == 1

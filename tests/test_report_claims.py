@@ -263,7 +263,8 @@ def test_group_ablations_single_seed_and_nan_runs() -> None:
             run("done", 1, {TOP1: 70.0}, **{"loss.variant": "invariance"}),
             run("failed", 2, {}, **{"loss.variant": "invariance"}),
             run("done", 0, {TOP1: 1.0}, **{"loss.variant": "invariance", "loss.lambd": 0.02})]
-    abl = group_ablations(runs, ["loss.variant", "loss.lambd"], "pretrain.seed", [TOP1])
+    abl = group_ablations(runs, ["loss.variant", "loss.lambd"], "pretrain.seed", [TOP1],
+                          "pretrain.epochs")
     assert abl.counts == {"done": 6, "failed": 1} and abl.unclassified == 1
     groups = abl.studies["loss.variant"]
     assert groups["redundancy"][TOP1].text() == "40.0 (1 seed)"
@@ -294,7 +295,7 @@ def test_group_ablations_composite_study_takes_runs_changing_exactly_its_params(
             r(0, 50.0, **{"model.projector_bn": False, "loss.normalization": "none"}),
             r(1, 52.0, **{"model.projector_bn": False, "loss.normalization": "none"}),
             r(0, 60.0, **{"loss.normalization": "none", "loss.lambd": 0.02})]
-    abl = group_ablations(runs, sweep, "pretrain.seed", [TOP1])
+    abl = group_ablations(runs, sweep, "pretrain.seed", [TOP1], "pretrain.epochs")
     both = abl.studies["model.projector_bn+loss.normalization"]
     assert set(both) == {"True+batch", "False+none"}
     assert (both["False+none"][TOP1].mean, both["False+none"][TOP1].n) == (51.0, 2)

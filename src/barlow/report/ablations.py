@@ -7,9 +7,9 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-from barlow.report.inputs import flatten, numeric_metrics
+from barlow.report.inputs import flatten, numeric_metrics, parse_tsv
 from barlow.report.seeds import Stat
 
 
@@ -55,6 +55,48 @@ def parse_exp_show(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return runs
 
 
+def curve_path(name: str, live_root: str = "dvclive") -> str:
+    """Where a run's dvclive curve NAME ("pretrain/knn_top1") lies in its commit: each
+    stage logs into <live_root>/<stage> (dvc.yaml), the TSVs under plots/metrics."""
+    return f"{live_root}/{name.split('/', 1)[0]}/plots/metrics/{name}.tsv"
+
+
+def attach_curves(runs: Sequence[dict[str, Any]], names: Sequence[str],
+                  read: Callable[[str, str], str | None]) -> None:
+    """Add each finished run's curves NAMES against the epoch, read from its experiment
+    commit with READ(rev, path) → the file's text or None, as run["curves"][name] =
+    [epochs, values]. dvclive logs against the optimiser step, whose length differs
+    between runs of other batch sizes, so each step becomes an epoch through the same
+    stage's "<stage>/epoch" curve; a run without it, or without the curve (a kNN
+    monitor switched off), gets none."""
+    for run in runs:
+        if run["state"] != "done" or not run.get("rev"):
+            continue
+        found = {}
+        for name in names:
+            text = read(run["rev"], curve_path(name))
+            epoch_text = read(run["rev"], curve_path(name.split("/", 1)[0] + "/epoch"))
+            curve = parse_tsv(text) if text else None
+            epochs = parse_tsv(epoch_text) if epoch_text else None
+            if curve and epochs:
+                at = dict(zip(*epochs))
+                found[name] = [[round(at[x], 6) for x in curve[0] if x in at],
+                               [y for x, y in zip(*curve) if x in at]]
+        if found:
+            run["curves"] = found
+
+
+def merge_runs(fresh: Sequence[dict[str, Any]], kept: Sequence[dict[str, Any]]
+               ) -> list[dict[str, Any]]:
+    """FRESH runs and the finished or failed runs of KEPT (an earlier snapshot) whose
+    experiment is not among them: runs whose experiments were since removed (`dvc exp
+    remove`/`gc`) stay in the snapshot, a run in both is taken fresh, and a run that was
+    queued or running then and is gone now is dropped (it will never finish)."""
+    revs = {r.get("rev") for r in fresh}
+    return list(fresh) + [r for r in kept if r.get("rev") not in revs
+                          and r.get("state") not in ("queued", "running")]
+
+
 def format_value(value: Any) -> str:
     """A param value as it appears in `-S key=value` and in metric keys (0.0051, 256)."""
     if isinstance(value, float):
@@ -64,19 +106,48 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+#: Per-seed curves of one group: [(steps, values), …], one entry per finished run.
+SeedCurves = list[tuple[list[float], list[float]]]
+
+
+@dataclass
+class Block:
+    """Finished runs that share every param but the swept ones and the seed."""
+
+    context: dict[str, Any]        # how the shared params differ from the baseline commit
+    budget_param: str
+    budget: Any                    # the block's value of budget_param (None: absent)
+    runs: int
+    studies: dict[str, dict[str, dict[str, Stat]]]        # [study][value][metric]
+    curves: dict[str, dict[str, dict[str, SeedCurves]]]   # [study][value][curve]
+
+    @property
+    def label(self) -> str:
+        return f"{self.budget_param}={format_value(self.budget)}"
+
+
 @dataclass
 class Ablations:
-    """Finished experiments grouped per study: studies[param][value][metric] = Stat."""
+    """Finished experiments grouped per study: studies[param][value][metric] = Stat, each
+    study taken from the block where it ran at the largest budget (``source``)."""
 
-    context: dict[str, Any] = field(default_factory=dict)   # params shared, ≠ baseline
     studies: dict[str, dict[str, dict[str, Stat]]] = field(default_factory=dict)
+    source: dict[str, Block] = field(default_factory=dict)  # study → the block reported
+    blocks: list[Block] = field(default_factory=list)       # with a study, by budget
     counts: dict[str, int] = field(default_factory=dict)    # runs per state
-    other_blocks: int = 0          # runs in other contexts (e.g. another epoch budget)
+    other_blocks: int = 0          # finished runs in blocks where no study ran
     unclassified: int = 0          # runs whose changed params match no study
 
 
+def _budget_key(value: Any) -> tuple[int, Any]:
+    """Orders budgets: numbers by value, anything else (absent, text) before them."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (1, float(value))
+    return (0, 0.0)
+
+
 def group_ablations(runs: Sequence[Mapping[str, Any]], sweep: Sequence[str],
-                    seed_param: str, metrics: Sequence[str]) -> Ablations:
+                    seed_param: str, metrics: Sequence[str], budget_param: str) -> Ablations:
     """Group finished runs by the study they belong to: the entry of ``sweep`` whose
     params are exactly those the run changes from its baseline. An entry is one param
     ("loss.lambd") or several joined by "+" ("model.projector_bn+loss.normalization",
@@ -84,46 +155,87 @@ def group_ablations(runs: Sequence[Mapping[str, Any]], sweep: Sequence[str],
 
     A run that changes no swept param (only the seed) is the baseline of every study.
     Runs are blocked by all their other params (absolute values, so runs queued from
-    commits with other defaults, e.g. another precision, never mix); the block with the
-    most finished runs is reported, and its context is how it differs from its baseline
-    commit (e.g. an epoch budget)."""
+    commits with other defaults, e.g. another precision, never mix); a block's context
+    is how it differs from its baseline commit (e.g. an epoch budget). Each study is
+    reported from the block with the largest ``budget_param`` where it has more than
+    its baseline (ties: the block with more runs); the others stay in ``blocks``, so a
+    study run at two budgets shows how its groups move with training length."""
     result = Ablations()
     for run in runs:
         result.counts[run["state"]] = result.counts.get(run["state"], 0) + 1
     done = [r for r in runs if r["state"] == "done"]
     members = {study: frozenset(study.split("+")) for study in sweep}
     swept = frozenset().union(*members.values())
-    blocks: dict[str, list] = {}
+    by_fixed: dict[str, list] = {}
     for run in done:
         fixed = {k: v for k, v in run["params"].items() if k not in swept and k != seed_param}
-        blocks.setdefault(json.dumps(fixed, sort_keys=True, default=str), []).append(run)
-    if not blocks:
-        return result
-    key = max(blocks, key=lambda k: len(blocks[k]))
-    first = blocks[key][0]
-    result.context = {k: v for k, v in json.loads(key).items()
-                      if first["baseline_params"].get(k) != v}
-    result.other_blocks = sum(len(v) for k, v in blocks.items() if k != key)
+        by_fixed.setdefault(json.dumps(fixed, sort_keys=True, default=str), []).append(run)
+    for key, block_runs in by_fixed.items():
+        block, unclassified = _block(block_runs, json.loads(key), members, swept, metrics,
+                                     budget_param)
+        result.unclassified += unclassified
+        if block.studies:
+            result.blocks.append(block)
+        else:
+            result.other_blocks += len(block_runs)
+    result.blocks.sort(key=lambda b: (_budget_key(b.budget), b.runs))
+    for block in result.blocks:  # ascending: the last block holding a study wins
+        for study, groups in block.studies.items():
+            result.studies[study] = groups
+            result.source[study] = block
+    result.studies = {s: result.studies[s] for s in sweep if s in result.studies}
+    return result
+
+
+def _block(runs: Sequence[Mapping[str, Any]], fixed: Mapping[str, Any],
+           members: Mapping[str, frozenset], swept: frozenset, metrics: Sequence[str],
+           budget_param: str) -> tuple[Block, int]:
+    first = runs[0]
+    context = {k: v for k, v in fixed.items() if first["baseline_params"].get(k) != v}
     values: dict[str, dict[str, dict[str, list[float]]]] = {}
-    for run in blocks[key]:
+    curves: dict[str, dict[str, dict[str, SeedCurves]]] = {}
+    unclassified = 0
+    for run in runs:
         base, params = run["baseline_params"], run["params"]
         changed = frozenset(p for p in swept if params.get(p) != base.get(p))
         studies = [study for study, keys in members.items() if keys == changed]
         if changed and not studies:
-            result.unclassified += 1
+            unclassified += 1
             continue
-        for study in studies or list(sweep):  # a baseline run belongs to every study
+        for study in studies or list(members):  # a baseline run belongs to every study
             value = "+".join(format_value(params.get(p)) for p in study.split("+"))
             slot = values.setdefault(study, {}).setdefault(value, {})
             for metric in metrics:
                 if metric in run["metrics"]:
                     slot.setdefault(metric, []).append(run["metrics"][metric])
-    result.studies = {p: {v: {m: Stat.of(xs) for m, xs in by_metric.items()}
-                          for v, by_metric in by_value.items()}
-                      for p, by_value in values.items()}
+            for name, (steps, ys) in (run.get("curves") or {}).items():
+                (curves.setdefault(study, {}).setdefault(value, {})
+                 .setdefault(name, []).append((list(steps), list(ys))))
+    studies = {p: {v: {m: Stat.of(xs) for m, xs in by_metric.items()}
+                   for v, by_metric in by_value.items()}
+               for p, by_value in values.items()}
     # Only studies where something besides the baseline ran are studies.
-    result.studies = {p: v for p, v in result.studies.items() if len(v) > 1}
-    return result
+    studies = {p: v for p, v in studies.items() if len(v) > 1}
+    curves = {p: c for p, c in curves.items() if p in studies}
+    return (Block(context, budget_param, fixed.get(budget_param), len(runs), studies, curves),
+            unclassified)
+
+
+def mean_curve(seed_curves: SeedCurves) -> tuple[list[float], list[float]]:
+    """The mean over seeds at each step that every seed logged (a run cut short or
+    logging other steps contributes only where all agree)."""
+    common = set(seed_curves[0][0]) if seed_curves else set()
+    for steps, _ in seed_curves[1:]:
+        common &= set(steps)
+    steps = sorted(common)
+    rows = [dict(zip(s, ys)) for s, ys in seed_curves]
+    return steps, [sum(r[x] for r in rows) / len(rows) for x in steps]
+
+
+def budget_note(ablations: Ablations, studies: Sequence[str]) -> str:
+    """" (at pretrain.epochs=10)": the budget the STUDIES are judged at, "" if none ran."""
+    labels = sorted({ablations.source[s].label for s in studies if s in ablations.source})
+    return f" (at {', '.join(labels)})" if labels else ""
 
 
 def ablation_metrics(ablations: Ablations) -> dict[str, float]:

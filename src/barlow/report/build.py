@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from barlow.report.ablations import (Ablations, ablation_metrics, format_value,
-                                     group_ablations, order_key)
+                                     group_ablations, mean_curve, order_key)
 from barlow.report.claims import evaluate_claim, resolve_ours
 from barlow.report.document import Document
-from barlow.report.figures import ablation_figure, bars_figure, cc_figure, pretrain_figure
+from barlow.report.figures import (ablation_curves_figure, ablation_figure, bars_figure,
+                                   cc_figure, pretrain_figure)
 from barlow.report.inputs import NOT_RUN, STAGES, Curve
 from barlow.report.profiles import profile_rows
 from barlow.report.seeds import is_seed_replica, seed_rows
@@ -65,7 +66,8 @@ def _scale_rows(inp: ReportInputs) -> list[list[str]]:
 def build_document(inp: ReportInputs, report_cfg: Any) -> tuple[Document, dict[str, Any]]:
     """The report's content; also returns the claims' verdicts and the cc stats."""
     abl = (group_ablations(inp.runs, report_cfg.ablation_params, report_cfg.seed_param,
-                           report_cfg.ablation_metrics) if inp.runs else Ablations())
+                           report_cfg.ablation_metrics, report_cfg.ablation_budget)
+           if inp.runs else Ablations())
     metrics = dict(inp.metrics)
     metrics.update(ablation_metrics(abl))
     if inp.cc:
@@ -190,35 +192,14 @@ def build_document(inp: ReportInputs, report_cfg: Any) -> tuple[Document, dict[s
 
     # -- ablations
     doc.heading("Ablations")
-    command = "make ablations   # queue and run; then: python -m stages.report ablations"
     if inp.runs is None or not inp.runs:
         doc.para(f"{NOT_RUN}: no experiments in the snapshot (reports/ablations.json). "
                  "Queue and run them, take a snapshot, and rebuild the report:")
         doc.code("make ablations     # dvc exp run --queue per study, then dvc queue start -j 1\n"
-                 "PYTHONPATH=src python -m stages.report ablations   # dvc exp show --json → reports/ablations.json\n"
+                 "PYTHONPATH=src python -m stages.report ablations --keep --out reports/ablations.json\n"
                  "dvc repro report")
     else:
-        counts = ", ".join(f"{n} {s}" for s, n in sorted(abl.counts.items()))
-        context = ", ".join(f"{k}={format_value(v)}" for k, v in abl.context.items())
-        doc.para(f"Experiments in the snapshot: {counts}. Reported context: "
-                 f"{context or 'the committed params'}"
-                 + (f"; {abl.other_blocks} finished runs with other params left out"
-                    if abl.other_blocks else "")
-                 + (f"; {abl.unclassified} runs change two swept params" if abl.unclassified
-                    else "") + ". Runs that change no swept param are each study's baseline.")
-        if not abl.studies:
-            doc.para(f"No study has finished groups yet ({NOT_RUN}). {command}")
-        for param, groups in abl.studies.items():
-            doc.heading(param, 3)
-            header = ["value"] + list(report_cfg.ablation_metrics)
-            doc.table(header, [[v] + [groups[v][m].text() if m in groups[v] else NOT_RUN
-                                      for m in report_cfg.ablation_metrics]
-                               for v in sorted(groups, key=lambda v: (order_key(v, "first_int"), v))])
-        for metric in report_cfg.ablation_metrics:
-            fig = ablation_figure(abl, metric)
-            if fig:
-                doc.figure(fig)
-                break
+        _ablation_section(doc, abl, report_cfg)
     # -- determinism (what tests/test_reliability.py checks, and where it stops holding)
     doc.heading("Determinism")
     doc.para("On CPU the same seed gives bit-identical weights and metrics, also after kill -9 "
@@ -236,3 +217,63 @@ def build_document(inp: ReportInputs, report_cfg: Any) -> tuple[Document, dict[s
                "cc": {n: inp.cc[n]["stats"] for n in ("before", "after")} if inp.cc else None,
                "stages": inp.status}
     return doc, summary
+
+
+def _ablation_section(doc: Document, abl: Ablations, report_cfg: Any) -> None:
+    """Per study: its groups at every budget it ran (the largest judged), the per-epoch
+    curves at that budget, and the figure."""
+    budget = report_cfg.ablation_budget
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(abl.counts.items()))
+    doc.para(f"Experiments in the snapshot: {counts}"
+             + (f"; {abl.other_blocks} finished runs in contexts where no study ran left out"
+                if abl.other_blocks else "")
+             + (f"; {abl.unclassified} runs change two swept params no study names"
+                if abl.unclassified else "")
+             + ". Runs that change no swept param are each study's baseline. Each study is "
+             f"judged (claims, paper table, figure) at the largest {budget} it ran at; "
+             "its other budgets are shown beside it. Blocks of runs:")
+    doc.bullets([f"{b.label}: {b.runs} runs, "
+                 + ", ".join(f"{k}={format_value(v)}" for k, v in b.context.items()
+                             if k != budget)
+                 + f"; studies: {', '.join(b.studies)}" for b in abl.blocks])
+    if not abl.studies:
+        doc.para(f"No study has finished groups yet ({NOT_RUN}). make ablations, then "
+                 "python -m stages.report ablations --keep --out reports/ablations.json")
+    metrics = list(report_cfg.ablation_metrics)
+    for param, groups in abl.studies.items():
+        doc.heading(param, 3)
+        blocks = [b for b in abl.blocks if param in b.studies]
+        values = sorted({v for b in blocks for v in b.studies[param]},
+                        key=lambda v: (order_key(v, "first_int"), v))
+        # A column per budget and metric that some group has (a kNN-less budget has none).
+        columns = [(b, m) for b in blocks for m in metrics
+                   if any(m in stats for stats in b.studies[param].values())]
+        doc.table(["value"] + [f"{m} ({b.label})" for b, m in columns],
+                  [[v] + [_stat_text(b.studies[param].get(v, {}).get(m)) for b, m in columns]
+                   for v in values])
+        source = abl.source[param]
+        for name in report_cfg.ablation_curves:
+            means = {v: mean_curve(c[name]) for v, c in source.curves.get(param, {}).items()
+                     if name in c}
+            steps = sorted({x for xs, _ in means.values() for x in xs})
+            if len(means) < 2 or not steps:
+                continue
+            doc.para(f"{name} per epoch at {source.label}, mean over seeds: where "
+                     "the groups separate.")
+            doc.table(["value"] + [f"{x:g}" for x in steps],
+                      [[v] + [f"{dict(zip(*means[v])).get(x, float('nan')):.1f}"
+                              for x in steps]
+                       for v in sorted(means, key=lambda v: (order_key(v, "first_int"), v))])
+    for metric in metrics:
+        fig = ablation_figure(abl, metric)
+        if fig:
+            doc.figure(fig)
+            break
+    for name in report_cfg.ablation_curves:
+        fig = ablation_curves_figure(abl, name)
+        if fig:
+            doc.figure(fig)
+
+
+def _stat_text(stat: Any) -> str:
+    return stat.text() if stat is not None else "—"

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
-from barlow.report.ablations import Ablations, order_key
+from barlow.report.ablations import Ablations, budget_note, order_key
 from barlow.report.inputs import NOT_RUN, Curve
 
 HELD, NOT_HELD = "held", "not held"
@@ -71,7 +71,10 @@ def evaluate_claim(claim: Mapping[str, Any], metrics: Mapping[str, float],
                     ("less", True): "<", ("less", False): "≮"}[kind, holds]
             parts.append(f"{key} {_fmt(a)} {sign} {other} {_fmt(b)}")
         suffix = f" (margin {margin:g})" if margin else ""
-        return Verdict(HELD if ok else NOT_HELD, "; ".join(parts) + suffix)
+        studies = [k[len("ablation/"):].split("=", 1)[0] for pair in pairs for k in pair
+                   if k.startswith("ablation/")]
+        return Verdict(HELD if ok else NOT_HELD,
+                       "; ".join(parts) + suffix + budget_note(ablations, studies))
     if kind == "decreases":
         curve = curves.get(claim["curve"])
         if not curve or len(curve[1]) < 2:
@@ -95,15 +98,17 @@ def evaluate_claim(claim: Mapping[str, Any], metrics: Mapping[str, float],
         if invalid:
             return invalid
         listing = ", ".join(f"{v}: {_fmt(means[v])}" for v in ordered)
+        note = budget_note(ablations, [claim["param"]])
         if kind == "spread":
             spread = max(means.values()) - min(means.values())
             holds = spread <= float(claim["max_range"])
             return Verdict(HELD if holds else NOT_HELD,
-                           f"range {_fmt(spread)} (limit {claim['max_range']:g}) over {listing}")
+                           f"range {_fmt(spread)} (limit {claim['max_range']:g}) over {listing}"
+                           + note)
         tol = float(claim.get("tolerance", 0.0))
         falls = [(a, b) for a, b in zip(ordered, ordered[1:]) if means[b] < means[a] - tol]
         detail = listing + (f"; falls {', '.join(f'{a}→{b}' for a, b in falls)}" if falls else "")
-        return Verdict(NOT_HELD if falls else HELD, detail + f" (tolerance {tol:g})")
+        return Verdict(NOT_HELD if falls else HELD, detail + f" (tolerance {tol:g})" + note)
     raise ValueError(f"claim {claim.get('id')}: unknown kind {kind!r}")
 
 
@@ -136,12 +141,13 @@ def resolve_ours(entry: Mapping[str, Any], metrics: Mapping[str, float],
             else:
                 texts.append(", ".join(f"{v}: {_fmt(means[v])}" for v in
                                        sorted(means, key=lambda v: order_key(v, "first_int"))))
+            texts[-1] += budget_note(ablations, [param])
             continue
         if pattern.startswith("ablation/"):
             param_value, metric = pattern[len("ablation/"):].split("/", 1)
             param, value = param_value.split("=", 1)
             stat = ablations.studies.get(param, {}).get(value, {}).get(metric)
-            texts.append(stat.text() if stat else NOT_RUN)
+            texts.append(stat.text() + budget_note(ablations, [param]) if stat else NOT_RUN)
             continue
         found = [(k, b) for k, b in _expand(pattern, metrics) if k in metrics]
         if not found:

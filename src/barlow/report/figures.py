@@ -8,7 +8,7 @@ import io
 import math
 from typing import Any, Mapping, Sequence
 
-from barlow.report.ablations import Ablations, order_key
+from barlow.report.ablations import Ablations, mean_curve, order_key
 from barlow.report.document import Figure
 from barlow.report.inputs import Curve
 
@@ -118,3 +118,30 @@ def ablation_figure(ablations: Ablations, metric: str) -> Figure | None:
     axes[0][0].set_ylabel(metric, fontsize=8)
     fig.tight_layout()
     return Figure("ablations", _png(fig), f"Ablations: {metric}, mean ± std over seeds")
+
+
+def ablation_curves_figure(ablations: Ablations, name: str) -> Figure | None:
+    """Curve NAME (e.g. pretrain/knn_top1) per epoch of each group, mean over seeds, one
+    panel per study at the budget it is judged at: where the groups separate."""
+    panels = {}
+    for param in ablations.studies:
+        groups = {v: c[name] for v, c in ablations.source[param].curves.get(param, {}).items()
+                  if name in c}
+        if len(groups) >= 2:
+            panels[param] = groups
+    if not panels:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.0), squeeze=False)
+    for ax, (param, groups) in zip(axes[0], panels.items()):
+        for value in sorted(groups, key=lambda v: (order_key(v, "first_int"), v)):
+            steps, means = mean_curve(groups[value])
+            ax.plot(steps, means, marker=".", label=value)
+        ax.set_title(param, fontsize=10)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(name, fontsize=8)
+    fig.tight_layout()
+    return Figure("ablation_curves", _png(fig),
+                  f"Ablations: {name} per epoch, mean over seeds, at each study's largest budget")

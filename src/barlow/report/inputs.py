@@ -4,6 +4,7 @@ stage's status, and the pretraining curves (per-metric TSVs)."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -56,6 +57,23 @@ def load_metrics(live_root: Path, stages: Sequence[str] = STAGES
 Curve = tuple[list[float], list[float]]
 
 
+def parse_tsv(text: str) -> Curve | None:
+    """One dvclive TSV (header, then step … value rows) → (steps, values); None when it
+    holds no row."""
+    steps, values = [], []
+    reader = csv.reader(io.StringIO(text), delimiter="\t")
+    header = next(reader, None)
+    if not header or len(header) < 2:
+        return None
+    for row in reader:
+        try:
+            steps.append(float(row[0]))
+            values.append(float(row[-1]))
+        except (ValueError, IndexError):
+            continue  # a torn last line of a run still writing
+    return (steps, values) if steps else None
+
+
 def load_curves(plots_dir: Path) -> dict[str, Curve]:
     """dvclive's per-metric TSVs under PLOTS_DIR (e.g. dvclive/pretrain/plots/metrics):
     {"pretrain/loss": (steps, values)}; the key is the file's path without .tsv."""
@@ -64,18 +82,7 @@ def load_curves(plots_dir: Path) -> dict[str, Curve]:
     if not plots_dir.is_dir():
         return curves
     for path in sorted(plots_dir.rglob("*.tsv")):
-        steps, values = [], []
-        with path.open(newline="") as handle:
-            reader = csv.reader(handle, delimiter="\t")
-            header = next(reader, None)
-            if not header or len(header) < 2:
-                continue
-            for row in reader:
-                try:
-                    steps.append(float(row[0]))
-                    values.append(float(row[-1]))
-                except (ValueError, IndexError):
-                    continue  # a torn last line of a run still writing
-        if steps:
-            curves[path.relative_to(plots_dir).with_suffix("").as_posix()] = (steps, values)
+        curve = parse_tsv(path.read_text())
+        if curve:
+            curves[path.relative_to(plots_dir).with_suffix("").as_posix()] = curve
     return curves
