@@ -158,6 +158,8 @@ def test_ablations_grouped_with_seeds(fabricated: Path) -> None:
     runs += [(params(lambd=0.02, seed=0, epochs=2), top1(81.5))]
     runs += [(params(lambd=0.02, seed=1, epochs=2), {})]            # still queued
     runs += [(params(seed=0, epochs=7), top1(99.0))]                # other budget
+    # Another worker count is the same experiment: same block.
+    runs += [({**params("invariance", seed=1, epochs=2), "data": {"workers": 8}}, top1(77.0))]
     parsed = parse_exp_show(exp_show(runs, params()))
     assert [r["state"] for r in parsed].count("queued") == 1
     cfg = load_section(ReportConfig, "report", REPO / "params.yaml")
@@ -169,6 +171,7 @@ def test_ablations_grouped_with_seeds(fabricated: Path) -> None:
     full = abl.studies["loss.variant"]["full"]["linear/barlow/top1_best"]
     assert (full.mean, full.n) == (81.0, 3) and full.std == pytest.approx(1.0)
     assert abl.studies["loss.lambd"]["0.02"]["linear/barlow/top1_best"].n == 1
+    assert abl.studies["loss.variant"]["invariance"]["linear/barlow/top1_best"].n == 2
     assert "pretrain.batch_size" not in abl.studies  # only the baseline ran
 
     snapshot = {"runs": parsed}

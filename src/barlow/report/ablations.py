@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from barlow.report.inputs import flatten, numeric_metrics, parse_tsv
-from barlow.report.seeds import Stat
+from barlow.report.seeds import Stat, is_operational
 
 
 def _run_state(entry: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
@@ -154,8 +154,9 @@ def group_ablations(runs: Sequence[Mapping[str, Any]], sweep: Sequence[str],
     a row of the paper that changes two settings at once; its values read "False+none").
 
     A run that changes no swept param (only the seed) is the baseline of every study.
-    Runs are blocked by all their other params (absolute values, so runs queued from
-    commits with other defaults, e.g. another precision, never mix); a block's context
+    Runs are blocked by all their other params but the operational ones (worker counts,
+    folders: seeds.OPERATIONAL), by absolute value, so runs queued from commits with
+    other defaults (e.g. another precision) never mix; a block's context
     is how it differs from its baseline commit (e.g. an epoch budget). Each study is
     reported from the block with the largest ``budget_param`` where it has more than
     its baseline (ties: the block with more runs); the others stay in ``blocks``, so a
@@ -168,7 +169,8 @@ def group_ablations(runs: Sequence[Mapping[str, Any]], sweep: Sequence[str],
     swept = frozenset().union(*members.values())
     by_fixed: dict[str, list] = {}
     for run in done:
-        fixed = {k: v for k, v in run["params"].items() if k not in swept and k != seed_param}
+        fixed = {k: v for k, v in run["params"].items()
+                 if k not in swept and k != seed_param and not is_operational(k)}
         by_fixed.setdefault(json.dumps(fixed, sort_keys=True, default=str), []).append(run)
     for key, block_runs in by_fixed.items():
         block, unclassified = _block(block_runs, json.loads(key), members, swept, metrics,
