@@ -23,6 +23,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 import yaml
@@ -121,17 +122,22 @@ def ablations(params: str, out_path: Path, from_json: Path | None, keep: bool) -
     attach_curves(runs, cfg.ablation_curves, _git_text)
     if keep and out_path.is_file():
         runs = merge_runs(runs, json.loads(out_path.read_text()).get("runs", []))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     # Sorted, so that the same experiments give the same bytes (a committed dep).
     runs.sort(key=lambda r: (str(r["baseline_rev"]), str(r["name"]), str(r["rev"])))
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.write_text(json.dumps({"source": "dvc exp show --json", "runs": runs},
-                              indent=1, sort_keys=True) + "\n")
-    tmp.replace(out_path)
+    _write_json(out_path, {"source": "dvc exp show --json", "runs": runs})
     states: dict[str, int] = {}
     for run in runs:
         states[run["state"]] = states.get(run["state"], 0) + 1
     click.echo(f"report: {len(runs)} experiments ({states or 'none'}) → {out_path}")
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """PATH ← DATA as sorted, indented JSON, written whole or not at all (a committed
+    snapshot must never be left half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
 
 
 def _git_text(rev: str, path: str) -> str | None:
@@ -161,10 +167,7 @@ def profile(name: str, rev: str, params_path: Path, live_root: Path, out_path: P
             raise DataError(f"{live_root}: no metrics for {', '.join(missing)}; "
                                  "snapshot a finished run")
         snapshot = profile_snapshot(name, rev, read_params(params_path), metrics)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_path.with_name(out_path.name + ".tmp")
-        tmp.write_text(json.dumps(snapshot, indent=1, sort_keys=True) + "\n")
-        tmp.replace(out_path)
+        _write_json(out_path, snapshot)
         click.echo(f"report: profile {name} ({rev}): {len(metrics)} metrics → {out_path}")
 
 

@@ -7,7 +7,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from barlow.report.inputs import flatten, numeric_metrics, parse_tsv
 from barlow.report.seeds import Stat, is_operational
@@ -72,12 +72,15 @@ def attach_curves(runs: Sequence[dict[str, Any]], names: Sequence[str],
     for run in runs:
         if run["state"] != "done" or not run.get("rev"):
             continue
-        found = {}
+        found, epoch_of = {}, {}
         for name in names:
+            stage = name.split("/", 1)[0]
+            if stage not in epoch_of:  # one epoch curve per stage, however many curves
+                epoch_text = read(run["rev"], curve_path(f"{stage}/epoch"))
+                epoch_of[stage] = parse_tsv(epoch_text) if epoch_text else None
             text = read(run["rev"], curve_path(name))
-            epoch_text = read(run["rev"], curve_path(name.split("/", 1)[0] + "/epoch"))
             curve = parse_tsv(text) if text else None
-            epochs = parse_tsv(epoch_text) if epoch_text else None
+            epochs = epoch_of[stage]
             if curve and epochs:
                 at = dict(zip(*epochs))
                 found[name] = [[round(at[x], 6) for x in curve[0] if x in at],
@@ -246,6 +249,12 @@ def ablation_metrics(ablations: Ablations) -> dict[str, float]:
             for param, by_value in ablations.studies.items()
             for value, by_metric in by_value.items()
             for metric, stat in by_metric.items()}
+
+
+def sorted_values(values: Iterable[str]) -> list[str]:
+    """A study's values in table and plot order: by their leading integer (batch sizes,
+    projector widths), then as text."""
+    return sorted(values, key=lambda v: (order_key(v, "first_int"), v))
 
 
 def order_key(value: str, order: str | None) -> float:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from barlow.report.ablations import (Ablations, ablation_metrics, format_value,
-                                     group_ablations, mean_curve, order_key)
+                                     group_ablations, mean_curve, sorted_values)
 from barlow.report.claims import evaluate_claim, resolve_ours
 from barlow.report.document import Document
 from barlow.report.figures import (ablation_curves_figure, ablation_figure, bars_figure,
@@ -243,8 +243,7 @@ def _ablation_section(doc: Document, abl: Ablations, report_cfg: Any) -> None:
     for param, groups in abl.studies.items():
         doc.heading(param, 3)
         blocks = [b for b in abl.blocks if param in b.studies]
-        values = sorted({v for b in blocks for v in b.studies[param]},
-                        key=lambda v: (order_key(v, "first_int"), v))
+        values = sorted_values({v for b in blocks for v in b.studies[param]})
         # A column per budget and metric that some group has (a kNN-less budget has none).
         columns = [(b, m) for b in blocks for m in metrics
                    if any(m in stats for stats in b.studies[param].values())]
@@ -263,7 +262,7 @@ def _ablation_section(doc: Document, abl: Ablations, report_cfg: Any) -> None:
             doc.table(["value"] + [f"{x:g}" for x in steps],
                       [[v] + [f"{dict(zip(*means[v])).get(x, float('nan')):.1f}"
                               for x in steps]
-                       for v in sorted(means, key=lambda v: (order_key(v, "first_int"), v))])
+                       for v in sorted_values(means)])
     for metric in metrics:
         fig = ablation_figure(abl, metric)
         if fig:

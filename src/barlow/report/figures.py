@@ -8,7 +8,7 @@ import io
 import math
 from typing import Any, Mapping, Sequence
 
-from barlow.report.ablations import Ablations, mean_curve, order_key
+from barlow.report.ablations import Ablations, mean_curve, sorted_values
 from barlow.report.document import Figure
 from barlow.report.inputs import Curve
 
@@ -107,8 +107,7 @@ def ablation_figure(ablations: Ablations, metric: str) -> Figure | None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(studies), figsize=(3.6 * len(studies), 3.0), squeeze=False)
     for ax, (param, groups) in zip(axes[0], studies.items()):
-        values = sorted((v for v in groups if metric in groups[v]),
-                        key=lambda v: (order_key(v, "first_int"), v))
+        values = sorted_values(v for v in groups if metric in groups[v])
         xs = range(len(values))
         ax.errorbar(xs, [groups[v][metric].mean for v in values],
                     yerr=[groups[v][metric].std for v in values], marker="o", capsize=3)
@@ -134,7 +133,7 @@ def ablation_curves_figure(ablations: Ablations, name: str) -> Figure | None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.0), squeeze=False)
     for ax, (param, groups) in zip(axes[0], panels.items()):
-        for value in sorted(groups, key=lambda v: (order_key(v, "first_int"), v)):
+        for value in sorted_values(groups):
             steps, means = mean_curve(groups[value])
             ax.plot(steps, means, marker=".", label=value)
         ax.set_title(param, fontsize=10)
