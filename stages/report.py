@@ -27,7 +27,7 @@ from pathlib import Path
 import click
 import yaml
 
-from barlow.config import ReportConfig, load_section, read_params
+from barlow.config import AugmentConfig, ReportConfig, load_section, read_params
 from barlow.data.sources import DataError
 from barlow.report.ablations import parse_exp_show
 from barlow.report.build import ReportInputs, build_document
@@ -66,8 +66,9 @@ def build(params: str, live_root: Path, checkpoint: Path, data_dir: Path, paper:
 
     Writes OUT/report.md, OUT/figures/*.png and OUT/report.html (self-contained). Reads LIVE_ROOT/<stage>/metrics.json (a missing one is "not run"), CHECKPOINT and
     DATA/test.beton (cross-correlation of held-out pairs), PAPER, ABLATIONS, PROFILES/*.json
-    and the params report, data.source, model, augment.resolution, pretrain.epochs and
-    pretrain.batch_size. Exit 2: bad params or inputs."""
+    and the params report, data.source, model, augment.resolution, augment.colour_ops_on
+    (where the held-out views' colour ops run), pretrain.epochs and pretrain.batch_size.
+    Exit 2: bad params or inputs."""
     with run_stage("report"):
         cfg = load_section(ReportConfig, "report", params)
         all_params = read_params(params)
@@ -108,7 +109,8 @@ def build(params: str, live_root: Path, checkpoint: Path, data_dir: Path, paper:
                 pairs = held_out_pairs(data_dir / "test.beton", data_dir / "train.beton",
                                        info.config["augment"], cfg.cc_images,
                                        cfg.cc_batch_size, cfg.cc_views, cfg.cc_seed,
-                                       cfg.workers)
+                                       cfg.workers,
+                                       load_section(AugmentConfig, "augment", params).colour_ops_on)
                 inputs.cc = cc_before_after(info, pairs, cfg.cc_block)
                 views = ("two augmented views (view A, view B of the pretraining "
                          f"augmentations, seed {cfg.cc_seed})" if cfg.cc_views == "augmented"

@@ -81,18 +81,21 @@ def checkpoint_models(path: Path) -> CheckpointInfo:
 
 def held_out_pairs(test_beton: Path, train_beton: Path, augment: Mapping[str, Any],
                    num_images: int, batch_size: int, views: str, seed: int,
-                   workers: int) -> list[tuple[Tensor, Tensor]]:
+                   workers: int, colour_ops_on: str) -> list[tuple[Tensor, Tensor]]:
     """The first NUM_IMAGES test images as (view A, view B) batches: the pretraining
     augmentations of ``augment`` (views="augmented"), or the whole image twice
     (views="identical": c_ii = 1 by construction, only the off-diagonal is informative).
-    Normalised with the training set's statistics, as in pretraining."""
+    Normalised with the training set's statistics, as in pretraining. ``augment`` is a
+    checkpoint's, which does not record where the colour ops ran (``colour_ops_on``,
+    the report's own choice: the same draws either way)."""
     import numpy as np
 
     from barlow.config import AugmentConfig, from_mapping
     from barlow.data.convert import normalisation, read_manifest
     from barlow.data.loaders import config_views, eval_loader, pretrain_loader
 
-    aug = from_mapping(AugmentConfig, dict(augment), "checkpoint config.augment")
+    aug = from_mapping(AugmentConfig, {**augment, "colour_ops_on": colour_ops_on},
+                       "checkpoint config.augment")
     mean, std = normalisation(read_manifest(train_beton))
     total = read_manifest(test_beton)["num_images"]
     n = min(num_images, total)
@@ -102,7 +105,7 @@ def held_out_pairs(test_beton: Path, train_beton: Path, augment: Mapping[str, An
     if views == "augmented":
         loader = pretrain_loader(str(test_beton), batch_size, workers, config_views(aug), mean, std,
                                  seed=seed, order="sequential", indices=indices,
-                                 channels_last=False)
+                                 channels_last=False, colour_ops_on=aug.colour_ops_on)
         return [(a.clone(), b.clone()) for a, b in loader]
     loader = eval_loader(str(test_beton), batch_size, workers, aug.resolution, mean, std,
                          train_aug=False, crop_ratio=1.0, order="sequential", indices=indices,
