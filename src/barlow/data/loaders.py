@@ -247,12 +247,13 @@ class SeekableLoader(Loader):
 
     def __init__(self, *args, finish: Optional[Callable[[tuple], tuple]] = None, **kwargs):
         self._skip_batches = 0  # read by next_traversal_order, which Loader.__init__ calls
-        self._finish = finish  # applied to every batch (pretrain_loader's colour_ops_on)
+        #: Applied to every batch (pretrain_loader's colour_ops_on="device"), or None.
+        self.finish = finish
         super().__init__(*args, **kwargs)
 
     def __iter__(self):
         batches = super().__iter__()
-        return batches if self._finish is None else map(self._finish, batches)
+        return batches if self.finish is None else map(self.finish, batches)
 
     def seek(self, epoch: int, batch: int = 0) -> None:
         """Make the next ``iter`` yield epoch ``epoch`` from its batch ``batch`` on.
