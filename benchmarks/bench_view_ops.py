@@ -11,6 +11,13 @@ pipelines round by round, and the median pairs/s of each is kept, so load on a s
 machine hits every row alike. The marginal cost of an operation is the difference of
 per-pair times between its row and the row before.
 
+Two more rows time ``colour_ops_on="device"`` (barlow.data.loaders): the host side
+alone (decode, crop, flip and the colour parameters, what a GPU's host would do; the
+loader's ``finish`` step switched off), and the same with the colour ops run as tensor
+ops here on the CPU (torch with ``--workers`` threads), whose own time per batch is
+printed too. ``--max-resolution`` sets the stored images' longest side (the decode's
+cost follows it).
+
     NUMBA_THREADING_LAYER=workqueue PYTHONPATH=src python benchmarks/bench_view_ops.py
 """
 
@@ -24,6 +31,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 
 from barlow.data.convert import FfcvSettings, read_manifest, write_beton
 from barlow.data.loaders import paper_views, pretrain_loader
@@ -42,6 +50,11 @@ STAGES = [
     ("+ blur", dict(solarize_p=0)),
     ("+ solarise (the paper's views)", {}),
 ]
+#: The paper's views with the colour ops off the host: (name, run them here on the CPU).
+DEVICE_ROWS = [
+    ("colour ops on the device: host side", False),
+    ("colour ops as tensor ops on this CPU", True),
+]
 
 
 def views_without(resolution: int, off: dict):
@@ -56,7 +69,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3, help="timed epochs per pipeline")
+    parser.add_argument("--max-resolution", type=int, default=500,
+                        help="data.ffcv.max_resolution of the .beton (ffcv-imagenet: 500)")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="time the first row alone (decode + crop/resize)")
     args = parser.parse_args()
+    torch.set_num_threads(args.workers)
+    stages = STAGES[:1] if args.decode_only else STAGES
+    device_rows = [] if args.decode_only else DEVICE_ROWS
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -65,19 +85,26 @@ def main() -> None:
                                 workers=args.workers)
         source = image_folder(tmp / "tree" / "train", "train", None, False, args.workers)
         beton = tmp / "train.beton"
-        write_beton(source, beton, FfcvSettings(write_mode="proportion", max_resolution=500,
+        write_beton(source, beton, FfcvSettings(write_mode="proportion",
+                                                max_resolution=args.max_resolution,
                                                 compress_probability=0.5, jpeg_quality=90),
                     args.workers)
         mean, std = normalisation(read_manifest(beton))
         loaders = []
-        for name, off in STAGES:
+        for name, off in stages:
+            loaders.append(pretrain_loader(str(beton), args.batch, args.workers,
+                                           views_without(args.resolution, off), mean, std, seed=0))
+        for name, run_here in device_rows:
             loader = pretrain_loader(str(beton), args.batch, args.workers,
-                                     views_without(args.resolution, off), mean, std, seed=0)
+                                     paper_views(args.resolution), mean, std, seed=0,
+                                     colour_ops_on="device")
+            loader.finish = timed(loader.finish) if run_here else None
+            loaders.append(loader)
+        for (name, _), loader in zip(stages + device_rows, loaders):
             start = time.perf_counter()
             for _ in loader:  # numba compiles the pipeline
                 pass
             print(f"{name}: first epoch (JIT) {time.perf_counter() - start:.1f} s", flush=True)
-            loaders.append(loader)
         rates = [[] for _ in loaders]
         for _ in range(args.rounds):
             for i, loader in enumerate(loaders):
@@ -86,16 +113,38 @@ def main() -> None:
                     pairs += y1.shape[0]
                 rates[i].append(pairs / (time.perf_counter() - start))
 
-    print(f"\n{args.images} JPEGs (500x375, proportion .beton), {args.resolution} px, "
-          f"{args.workers} worker(s), batch {args.batch}, median of {args.rounds} epochs")
-    print(f"{'pipeline':34s} {'pairs/s':>9s} {'ms/pair':>8s} {'marginal ms':>12s} {'share':>6s}")
+    print(f"\n{args.images} JPEGs (500x375, proportion .beton, max side {args.max_resolution}), "
+          f"{args.resolution} px, {args.workers} worker(s), batch {args.batch}, "
+          f"median of {args.rounds} epochs")
+    print(f"{'pipeline':40s} {'pairs/s':>9s} {'ms/pair':>8s} {'marginal ms':>12s} {'share':>6s}")
     per_pair = [1e3 / statistics.median(r) for r in rates]
-    total = per_pair[-1]
-    for i, (name, _) in enumerate(STAGES):
+    total = per_pair[len(stages) - 1]
+    for i, (name, _) in enumerate(stages):
         marginal = per_pair[i] - (per_pair[i - 1] if i else 0.0)
-        print(f"{name:34s} {1e3 / per_pair[i]:9.1f} {per_pair[i]:8.2f} {marginal:12.2f} "
+        print(f"{name:40s} {1e3 / per_pair[i]:9.1f} {per_pair[i]:8.2f} {marginal:12.2f} "
               f"{marginal / total:6.1%}")
-    print(f"per worker: {1e3 / total / args.workers:.1f} pairs/s with every operation")
+    for i, (name, _) in enumerate(device_rows, start=len(stages)):
+        print(f"{name:40s} {1e3 / per_pair[i]:9.1f} {per_pair[i]:8.2f}")
+    print(f"per worker: {1e3 / total / args.workers:.1f} pairs/s with every operation on the host")
+    if device_rows:
+        print(f"per worker: {1e3 / per_pair[len(stages)] / args.workers:.1f} pairs/s, host side "
+              "with the colour ops on the device")
+        ms = sorted(FINISH_MS)[len(FINISH_MS) // 2]
+        print(f"tensor colour ops + normalisation on this CPU: {ms:.1f} ms per batch of "
+              f"{args.batch} pairs (median of {len(FINISH_MS)}), {ms / args.batch:.2f} ms/pair")
+
+
+FINISH_MS: list[float] = []
+
+
+def timed(finish):
+    """``finish`` (the loader's tensor colour ops) with its time per batch recorded."""
+    def run(batch):
+        start = time.perf_counter()
+        out = finish(batch)
+        FINISH_MS.append(1e3 * (time.perf_counter() - start))
+        return out
+    return run
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ the next section runs; a CUDA fault cannot poison the rest):
            pipeline, with only size overrides (batch, epochs, one process): end-to-end
            pairs/s, a checkpoint at half-way and a resume from it
   loader   the paper's two views at 224 px from the same .beton, loader alone, with 8
-           and with every host core: pairs/s and pairs/s per core
+           and with every host core, with the colour ops on the host and on the GPU
+           (augment.colour_ops_on): pairs/s and pairs/s per core
   default  the embedded default (params.yaml: Fashion-MNIST, small ResNet, AdamW)
            pretrained a few epochs at GPU speed (kNN monitor included)
 
@@ -44,9 +45,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("env", "step", "tests", "fixture", "paper", "default", "loader")
 #: The most seconds each section may take on the GPU machine; together they run in
-#: about 5 minutes (numba compiles each ffcv pipeline once: ~10 s a loader).
+#: about 5 minutes (numba compiles each ffcv pipeline once: ~10 s a loader) and must fit
+#: 12 (tests/test_gpu_check.py). loader: four loaders (colour ops on host and device).
 LIMITS = {"env": 60, "step": 90, "tests": 90, "fixture": 60, "paper": 180, "default": 120,
-          "loader": 90}
+          "loader": 120}
 
 
 def sizes(smoke: bool) -> dict:
@@ -256,9 +258,11 @@ def section_loader(out: Path, smoke: bool) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cores = os.cpu_count() or 1
     figures = {}
-    for workers in sorted({min(8, cores), cores}):
+    for where, workers in [(w, n) for w in ("host", "device")
+                           for n in sorted({min(8, cores), cores})]:
         loader = pretrain_loader(str(beton), 256 if not smoke else 8, workers, views, mean,
-                                 std, seed=0, device=device, channels_last=True)
+                                 std, seed=0, device=device, channels_last=True,
+                                 colour_ops_on=where)
         for _ in loader:  # the first epoch compiles the pipeline
             pass
         torch.cuda.synchronize() if device.type == "cuda" else None
@@ -268,8 +272,8 @@ def section_loader(out: Path, smoke: bool) -> None:
                 pairs += y1.shape[0]
         torch.cuda.synchronize() if device.type == "cuda" else None
         rate = pairs / (time.perf_counter() - start)
-        figures[f"pairs_per_s_{workers}_cores"] = round(rate, 1)
-        figures[f"pairs_per_s_per_core_{workers}_cores"] = round(rate / workers, 1)
+        figures[f"pairs_per_s_{workers}_cores_colour_{where}"] = round(rate, 1)
+        figures[f"pairs_per_s_per_core_{workers}_cores_colour_{where}"] = round(rate / workers, 1)
     figures["resolution"] = views[0].resolution
     record(out, "loader", figures)
 

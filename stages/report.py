@@ -28,7 +28,7 @@ from typing import Any
 import click
 import yaml
 
-from barlow.config import ReportConfig, load_section, read_params
+from barlow.config import AugmentConfig, ReportConfig, load_section, read_params
 from barlow.data.sources import DataError
 from barlow.report.ablations import attach_curves, merge_runs, parse_exp_show
 from barlow.report.build import ReportInputs, build_document
@@ -67,8 +67,9 @@ def build(params: str, live_root: Path, checkpoint: Path, data_dir: Path, paper:
 
     Writes OUT/report.md, OUT/figures/*.png and OUT/report.html (self-contained). Reads LIVE_ROOT/<stage>/metrics.json (a missing one is "not run"), CHECKPOINT and
     DATA/test.beton (cross-correlation of held-out pairs), PAPER, ABLATIONS, PROFILES/*.json
-    and the params report, data.source, model, augment.resolution, pretrain.epochs and
-    pretrain.batch_size. Exit 2: bad params or inputs."""
+    and the params report, data.source, model, augment.resolution, augment.colour_ops_on
+    (where the held-out views' colour ops run), pretrain.epochs and pretrain.batch_size.
+    Exit 2: bad params or inputs."""
     with run_stage("report"):
         cfg = load_section(ReportConfig, "report", params)
         all_params = read_params(params)
@@ -87,7 +88,8 @@ def build(params: str, live_root: Path, checkpoint: Path, data_dir: Path, paper:
                       if profiles_dir is not None and profiles_dir.is_dir() else []),
             train_images=(json.loads(train_manifest.read_text()).get("num_images")
                           if train_manifest.is_file() else None),
-            **cc_section(checkpoint, data_dir, cfg, skip_cc))
+            **cc_section(checkpoint, data_dir, cfg, skip_cc,
+                         load_section(AugmentConfig, "augment", params).colour_ops_on))
         doc, summary = build_document(inputs, cfg)
         write_report(doc, out_dir)
         for claim, verdict in summary["claims"].items():

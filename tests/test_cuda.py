@@ -8,6 +8,7 @@ exported backbone is on the CPU whatever trained it."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 
 from barlow import distributed as dist
 from barlow.data.convert import read_manifest
-from barlow.data.loaders import eval_loader
+from barlow.data.loaders import eval_loader, paper_views, pretrain_loader
 from barlow.loss import barlow_twins_loss
 from barlow.data.convert import normalisation
 from barlow.precision import resolve_precision
@@ -57,6 +58,28 @@ def test_device_pipeline_equals_the_cpu_pipeline(tiny_ffcv, channels_last):
         assert xg.is_contiguous(memory_format=fmt)
         torch.testing.assert_close(xg.cpu(), xc, rtol=0, atol=1e-5)
         assert torch.equal(yg.cpu(), yc)
+
+
+def test_colour_ops_on_the_gpu_give_the_host_views(tiny_ffcv):
+    """pretrain_loader(colour_ops_on="device") on CUDA: the colour ops as tensor ops on
+    the GPU give the CPU host pipeline's views, within ±1 grey level in a rare pixel
+    (tests/test_tensor_ops.py says why), in bf16 as asked for, channels_last."""
+    mean, std = normalisation(read_manifest(tiny_ffcv / "train.beton"))
+    views = tuple(replace(v, crop_scale=(0.3, 1.0), blur_sigma=(0.1, 0.8), solarize_p=0.5)
+                  for v in paper_views(16))
+    common = dict(batch_size=16, num_workers=1, views=views, mean=mean, std=std, seed=7)
+    host = [tuple(t.clone() for t in pair)
+            for pair in pretrain_loader(str(tiny_ffcv / "train.beton"), **common)]
+    gpu = [tuple(t.clone() for t in pair) for pair in pretrain_loader(
+        str(tiny_ffcv / "train.beton"), device=CUDA, colour_ops_on="device",
+        gpu_dtype=torch.float32, **common)]
+    scale = torch.tensor(std).view(1, 3, 1, 1) * 255
+    assert len(host) == len(gpu) == 4
+    for pair_h, pair_g in zip(host, gpu):
+        for xh, xg in zip(pair_h, pair_g):
+            assert xg.device.type == "cuda" and xg.is_contiguous(memory_format=torch.channels_last)
+            diff = ((xg.cpu().double() - xh.double()) * scale).abs()
+            assert diff.max() <= 1.001 and (diff > 0.5).float().mean() <= 1e-3
 
 
 def test_loss_on_the_gpu_equals_the_cpu_loss():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -293,3 +294,28 @@ def test_eval_loader_subset_centre_crop_and_train_augmentation(wide):
 def test_bad_order_is_rejected(square):
     with pytest.raises(ValueError, match="order"):
         eval_loader(square[0], 8, 1, 28, MEAN, STD, train_aug=False, order="shuffled")
+
+
+HOST_VIEWS = Path(__file__).parent / "data" / "host_views_05becbe.npz"
+
+
+def test_host_colour_ops_give_the_views_of_the_code_before_colour_ops_on(tiny_ffcv):
+    """colour_ops_on="host" (params.yaml's, which made the committed metrics) draws and
+    computes what the loader did before the colour ops could run on the device:
+    tests/data/host_views_05becbe.npz holds the paper's two views at 16 px of the first 16
+    images of tiny_ffcv's test split (seed 11, random order, batches of 8, 2 epochs,
+    plain-Python pipelines, uint8 NCHW), made with main at 05becbe. Bit-identical on the
+    machine that made it; elsewhere numpy's exp may round the blur taps otherwise, so ±1
+    in at most 1e-3 of the values is allowed (a changed draw moves far more)."""
+    with python_mode():
+        loader = pretrain_loader(str(tiny_ffcv / "test.beton"), 8, 1, paper_views(16),
+                                 (0.0, 0.0, 0.0), (1 / 255,) * 3, seed=11, order="random",
+                                 indices=list(range(16)), channels_last=False,
+                                 colour_ops_on="host")
+        got = np.concatenate([np.stack([a.numpy(), b.numpy()], 1)
+                              for _ in range(2) for a, b in loader])
+    want = np.load(HOST_VIEWS)["views"]
+    assert got.shape == want.shape == (32, 2, 3, 16, 16)
+    assert np.array_equal(got, np.round(got))
+    diff = np.abs(got.astype(np.int16) - want)
+    assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3

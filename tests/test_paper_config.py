@@ -140,6 +140,7 @@ def test_augmentations(paper):
     assert (a.jitter_p, a.brightness, a.contrast, a.saturation, a.hue) == (0.8, 0.4, 0.4, 0.2, 0.1)
     assert a.grayscale_p == 0.2
     assert (a.blur_p, a.blur_sigma, a.solarize_p) == ((1.0, 0.1), (0.1, 2.0), (0.0, 0.2))
+    assert a.colour_ops_on == "device"  # not the paper's: where the same draws are applied
 
 
 def test_evaluation_recipes(paper):

@@ -172,6 +172,9 @@ class AugmentConfig:
     blur_p: tuple[float, float]
     blur_sigma: tuple[float, float]
     solarize_p: tuple[float, float]
+    # Where jitter, grayscale, blur and solarisation run: in the host's FFCV pipeline, or
+    # as batched tensor ops on the training device (barlow.data.loaders).
+    colour_ops_on: typing.Literal["host", "device"]
 
     def check(self, section: str) -> None:
         require(self.resolution >= 8, f"{section}.resolution", "must be >= 8")

@@ -63,8 +63,12 @@ class PretrainSetup:
         pretrain = as_dict(self.pretrain)
         for key in ("workers", "checkpoint_every_steps", "collective_timeout_s"):
             pretrain.pop(key)
+        # Where the colour ops run changes no draw, only a rare last rounding (±1 grey
+        # level, as compiled vs uncompiled): a run may resume on the other side.
+        augment = as_dict(self.augment)
+        augment.pop("colour_ops_on")
         return {"model": as_dict(self.model), "loss": as_dict(self.loss),
-                "augment": as_dict(self.augment), "pretrain": pretrain,
+                "augment": augment, "pretrain": pretrain,
                 "data": data, "world_size": world_size}
 
 
@@ -142,7 +146,8 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
     local_batch = cfg.batch_size // env.world_size
     loader = pretrain_loader(str(train_beton), local_batch, cfg.workers, config_views(setup.augment),
                              mean, std, seed=cfg.seed, distributed=env.world_size > 1,
-                             device=env.device, channels_last=cfg.channels_last)
+                             device=env.device, channels_last=cfg.channels_last,
+                             colour_ops_on=setup.augment.colour_ops_on)
     steps_per_epoch = len(loader)
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), total_steps)

@@ -41,6 +41,16 @@ every epoch. Within one run the results are independent of thread scheduling and
 ``batches_ahead``, and identical with the numba compiler on or off (up to the
 last-bit rounding that ``fastmath`` allows, i.e. at most ±1 in a pixel).
 
+Where the colour operations run
+-------------------------------
+Crop and flip always run on the host, in the decoding pipeline. The colour operations
+(jitter, grayscale, blur, solarisation) run either there too, or, with
+``ColourParams`` emitting their per-sample parameters on the host and
+``apply_colour_ops`` (barlow.augment.tensor_ops) applying them as batched tensor
+operations, on the training device after the uint8 batch has been copied there. Both
+sides derive the parameters with the same code from the same seeds, indices and
+batches, so the views agree within ±1 grey level (tensor_ops says where and why).
+
 Grey images
 -----------
 For a grey image (R = G = B everywhere, e.g. Fashion-MNIST stored as RGB) saturation,
@@ -52,8 +62,10 @@ stays grey.
 """
 
 from barlow.augment.kernels import CROP_UNIFORMS, blur_radius, crop_box, jitter_order, uniforms
-from barlow.augment.ops import (ColorJitter, GaussianBlur, RandomGrayscale,
-                                RandomHorizontalFlip, RandomResizedCrop, Solarization)
+from barlow.augment.ops import (COLOUR_COLUMNS, COLOUR_PARAMS, ColorJitter, ColourParams,
+                                GaussianBlur, RandomGrayscale, RandomHorizontalFlip,
+                                RandomResizedCrop, Solarization)
+from barlow.augment.tensor_ops import apply_colour_ops
 
 __all__ = [
     "RandomResizedCrop",
@@ -62,6 +74,10 @@ __all__ = [
     "RandomGrayscale",
     "GaussianBlur",
     "Solarization",
+    "ColourParams",
+    "COLOUR_PARAMS",
+    "COLOUR_COLUMNS",
+    "apply_colour_ops",
     "uniforms",
     "jitter_order",
     "blur_radius",

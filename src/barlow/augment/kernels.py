@@ -190,6 +190,13 @@ def blur_radius(sigma, height, width):
 
 
 @register_jitable
+def blur_weights(sigma, radius):
+    """float32 taps w_t = exp(−t² / 2σ²) / Σ_s exp(−s² / 2σ²), t = −r..r."""
+    weights = np.exp(-0.5 * ((np.arange(2 * radius + 1) - radius) / sigma) ** 2).astype(np.float32)
+    return weights / weights.sum()
+
+
+@register_jitable
 def blur_image(img, buf, sigma):
     """Gaussian-blur one uint8 HWC image in place with a separable kernel.
 
@@ -201,8 +208,7 @@ def blur_image(img, buf, sigma):
     height, width = img.shape[0], img.shape[1]
     radius = blur_radius(sigma, height, width)
     taps = 2 * radius + 1
-    weights = np.exp(-0.5 * ((np.arange(taps) - radius) / sigma) ** 2).astype(np.float32)
-    weights = weights / weights.sum()
+    weights = blur_weights(sigma, radius)
     # Rows as flat runs of 3·W values (x, c interleaved; a tap moves by 3), so every
     # inner loop is one contiguous, branch-free loop that LLVM vectorises; reflection
     # is resolved once per row (padded copy) or once per (row, tap).

@@ -54,22 +54,56 @@ class _RandomImageOp(Operation):
         # Results are written into the decoder's buffer, so no output allocation.
         return replace(previous_state, jit_mode=True), scratch
 
-    def _per_sample(self, draws: int, apply: Callable) -> Callable:
-        """The code of every operation here: ``draws`` uniforms per sample, u =
-        uniforms(indices, seed, draws); where u[i, 0] < p, ``apply(images[i], scratch,
-        i, u[i])`` transforms sample i in place (``scratch`` None unless needs_scratch).
-        ``apply`` compiles with ffcv's Compiler flags wherever the loop compiles (and
-        stays Python where the loop does), so the parameter arithmetic it holds compiles
-        as it did when written inline in the loop."""
+    #: Uniforms drawn per sample; u[:, 0] is the coin.
+    draws = 1
+    #: Names of the parameters ``derive_code`` writes after the coin.
+    param_names: Tuple[str, ...] = ()
+
+    def _fill_code(self) -> Optional[Callable]:
+        """``fill(u, q)``: this operation's parameters from one sample's uniforms u into
+        q[1:] (float64), in the order of ``param_names``; None when there are none."""
+        return None
+
+    def derive_code(self) -> Callable:
+        """``derive(u)``: the (B, draws) uniforms → (B, 1 + len(param_names)) float64
+        parameters; q[:, 0] = 1 where the operation applies (u0 < p), else 0, and the
+        rest (from ``_fill_code``) only where it applies, 0 elsewhere. The one place
+        where uniforms become parameters, for this operation (host) and for
+        ``ColourParams`` (parameters for the batched tensor operations,
+        barlow.augment.tensor_ops)."""
+        p, width = self.p, 1 + len(self.param_names)
+        fill = self._fill_code()
+        if fill is None:
+            def fill(_u, _q):
+                pass
+        fill = register_jitable(fastmath=True, nogil=True, error_model="numpy")(fill)
+
+        def derive(u):
+            q = np.zeros((u.shape[0], width))
+            for i in range(u.shape[0]):
+                if u[i, 0] < p:
+                    q[i, 0] = 1.0
+                    fill(u[i], q[i])
+            return q
+
+        return register_jitable(derive)
+
+    def _per_sample(self, apply: Callable) -> Callable:
+        """The code of every operation here: q = derive(uniforms(indices, seed, draws));
+        where q[i, 0] = 1, ``apply(images[i], scratch, i, q[i])`` transforms sample i in
+        place (``scratch`` None unless needs_scratch). ``apply`` compiles with ffcv's
+        Compiler flags wherever the loop compiles (and stays Python where the loop
+        does)."""
         my_range = Compiler.get_iterator()
-        p, seed = self.p, self.seed
+        seed, draws = self.seed, self.draws
+        derive = self.derive_code()
         apply = register_jitable(fastmath=True, nogil=True, error_model="numpy")(apply)
 
         def per_sample(images, scratch, batch_indices):
-            u = uniforms(batch_indices, seed, draws)
+            q = derive(uniforms(batch_indices, seed, draws))
             for i in my_range(images.shape[0]):
-                if u[i, 0] < p:
-                    apply(images[i], scratch, i, u[i])
+                if q[i, 0] != 0.0:
+                    apply(images[i], scratch, i, q[i])
             return images
 
         per_sample.is_parallel = True
@@ -91,6 +125,9 @@ class ColorJitter(_RandomImageOp):
     """
 
     needs_scratch = True
+    draws = 8
+    param_names = ("brightness", "contrast", "saturation", "hue",
+                   "order0", "order1", "order2", "order3")
 
     def __init__(self, p: float = 0.8, brightness: float = 0.4, contrast: float = 0.4,
                  saturation: float = 0.2, hue: float = 0.1, *, seed: int = 0):
@@ -104,17 +141,25 @@ class ColorJitter(_RandomImageOp):
         self.brightness, self.contrast = float(brightness), float(contrast)
         self.saturation, self.hue = float(saturation), float(hue)
 
-    def generate_code(self) -> Callable:
+    def _fill_code(self) -> Callable:
         hue = self.hue
         lows = np.array([max(0.0, 1.0 - m) for m in (self.brightness, self.contrast, self.saturation)])
         spans = np.array([1.0 + m for m in (self.brightness, self.contrast, self.saturation)]) - lows
 
-        def color_jitter(image, scratch, i, u):
-            jitter_image(image, scratch[i], jitter_order(u[5:]),
-                         lows[0] + spans[0] * u[1], lows[1] + spans[1] * u[2],
-                         lows[2] + spans[2] * u[3], hue * (2.0 * u[4] - 1.0))
+        def fill(u, q):
+            q[1] = lows[0] + spans[0] * u[1]
+            q[2] = lows[1] + spans[1] * u[2]
+            q[3] = lows[2] + spans[2] * u[3]
+            q[4] = hue * (2.0 * u[4] - 1.0)
+            q[5:9] = jitter_order(u[5:])
 
-        return self._per_sample(8, color_jitter)
+        return fill
+
+    def generate_code(self) -> Callable:
+        def color_jitter(image, scratch, i, q):
+            jitter_image(image, scratch[i], q[5:9], q[1], q[2], q[3], q[4])
+
+        return self._per_sample(color_jitter)
 
 
 class RandomGrayscale(_RandomImageOp):
@@ -131,7 +176,7 @@ class RandomGrayscale(_RandomImageOp):
         def random_grayscale(image, _scratch, _i, _u):
             grayscale_image(image)
 
-        return self._per_sample(1, random_grayscale)
+        return self._per_sample(random_grayscale)
 
 
 class GaussianBlur(_RandomImageOp):
@@ -145,6 +190,8 @@ class GaussianBlur(_RandomImageOp):
     """
 
     needs_scratch = True
+    draws = 2
+    param_names = ("sigma",)
 
     def __init__(self, p: float = 1.0, sigma: Sequence[float] = (0.1, 2.0), *, seed: int = 0):
         super().__init__(p, seed)
@@ -153,13 +200,19 @@ class GaussianBlur(_RandomImageOp):
             raise ValueError(f"sigma range must satisfy 0 < min ≤ max, got {sigma}")
         self.sigma = (low, high)
 
-    def generate_code(self) -> Callable:
+    def _fill_code(self) -> Callable:
         low, span = self.sigma[0], self.sigma[1] - self.sigma[0]
 
-        def gaussian_blur(image, scratch, i, u):
-            blur_image(image, scratch[i], low + span * u[1])
+        def fill(u, q):
+            q[1] = low + span * u[1]
 
-        return self._per_sample(2, gaussian_blur)
+        return fill
+
+    def generate_code(self) -> Callable:
+        def gaussian_blur(image, scratch, i, q):
+            blur_image(image, scratch[i], q[1])
+
+        return self._per_sample(gaussian_blur)
 
 
 class Solarization(_RandomImageOp):
@@ -180,7 +233,7 @@ class Solarization(_RandomImageOp):
         def solarization(image, _scratch, _i, _u):
             solarize_image(image, threshold)
 
-        return self._per_sample(1, solarization)
+        return self._per_sample(solarization)
 
 
 class RandomHorizontalFlip(_RandomImageOp):
@@ -197,7 +250,56 @@ class RandomHorizontalFlip(_RandomImageOp):
         def random_flip(image, _scratch, _i, _u):
             flip_image(image)
 
-        return self._per_sample(1, random_flip)
+        return self._per_sample(random_flip)
+
+
+#: Columns of ColourParams' output: each colour operation's derive() block, in the
+#: order the operations run (jitter, grayscale, blur, solarise).
+COLOUR_COLUMNS = {"jitter": slice(0, 9), "grayscale": slice(9, 10), "blur": slice(10, 12),
+                  "solarize": slice(12, 13)}
+COLOUR_PARAMS = 13
+
+
+class ColourParams(Operation):
+    """The per-sample parameters of a view's four colour operations, not the operations.
+
+    For running the colour operations elsewhere (barlow.augment.tensor_ops, on the
+    training device): put it in a pipeline of any field (its values are ignored, only
+    the batch's indices are read) and it emits float64 (B, COLOUR_PARAMS), the
+    ``derive`` blocks of ``jitter``, ``grayscale``, ``blur`` and ``solarize`` side by
+    side (COLOUR_COLUMNS), drawn from their seeds exactly as those operations draw them
+    on the host. An operation with p = 0 gives all-zero columns.
+    """
+
+    def __init__(self, jitter: ColorJitter, grayscale: RandomGrayscale, blur: GaussianBlur,
+                 solarize: Solarization):
+        super().__init__()
+        self.jitter, self.grayscale, self.blur, self.solarize = jitter, grayscale, blur, solarize
+        for name, op in (("jitter", jitter), ("grayscale", grayscale), ("blur", blur),
+                         ("solarize", solarize)):
+            columns = COLOUR_COLUMNS[name]
+            assert columns.stop - columns.start == 1 + len(op.param_names), name
+
+    def generate_code(self) -> Callable:
+        (dj, sj, nj), (dg, sg, ng), (db, sb, nb), (ds, ss, ns) = (
+            (op.derive_code(), op.seed, op.draws)
+            for op in (self.jitter, self.grayscale, self.blur, self.solarize))
+
+        def colour_params(_values, dst, batch_indices):
+            out = dst[:batch_indices.shape[0]]
+            out[:, 0:9] = dj(uniforms(batch_indices, sj, nj))
+            out[:, 9:10] = dg(uniforms(batch_indices, sg, ng))
+            out[:, 10:12] = db(uniforms(batch_indices, sb, nb))
+            out[:, 12:13] = ds(uniforms(batch_indices, ss, ns))
+            return out
+
+        colour_params.with_indices = True
+        return colour_params
+
+    def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Optional[AllocationQuery]]:
+        shape, dtype = (COLOUR_PARAMS,), np.dtype("<f8")
+        return (replace(previous_state, shape=shape, dtype=dtype, jit_mode=True),
+                AllocationQuery(shape, dtype))
 
 
 class RandomResizedCrop(ResizedCropRGBImageDecoder):

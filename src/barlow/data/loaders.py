@@ -18,6 +18,20 @@ compiled lookup table, in float32. On CUDA the uint8 batch is copied with
 ``gpu_dtype``; ffcv's own GPU NormalizeImage needs cupy, which this project does not
 install.
 
+Where the colour operations run (``colour_ops_on``)
+---------------------------------------------------
+``"host"``: the whole view (decode, crop, flip, jitter, grayscale, blur, solarise) is
+one compiled FFCV pipeline. ``"device"``: the pipeline stops after the flip and copies
+the uint8 batch to ``device``; beside each view a second pipeline (on the 'label'
+field, whose values it ignores) emits the colour operations' per-sample parameters
+(``barlow.augment.ColourParams``, B × 13 float64 on the host), and the loader applies
+them to the batch as batched tensor operations on ``device``
+(``barlow.augment.apply_colour_ops``) and normalises in float32 before casting to
+``gpu_dtype``. The parameters are the host path's (same seeds, indices and batches),
+so the two settings give the same views within ±1 grey level in a rare pixel; on the
+CPU ``"device"`` runs the tensor operations there. Batches are then fresh tensors, not
+ffcv's reused buffers.
+
 Reproducibility
 ---------------
 Every random choice is a function of ``seed``: the sample order of epoch e is ffcv's,
@@ -52,14 +66,18 @@ from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 
-from barlow.augment import (ColorJitter, GaussianBlur, RandomGrayscale, RandomHorizontalFlip,
-                            RandomResizedCrop, Solarization)
+from barlow.augment import (ColorJitter, ColourParams, GaussianBlur, RandomGrayscale,
+                            RandomHorizontalFlip, RandomResizedCrop, Solarization,
+                            apply_colour_ops)
 from barlow.config import AugmentConfig
 
-__all__ = ["ViewSpec", "paper_views", "config_views", "view_operations", "pretrain_loader", "eval_loader",
-           "SeekableLoader"]
+__all__ = ["ViewSpec", "paper_views", "config_views", "view_operations", "colour_params",
+           "pretrain_loader", "eval_loader", "SeekableLoader", "COLOUR_OPS_ON"]
 
 Order = Literal["random", "sequential", "quasi_random"]
+
+#: Where a pretraining view's colour operations run (params.yaml augment.colour_ops_on).
+COLOUR_OPS_ON = ("host", "device")
 
 _ORDERS = {
     "random": OrderOption.RANDOM,
@@ -120,27 +138,57 @@ def _op_seed(seed: int, view: int, op: int) -> int:
 _JITTER, _GRAYSCALE, _BLUR, _SOLARIZE, _CROP, _FLIP = range(6)
 
 
-def view_operations(view: ViewSpec, seed: int, view_index: int = 0) -> list:
+def _colour_operations(view: ViewSpec, seed: int, view_index: int) -> dict:
+    """The view's four colour operations, p = 0 included, seeded by (seed, view, op)."""
+    def op_seed(op: int) -> int:
+        return _op_seed(seed, view_index, op)
+
+    return {"jitter": ColorJitter(view.jitter_p, view.brightness, view.contrast, view.saturation,
+                                  view.hue, seed=op_seed(_JITTER)),
+            "grayscale": RandomGrayscale(view.grayscale_p, seed=op_seed(_GRAYSCALE)),
+            "blur": GaussianBlur(view.blur_p, view.blur_sigma, seed=op_seed(_BLUR)),
+            "solarize": Solarization(view.solarize_p, seed=op_seed(_SOLARIZE))}
+
+
+def view_operations(view: ViewSpec, seed: int, view_index: int = 0,
+                    colour_ops: bool = True) -> list:
     """Decoder and uint8 augmentations of one view, in the reference's order.
 
     crop → flip → colour jitter → grayscale → blur → solarise, as torchvision's
-    Compose in the reference; operations with probability 0 are omitted.
+    Compose in the reference; operations with probability 0 are omitted, and so are
+    the four colour operations without ``colour_ops`` (see ``colour_params``).
     """
     ops: list = [RandomResizedCrop((view.resolution, view.resolution), scale=view.crop_scale,
                                    ratio=view.crop_ratio, seed=_op_seed(seed, view_index, _CROP))]
     if view.flip_p > 0:
         ops.append(RandomHorizontalFlip(view.flip_p, seed=_op_seed(seed, view_index, _FLIP)))
-    if view.jitter_p > 0:
-        ops.append(ColorJitter(view.jitter_p, view.brightness, view.contrast, view.saturation,
-                               view.hue, seed=_op_seed(seed, view_index, _JITTER)))
-    if view.grayscale_p > 0:
-        ops.append(RandomGrayscale(view.grayscale_p, seed=_op_seed(seed, view_index, _GRAYSCALE)))
-    if view.blur_p > 0:
-        ops.append(GaussianBlur(view.blur_p, view.blur_sigma,
-                                seed=_op_seed(seed, view_index, _BLUR)))
-    if view.solarize_p > 0:
-        ops.append(Solarization(view.solarize_p, seed=_op_seed(seed, view_index, _SOLARIZE)))
+    if colour_ops:
+        ops.extend(op for op in _colour_operations(view, seed, view_index).values() if op.p > 0)
     return ops
+
+
+def colour_params(view: ViewSpec, seed: int, view_index: int = 0) -> ColourParams:
+    """The operation emitting the per-sample parameters of the colour operations that
+    ``view_operations`` would run on the host, for ``apply_colour_ops``."""
+    return ColourParams(**_colour_operations(view, seed, view_index))
+
+
+class _ColourOnDevice:
+    """(uint8 view A, uint8 view B, parameters A, parameters B) → the two normalised views."""
+
+    def __init__(self, thresholds: Sequence[int], mean: Sequence[float], std: Sequence[float],
+                 device: torch.device, dtype: torch.dtype, channels_last: bool):
+        self.thresholds = tuple(thresholds)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255
+        self.inv_std = 1.0 / (torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255)
+        self.dtype = dtype
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, batch: tuple) -> tuple:
+        images, params = batch[:2], batch[2:]
+        return tuple(((apply_colour_ops(x, q, t) - self.mean) * self.inv_std)
+                     .to(self.dtype, memory_format=self.memory_format)
+                     for x, q, t in zip(images, params, self.thresholds, strict=True))
 
 
 class NormalizeOnDevice(Operation):
@@ -197,9 +245,15 @@ def _image_tail(mean: Sequence[float], std: Sequence[float], device: torch.devic
 class SeekableLoader(Loader):
     """ffcv's Loader with ``seek``: resume at any (epoch, batch) of a run."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, finish: Optional[Callable[[tuple], tuple]] = None, **kwargs):
         self._skip_batches = 0  # read by next_traversal_order, which Loader.__init__ calls
+        #: Applied to every batch (pretrain_loader's colour_ops_on="device"), or None.
+        self.finish = finish
         super().__init__(*args, **kwargs)
+
+    def __iter__(self):
+        batches = super().__iter__()
+        return batches if self.finish is None else map(self.finish, batches)
 
     def seek(self, epoch: int, batch: int = 0) -> None:
         """Make the next ``iter`` yield epoch ``epoch`` from its batch ``batch`` on.
@@ -236,7 +290,8 @@ def pretrain_loader(beton_path: str, batch_size: int, num_workers: int,
                     device: str | torch.device = "cpu", channels_last: bool = True,
                     drop_last: bool = True, order: Order = "random",
                     indices: Optional[Sequence[int]] = None,
-                    gpu_dtype: torch.dtype = torch.float32, batches_ahead: int = 3) -> SeekableLoader:
+                    gpu_dtype: torch.dtype = torch.float32, batches_ahead: int = 3,
+                    colour_ops_on: str = "host") -> SeekableLoader:
     """A Loader yielding (view_a, view_b): two augmentations of the same images.
 
     Both views read the field 'image' (two PipelineSpecs with source 'image'); labels
@@ -244,18 +299,35 @@ def pretrain_loader(beton_path: str, batch_size: int, num_workers: int,
     CUDA, normalised as (x/255 − mean)/std with mean and std in [0, 1] units.
     With ``distributed`` each process gets its 1/world_size share (needs an initialised
     process group); ``seed`` must then be the same on every process.
+    ``colour_ops_on``: "host" or "device" (module docstring).
     """
+    if colour_ops_on not in COLOUR_OPS_ON:
+        raise ValueError(f"colour_ops_on must be one of {COLOUR_OPS_ON}, got {colour_ops_on!r}")
     device = torch.device(device)
+    on_host = colour_ops_on == "host"
     pipelines = {"image": None, "label": None}
+    params, thresholds = {}, []
     for index, (name, view) in enumerate(zip(("view_a", "view_b"), views, strict=True)):
-        ops = view_operations(view, seed, index)
-        pipelines[name] = PipelineSpec("image", decoder=ops[0],
-                                       transforms=ops[1:] + _image_tail(mean, std, device,
-                                                                         channels_last, gpu_dtype))
+        ops = view_operations(view, seed, index, colour_ops=on_host)
+        if on_host:
+            tail = _image_tail(mean, std, device, channels_last, gpu_dtype)
+        else:
+            # uint8 NCHW on the device (a channels_last view of ffcv's NHWC buffer).
+            tail = [ToTensor()] + ([ToDevice(device, non_blocking=True)] if device.type != "cpu" else [])
+            tail.append(ToTorchImage(channels_last=True, convert_back_int16=False))
+            colour = colour_params(view, seed, index)
+            params[f"{name}_colour"] = PipelineSpec("label", decoder=IntDecoder(),
+                                                    transforms=[colour, ToTensor()])
+            thresholds.append(colour.solarize.threshold)
+        pipelines[name] = PipelineSpec("image", decoder=ops[0], transforms=ops[1:] + tail)
+    pipelines.update(params)  # after both views: the loader yields pipelines in this order
+    finish = None if on_host else _ColourOnDevice(
+        thresholds, mean, std, device, torch.float32 if device.type == "cpu" else gpu_dtype,
+        channels_last)
     return SeekableLoader(str(beton_path), batch_size=batch_size, num_workers=num_workers,
                   order=_order(order), distributed=distributed, seed=seed,
                   indices=indices, pipelines=pipelines, drop_last=drop_last,
-                  batches_ahead=batches_ahead)
+                  batches_ahead=batches_ahead, finish=finish)
 
 
 def eval_loader(beton_path: str, batch_size: int, num_workers: int, resolution: int,

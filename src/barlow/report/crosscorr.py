@@ -81,18 +81,21 @@ def checkpoint_models(path: Path) -> CheckpointInfo:
 
 def held_out_pairs(test_beton: Path, train_beton: Path, augment: Mapping[str, Any],
                    num_images: int, batch_size: int, views: str, seed: int,
-                   workers: int) -> list[tuple[Tensor, Tensor]]:
+                   workers: int, colour_ops_on: str) -> list[tuple[Tensor, Tensor]]:
     """The first NUM_IMAGES test images as (view A, view B) batches: the pretraining
     augmentations of ``augment`` (views="augmented"), or the whole image twice
     (views="identical": c_ii = 1 by construction, only the off-diagonal is informative).
-    Normalised with the training set's statistics, as in pretraining."""
+    Normalised with the training set's statistics, as in pretraining. ``augment`` is a
+    checkpoint's, which does not record where the colour ops ran (``colour_ops_on``,
+    the report's own choice: the same draws either way)."""
     import numpy as np
 
     from barlow.config import AugmentConfig, from_mapping
     from barlow.data.convert import normalisation, read_manifest
     from barlow.data.loaders import config_views, eval_loader, pretrain_loader
 
-    aug = from_mapping(AugmentConfig, dict(augment), "checkpoint config.augment")
+    aug = from_mapping(AugmentConfig, {**augment, "colour_ops_on": colour_ops_on},
+                       "checkpoint config.augment")
     mean, std = normalisation(read_manifest(train_beton))
     total = read_manifest(test_beton)["num_images"]
     n = min(num_images, total)
@@ -102,7 +105,7 @@ def held_out_pairs(test_beton: Path, train_beton: Path, augment: Mapping[str, An
     if views == "augmented":
         loader = pretrain_loader(str(test_beton), batch_size, workers, config_views(aug), mean, std,
                                  seed=seed, order="sequential", indices=indices,
-                                 channels_last=False)
+                                 channels_last=False, colour_ops_on=aug.colour_ops_on)
         return [(a.clone(), b.clone()) for a, b in loader]
     loader = eval_loader(str(test_beton), batch_size, workers, aug.resolution, mean, std,
                          train_aug=False, crop_ratio=1.0, order="sequential", indices=indices,
@@ -122,10 +125,13 @@ def cc_before_after(info: CheckpointInfo, pairs: list[tuple[Tensor, Tensor]], bl
     return out
 
 
-def cc_section(checkpoint: Path, data_dir: Path, cfg: Any, skip_cc: bool) -> dict[str, Any]:
+def cc_section(checkpoint: Path, data_dir: Path, cfg: Any, skip_cc: bool,
+               colour_ops_on: str) -> dict[str, Any]:
     """The report's inputs about the checkpoint (barlow.report.build.ReportInputs
     fields): its config, step and size, c before and after training on held-out pairs
-    (``cfg``: the report params), and the note saying how c was computed or why not."""
+    (``cfg``: the report params), and the note saying how c was computed or why not.
+    ``colour_ops_on``: where the held-out views' colour ops run (params.yaml
+    augment.colour_ops_on; held_out_pairs)."""
     if not checkpoint.is_file():
         return {"cc_note": f"{checkpoint} does not exist (pretraining not run)"}
     info = checkpoint_models(checkpoint)
@@ -138,7 +144,7 @@ def cc_section(checkpoint: Path, data_dir: Path, cfg: Any, skip_cc: bool) -> dic
         return {**fields, "cc_note": f"{data_dir / 'test.beton'} does not exist"}
     pairs = held_out_pairs(data_dir / "test.beton", data_dir / "train.beton",
                            info.config["augment"], cfg.cc_images, cfg.cc_batch_size,
-                           cfg.cc_views, cfg.cc_seed, cfg.workers)
+                           cfg.cc_views, cfg.cc_seed, cfg.workers, colour_ops_on)
     cc = cc_before_after(info, pairs, cfg.cc_block)
     views = ("two augmented views (view A, view B of the pretraining "
              f"augmentations, seed {cfg.cc_seed})" if cfg.cc_views == "augmented"

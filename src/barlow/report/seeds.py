@@ -44,8 +44,12 @@ BASELINES = ("random_init", "raw_pixels", "scratch")
 
 #: Last parts of the params keys that say how a run executes or where its inputs lie,
 #: not what it computes (data paths: the inputs' hashes are in the manifests).
+#: colour_ops_on (augment): where the colour ops run, host or device, with the same
+#: draws (within ±1 grey level in a rare pixel); snapshots made before the key existed
+#: lack it, and ran them on the host.
 OPERATIONAL = ("workers", "dir", "root", "nproc_per_node", "log_every_steps",
-               "checkpoint_every_steps", "extract_batch_size", "eval_batch_size")
+               "checkpoint_every_steps", "extract_batch_size", "eval_batch_size",
+               "colour_ops_on")
 
 
 def is_operational(key: str) -> bool:
