@@ -158,8 +158,11 @@ def test_ablations_grouped_with_seeds(fabricated: Path) -> None:
     runs += [(params(lambd=0.02, seed=0, epochs=2), top1(81.5))]
     runs += [(params(lambd=0.02, seed=1, epochs=2), {})]            # still queued
     runs += [(params(seed=0, epochs=7), top1(99.0))]                # other budget
-    # Another worker count is the same experiment: same block.
+    # Another worker count is the same experiment: same block. So is a run queued from
+    # a commit that added a report param (the report section computes nothing).
     runs += [({**params("invariance", seed=1, epochs=2), "data": {"workers": 8}}, top1(77.0))]
+    runs += [({**params(lambd=0.002, seed=0, epochs=2),
+               "report": {"ablation_curves": ["pretrain/knn_top1"]}}, top1(80.5))]
     parsed = parse_exp_show(exp_show(runs, params()))
     assert [r["state"] for r in parsed].count("queued") == 1
     cfg = load_section(ReportConfig, "report", REPO / "params.yaml")
@@ -171,6 +174,8 @@ def test_ablations_grouped_with_seeds(fabricated: Path) -> None:
     full = abl.studies["loss.variant"]["full"]["linear/barlow/top1_best"]
     assert (full.mean, full.n) == (81.0, 3) and full.std == pytest.approx(1.0)
     assert abl.studies["loss.lambd"]["0.02"]["linear/barlow/top1_best"].n == 1
+    assert abl.studies["loss.lambd"]["0.002"]["linear/barlow/top1_best"].n == 1
+    assert abl.studies["loss.lambd"]["0.0051"]["linear/barlow/top1_best"].n == 3  # baseline
     assert abl.studies["loss.variant"]["invariance"]["linear/barlow/top1_best"].n == 2
     assert "pretrain.batch_size" not in abl.studies  # only the baseline ran
 

@@ -52,9 +52,17 @@ OPERATIONAL = ("workers", "dir", "root", "nproc_per_node", "log_every_steps",
                "colour_ops_on")
 
 
+#: Params sections that only say how results are presented, never what a run computes
+#: (the report stage reads them after every other stage ran): a run queued from a commit
+#: that added or changed one computes the same as one queued before it.
+PRESENTATION = ("report",)
+
+
 def is_operational(key: str) -> bool:
-    """Whether the dotted params key ``key`` is one of the OPERATIONAL kind."""
-    return key.rsplit(".", 1)[-1].endswith(OPERATIONAL)
+    """Whether the dotted params key ``key`` does not change what a run computes: one
+    of the OPERATIONAL kind, or in a PRESENTATION section."""
+    return (key.rsplit(".", 1)[-1].endswith(OPERATIONAL)
+            or key.split(".", 1)[0] in PRESENTATION)
 
 
 def is_seed_replica(this_params: Mapping[str, Any], profile: Mapping[str, Any]) -> bool:
