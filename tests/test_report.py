@@ -191,10 +191,13 @@ def test_ablations_grouped_with_seeds(fabricated: Path) -> None:
 
 def test_each_study_judged_at_its_largest_budget(fabricated: Path) -> None:
     """loss.variant ran at 2 and 9 epochs: the claims use 9, the table shows both; λ ran
-    only at 2 epochs, so it is judged there."""
+    two values besides the baseline at 2 epochs and one at 9, so it is judged at 2 (a
+    longer run of part of a sweep does not replace the whole sweep)."""
     runs = [(params(seed=s, epochs=2), top1(80.0 + s)) for s in (0, 1)]
     runs += [(params("redundancy", seed=s, epochs=2), top1(79.0)) for s in (0, 1)]
     runs += [(params(lambd=0.02, seed=s, epochs=2), top1(70.0)) for s in (0, 1)]
+    runs += [(params(lambd=0.002, seed=s, epochs=2), top1(75.0)) for s in (0, 1)]
+    runs += [(params(lambd=0.02, seed=s, epochs=9), top1(50.0)) for s in (0, 1)]
     runs += [(params(seed=s, epochs=9), top1(85.0 + s)) for s in (0, 1)]
     runs += [(params("redundancy", seed=s, epochs=9), top1(60.0)) for s in (0, 1)]
     parsed = parse_exp_show(exp_show(runs, params(epochs=9)))
@@ -212,6 +215,7 @@ def test_each_study_judged_at_its_largest_budget(fabricated: Path) -> None:
     assert "| held |" in row and "(at pretrain.epochs=9)" in row
     assert "(at pretrain.epochs=2)" in claim_row(md, "Accuracy is insensitive to λ")
     assert "| redundancy | 79.0 ± 0.0 (n=2) | 60.0 ± 0.0 (n=2) |" in md  # no kNN column
+    assert "| 0.02 | 70.0 ± 0.0 (n=2) | 50.0 ± 0.0 (n=2) |" in md        # both budgets
     assert "linear/barlow/top1_best (pretrain.epochs=9)" in md
 
 

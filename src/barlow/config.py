@@ -433,8 +433,9 @@ class ReportConfig:
     ablation_params: tuple[str, ...]
     seed_param: str
     ablation_metrics: tuple[str, ...]
-    # Each study is reported from the block of runs with the largest value of this param
-    # (its other budgets shown beside it); and the curves the snapshot reads per run.
+    # Each study is judged at the largest value of this param among the blocks of runs
+    # where it ran the most values (its other budgets shown beside it); and the curves
+    # the snapshot reads per run.
     ablation_budget: str
     ablation_curves: tuple[str, ...]
     # Profiles table: these metrics of this run beside each committed profile snapshot.

@@ -132,7 +132,7 @@ class Block:
 @dataclass
 class Ablations:
     """Finished experiments grouped per study: studies[param][value][metric] = Stat, each
-    study taken from the block where it ran at the largest budget (``source``)."""
+    study taken from the block it is judged at (``source``: group_ablations)."""
 
     studies: dict[str, dict[str, dict[str, Stat]]] = field(default_factory=dict)
     source: dict[str, Block] = field(default_factory=dict)  # study → the block reported
@@ -161,9 +161,12 @@ def group_ablations(runs: Sequence[Mapping[str, Any]], sweep: Sequence[str],
     folders: seeds.OPERATIONAL), by absolute value, so runs queued from commits with
     other defaults (e.g. another precision) never mix; a block's context
     is how it differs from its baseline commit (e.g. an epoch budget). Each study is
-    reported from the block with the largest ``budget_param`` where it has more than
-    its baseline (ties: the block with more runs); the others stay in ``blocks``, so a
-    study run at two budgets shows how its groups move with training length."""
+    judged at the block where it has the most values (more than its baseline), among
+    those at the largest ``budget_param`` (ties: the block with more runs): a longer
+    run of part of a sweep (batch 512 at 10 epochs) does not replace the whole sweep at
+    a shorter budget (batch 32 to 512 at 1 epoch) as the evidence for a claim about
+    all of it. The others stay in ``blocks``, so a study run at two budgets shows how
+    its groups move with training length."""
     result = Ablations()
     for run in runs:
         result.counts[run["state"]] = result.counts.get(run["state"], 0) + 1
@@ -184,10 +187,11 @@ def group_ablations(runs: Sequence[Mapping[str, Any]], sweep: Sequence[str],
         else:
             result.other_blocks += len(block_runs)
     result.blocks.sort(key=lambda b: (_budget_key(b.budget), b.runs))
-    for block in result.blocks:  # ascending: the last block holding a study wins
+    for block in result.blocks:  # ascending: a later block wins with as many values
         for study, groups in block.studies.items():
-            result.studies[study] = groups
-            result.source[study] = block
+            if len(groups) >= len(result.studies.get(study, ())):
+                result.studies[study] = groups
+                result.source[study] = block
     result.studies = {s: result.studies[s] for s in sweep if s in result.studies}
     return result
 

@@ -220,7 +220,8 @@ def build_document(inp: ReportInputs, report_cfg: Any) -> tuple[Document, dict[s
 
 
 def _ablation_section(doc: Document, abl: Ablations, report_cfg: Any) -> None:
-    """Per study: its groups at every budget it ran (the largest judged), the per-epoch
+    """Per study: its groups at every budget it ran (group_ablations says which is
+    judged), the per-epoch
     curves at that budget, and the figure."""
     budget = report_cfg.ablation_budget
     counts = ", ".join(f"{n} {s}" for s, n in sorted(abl.counts.items()))
@@ -230,8 +231,9 @@ def _ablation_section(doc: Document, abl: Ablations, report_cfg: Any) -> None:
              + (f"; {abl.unclassified} runs change two swept params no study names"
                 if abl.unclassified else "")
              + ". Runs that change no swept param are each study's baseline. Each study is "
-             f"judged (claims, paper table, figure) at the largest {budget} it ran at; "
-             "its other budgets are shown beside it. Blocks of runs:")
+             f"judged (claims, paper table, figure) at the largest {budget} among those "
+             "where it ran the most values; its other budgets are shown beside it. "
+             "Blocks of runs:")
     doc.bullets([f"{b.label}: {b.runs} runs, "
                  + ", ".join(f"{k}={format_value(v)}" for k, v in b.context.items()
                              if k != budget)

@@ -143,4 +143,5 @@ def ablation_curves_figure(ablations: Ablations, name: str) -> Figure | None:
     axes[0][0].set_ylabel(name, fontsize=8)
     fig.tight_layout()
     return Figure("ablation_curves", _png(fig),
-                  f"Ablations: {name} per epoch, mean over seeds, at each study's largest budget")
+                  f"Ablations: {name} per epoch, mean over seeds, at the budget each study "
+                  "is judged at")
