@@ -160,13 +160,13 @@ def group_ablations(runs: Sequence[Mapping[str, Any]], sweep: Sequence[str],
     Runs are blocked by all their other params but the operational ones (worker counts,
     folders: seeds.OPERATIONAL), by absolute value, so runs queued from commits with
     other defaults (e.g. another precision) never mix; a block's context
-    is how it differs from its baseline commit (e.g. an epoch budget). Each study is
-    judged at the block where it has the most values (more than its baseline), among
-    those at the largest ``budget_param`` (ties: the block with more runs): a longer
-    run of part of a sweep (batch 512 at 10 epochs) does not replace the whole sweep at
-    a shorter budget (batch 32 to 512 at 1 epoch) as the evidence for a claim about
-    all of it. The others stay in ``blocks``, so a study run at two budgets shows how
-    its groups move with training length."""
+    is how it differs from its baseline commit (e.g. an epoch budget). Of the blocks
+    where a study has the most values (always more than its baseline), it is judged at
+    the one with the largest ``budget_param`` (ties: more runs): a longer run of part of
+    a sweep (batch 512 at 10 epochs) does not replace the whole sweep at a shorter
+    budget (batch 32 to 512 at 1 epoch) as the evidence for a claim about all of it.
+    The others stay in ``blocks``, so a study run at two budgets shows how its groups
+    move with training length."""
     result = Ablations()
     for run in runs:
         result.counts[run["state"]] = result.counts.get(run["state"], 0) + 1

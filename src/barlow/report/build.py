@@ -220,9 +220,8 @@ def build_document(inp: ReportInputs, report_cfg: Any) -> tuple[Document, dict[s
 
 
 def _ablation_section(doc: Document, abl: Ablations, report_cfg: Any) -> None:
-    """Per study: its groups at every budget it ran (group_ablations says which is
-    judged), the per-epoch
-    curves at that budget, and the figure."""
+    """Per study: its groups at every budget it ran (group_ablations says which one is
+    judged), the per-epoch curves at that budget, and the figure."""
     budget = report_cfg.ablation_budget
     counts = ", ".join(f"{n} {s}" for s, n in sorted(abl.counts.items()))
     doc.para(f"Experiments in the snapshot: {counts}"
