@@ -134,8 +134,8 @@ def main() -> None:
         for _ in range(args.rounds):
             for i, (_, loader) in enumerate(rows):
                 start, pairs = time.perf_counter(), 0
-                for y1, _ in loader:
-                    pairs += y1.shape[0]
+                for batch in loader:  # (view A, view B[, their colour params])
+                    pairs += batch[0].shape[0]
                 rates[i].append(pairs / (time.perf_counter() - start))
 
     print(f"\n{args.images} JPEGs (500x375, proportion .beton, max side {base_res}), "
