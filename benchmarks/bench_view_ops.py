@@ -16,9 +16,11 @@ alone (decode, crop, flip and the colour parameters, what a GPU's host would do;
 loader's ``finish`` step switched off), and the same with the colour ops run as tensor
 ops here on the CPU (torch with ``--workers`` threads), whose own time per batch is
 printed too. ``--max-resolution`` sets the stored images' longest side (the decode's
-cost follows it).
+cost follows it); further values time the decode-bound rows again on a .beton of the
+same JPEGs at each size, in the same rounds, as speed-ups against the first.
 
     NUMBA_THREADING_LAYER=workqueue PYTHONPATH=src python benchmarks/bench_view_ops.py
+    ... bench_view_ops.py --max-resolution 500 320   # the decode at a smaller stored size
 """
 
 from __future__ import annotations
@@ -69,12 +71,17 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3, help="timed epochs per pipeline")
-    parser.add_argument("--max-resolution", type=int, default=500,
-                        help="data.ffcv.max_resolution of the .beton (ffcv-imagenet: 500)")
+    parser.add_argument("--max-resolution", type=int, nargs="+", default=[500],
+                        help="data.ffcv.max_resolution of the .beton (ffcv-imagenet: 500); "
+                             "each further value adds the decode-bound rows (decode + "
+                             "crop/resize, and the host side with the colour ops on the "
+                             "device) for a .beton of the same JPEGs at that size, timed in "
+                             "the same rounds")
     parser.add_argument("--decode-only", action="store_true",
                         help="time the first row alone (decode + crop/resize)")
     args = parser.parse_args()
     torch.set_num_threads(args.workers)
+    base_res, *other_res = args.max_resolution
     stages = STAGES[:1] if args.decode_only else STAGES
     device_rows = [] if args.decode_only else DEVICE_ROWS
 
@@ -84,36 +91,54 @@ def main() -> None:
         imagenet_like.make_tree(tmp / "tree", classes, args.images // classes, 0,
                                 workers=args.workers)
         source = image_folder(tmp / "tree" / "train", "train", None, False, args.workers)
-        beton = tmp / "train.beton"
-        write_beton(source, beton, FfcvSettings(write_mode="proportion",
-                                                max_resolution=args.max_resolution,
-                                                compress_probability=0.5, jpeg_quality=90),
-                    args.workers)
-        mean, std = normalisation(read_manifest(beton))
-        loaders = []
-        for name, off in stages:
-            loaders.append(pretrain_loader(str(beton), args.batch, args.workers,
-                                           views_without(args.resolution, off), mean, std, seed=0))
-        for name, run_here in device_rows:
-            loader = pretrain_loader(str(beton), args.batch, args.workers,
-                                     paper_views(args.resolution), mean, std, seed=0,
+
+        def beton_at(max_resolution: int) -> tuple[str, tuple]:
+            beton = tmp / f"train_{max_resolution}.beton"
+            write_beton(source, beton, FfcvSettings(write_mode="proportion",
+                                                    max_resolution=max_resolution,
+                                                    compress_probability=0.5,
+                                                    jpeg_quality=90),
+                        args.workers)
+            return str(beton), normalisation(read_manifest(beton))
+
+        def host_loader(beton: str, mean_std: tuple, off: dict):
+            return pretrain_loader(beton, args.batch, args.workers,
+                                   views_without(args.resolution, off), *mean_std, seed=0)
+
+        def device_loader(beton: str, mean_std: tuple, run_here: bool):
+            loader = pretrain_loader(beton, args.batch, args.workers,
+                                     paper_views(args.resolution), *mean_std, seed=0,
                                      colour_ops_on="device")
             loader.finish = timed(loader.finish) if run_here else None
-            loaders.append(loader)
-        for (name, _), loader in zip(stages + device_rows, loaders):
+            return loader
+
+        beton, mean_std = beton_at(base_res)
+        rows = [(name, host_loader(beton, mean_std, off)) for name, off in stages]
+        rows += [(name, device_loader(beton, mean_std, here)) for name, here in device_rows]
+        # The decode-bound rows again at each further size, to be read against the base's.
+        compared = [(0, stages[0][0])] + [(len(stages), name) for name, _ in device_rows[:1]]
+        extra = []
+        for res in other_res:
+            beton, mean_std = beton_at(res)
+            extra.append((res, len(rows), compared))
+            rows.append((f"{stages[0][0]} @ {res}", host_loader(beton, mean_std, stages[0][1])))
+            if device_rows:
+                name, here = device_rows[0]
+                rows.append((f"{name} @ {res}", device_loader(beton, mean_std, here)))
+        for name, loader in rows:
             start = time.perf_counter()
             for _ in loader:  # numba compiles the pipeline
                 pass
             print(f"{name}: first epoch (JIT) {time.perf_counter() - start:.1f} s", flush=True)
-        rates = [[] for _ in loaders]
+        rates = [[] for _ in rows]
         for _ in range(args.rounds):
-            for i, loader in enumerate(loaders):
+            for i, (_, loader) in enumerate(rows):
                 start, pairs = time.perf_counter(), 0
-                for y1, _ in loader:
-                    pairs += y1.shape[0]
+                for batch in loader:  # (view A, view B[, their colour params])
+                    pairs += batch[0].shape[0]
                 rates[i].append(pairs / (time.perf_counter() - start))
 
-    print(f"\n{args.images} JPEGs (500x375, proportion .beton, max side {args.max_resolution}), "
+    print(f"\n{args.images} JPEGs (500x375, proportion .beton, max side {base_res}), "
           f"{args.resolution} px, {args.workers} worker(s), batch {args.batch}, "
           f"median of {args.rounds} epochs")
     print(f"{'pipeline':40s} {'pairs/s':>9s} {'ms/pair':>8s} {'marginal ms':>12s} {'share':>6s}")
@@ -132,6 +157,13 @@ def main() -> None:
         ms = sorted(FINISH_MS)[len(FINISH_MS) // 2]
         print(f"tensor colour ops + normalisation on this CPU: {ms:.1f} ms per batch of "
               f"{args.batch} pairs (median of {len(FINISH_MS)}), {ms / args.batch:.2f} ms/pair")
+    for res, first, pairs in extra:
+        print(f"\nmax side {res} against {base_res}: {'pairs/s':>9s} {'ms/pair':>8s} "
+              f"{'speed-up':>9s}")
+        for offset, (base_row, name) in enumerate(pairs):
+            i = first + offset
+            print(f"{name:40s} {1e3 / per_pair[i]:9.1f} {per_pair[i]:8.2f} "
+                  f"{per_pair[base_row] / per_pair[i]:8.2f}x")
 
 
 FINISH_MS: list[float] = []
