@@ -115,12 +115,13 @@ def main() -> None:
         beton, mean_std = beton_at(base_res)
         rows = [(name, host_loader(beton, mean_std, off)) for name, off in stages]
         rows += [(name, device_loader(beton, mean_std, here)) for name, here in device_rows]
-        # The decode-bound rows again at each further size, to be read against the base's.
+        # The decode-bound rows again at each further size, to be read against the base's:
+        # (index of the base's row, its name), in the order they are appended below.
         compared = [(0, stages[0][0])] + [(len(stages), name) for name, _ in device_rows[:1]]
-        extra = []
+        extra = []  # (size, index of its first row)
         for res in other_res:
             beton, mean_std = beton_at(res)
-            extra.append((res, len(rows), compared))
+            extra.append((res, len(rows)))
             rows.append((f"{stages[0][0]} @ {res}", host_loader(beton, mean_std, stages[0][1])))
             if device_rows:
                 name, here = device_rows[0]
@@ -157,10 +158,10 @@ def main() -> None:
         ms = sorted(FINISH_MS)[len(FINISH_MS) // 2]
         print(f"tensor colour ops + normalisation on this CPU: {ms:.1f} ms per batch of "
               f"{args.batch} pairs (median of {len(FINISH_MS)}), {ms / args.batch:.2f} ms/pair")
-    for res, first, pairs in extra:
+    for res, first in extra:
         print(f"\nmax side {res} against {base_res}: {'pairs/s':>9s} {'ms/pair':>8s} "
               f"{'speed-up':>9s}")
-        for offset, (base_row, name) in enumerate(pairs):
+        for offset, (base_row, name) in enumerate(compared):
             i = first + offset
             print(f"{name:40s} {1e3 / per_pair[i]:9.1f} {per_pair[i]:8.2f} "
                   f"{per_pair[base_row] / per_pair[i]:8.2f}x")
