@@ -31,7 +31,7 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import REPO, TINY_PARAMS, repo_params
+from conftest import REPO, TINY_PARAMS, machine, repo_params
 from stages import convert, pretrain
 
 SEED = int(os.environ.get("RELIABILITY_SEED", "0"))
@@ -42,10 +42,11 @@ HANG_S = 300  # a bound for runs that should have progressed or ended long befor
 # 4 epochs × 4 steps, checkpoints every 3 steps and at each epoch's end.
 PARAMS = {**TINY_PARAMS, "pretrain": {**TINY_PARAMS["pretrain"], "epochs": 4}}
 # What users run, less numba's JIT (minutes of compiling per process): precision auto
-# (bf16 on a CPU with native bf16), 2 FFCV threads and 2 torch threads per process;
-# 2 epochs × 4 steps, the cost of two processes on a 2-core CI runner.
-USER_PARAMS = {**PARAMS, "pretrain": {**PARAMS["pretrain"], "precision": "auto", "workers": 2,
-                                      "epochs": 2}}
+# (bf16 on a CPU with native bf16), 2 cores shared by the processes' FFCV threads, 2
+# torch threads per process; 2 epochs × 4 steps, the cost of two processes on a 2-core
+# CI runner.
+USER_PARAMS = {**PARAMS, "pretrain": {**PARAMS["pretrain"], "precision": "auto", "epochs": 2},
+               "machine": machine(1, cores=2)}
 USER_ENV = {**ENV, "OMP_NUM_THREADS": "2"}
 
 
@@ -303,9 +304,10 @@ def image_tree(root: Path, per_class: dict[str, int], size: int = 12) -> Path:
     return root
 
 
-def convert_params(folder: Path, tree: Path, **data) -> Path:
+def convert_params(folder: Path, tree: Path, cores: int = 2, **data) -> Path:
     return write_params(folder, repo_params(data={
-        "source": "imagefolder", "imagefolder_root": str(tree), "workers": 2, **data}))
+        "source": "imagefolder", "imagefolder_root": str(tree), **data},
+        machine=machine(1, cores=cores)))
 
 
 # The convert stage with FFCV's writer blocking on one image: a kill that lands
@@ -364,7 +366,7 @@ def test_every_file_convert_writes_is_a_dvc_output(tmp_path):
     out_arg = stage["cmd"].split("--out ")[1].split()[0]
     tree = image_tree(tmp_path / "tree", {"a": 3, "b": 3})
     result = CliRunner().invoke(convert.cli, ["dataset", "--params",
-                                              str(convert_params(tmp_path, tree, workers=1)),
+                                              str(convert_params(tmp_path, tree, cores=1)),
                                               "--out", str(tmp_path / "repo" / out_arg)])
     assert result.exit_code == 0, result.output + result.stderr
     written = [p.relative_to(tmp_path / "repo").as_posix()
@@ -430,7 +432,7 @@ def test_an_unknown_section_is_refused(tmp_path, tiny_ffcv):
                                      "los": PARAMS["loss"]})
     assert_refused(run_pretrain(params, tiny_ffcv, tmp_path), tmp_path,
                    f"params: los: unknown section in {params} (known sections: data, loss,"
-                   " model, augment, pretrain, semisup, linear, transfer, report)")
+                   " model, augment, pretrain, semisup, linear, transfer, machine, report)")
 
 
 def test_a_missing_key_is_refused_not_defaulted(tmp_path, tiny_ffcv):
@@ -488,7 +490,7 @@ def test_a_class_left_empty_by_skip_bad_is_refused(tmp_path):
     """data.skip_bad drops a class's only image: the class would be kept with none."""
     tree = image_tree(tmp_path / "tree", {"a": 3, "b": 1})
     (tree / "train" / "b" / "0.png").write_bytes(b"not a png")
-    params = convert_params(tmp_path, tree, skip_bad=True, workers=1)
+    params = convert_params(tmp_path, tree, skip_bad=True, cores=1)
     result = CliRunner().invoke(convert.cli, ["dataset", "--params", str(params),
                                               "--out", str(tmp_path / "ffcv")])
     assert (result.exit_code, result.stderr) == (2, (
