@@ -262,6 +262,7 @@ def assert_close(got, want, msg=""):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-10, msg=lambda m: f"{msg}: {m}")
 
 
+@pytest.mark.slow
 def test_environment(results):
     for rank, out in enumerate(results):
         assert out["env"] == (rank, rank, WORLD, "cpu", rank == 0)
@@ -270,6 +271,7 @@ def test_environment(results):
         assert out["bn_types"] == ["GlobalBatchNorm"]
 
 
+@pytest.mark.slow
 def test_sharded_path_serves_every_dimension(results):
     for out in results:
         # Every distributed_barlow_twins_loss call, odd D included, then the explicit
@@ -278,6 +280,7 @@ def test_sharded_path_serves_every_dimension(results):
                                 + ["gathered_barlow_twins_loss"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", RUNS)
 def test_loss_equals_single_process_loss(results, reference, run):
     for out in results:
@@ -285,6 +288,7 @@ def test_loss_equals_single_process_loss(results, reference, run):
             assert_close(got, want, "loss terms")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", RUNS)
 def test_gradients_equal_single_process_gradients(results, reference, run):
     grads = reference[run]["grads"]
@@ -296,12 +300,14 @@ def test_gradients_equal_single_process_gradients(results, reference, run):
             assert_close(out[run][name], want, name)
 
 
+@pytest.mark.slow
 def test_batchnorm_buffers_equal_single_process_buffers(results, reference):
     for out in results:
         for name, want in reference["exact-full"]["buffers"].items():
             assert_close(out["exact-full_buffers"][name], want, name)
 
 
+@pytest.mark.slow
 def test_reference_code_scheme_divides_gradients_by_world_size(results, reference):
     # What facebookresearch/barlowtwins computes; caught here so the exact test above
     # is known to distinguish the two.
@@ -310,6 +316,7 @@ def test_reference_code_scheme_divides_gradients_by_world_size(results, referenc
             assert_close(out["naive"][name] * WORLD, want, name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["sharded", "gathered"])
 def test_loss_when_dim_does_not_divide(results, reference, impl):
     want = reference["odd"]
@@ -322,6 +329,7 @@ def test_loss_when_dim_does_not_divide(results, reference, impl):
         assert_close(got / WORLD, want["grads"][view], f"view {view + 1} gradient")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES3, ids=lambda c: "-".join(map(str, c)))
 def test_three_ranks_shard_dimensions_they_do_not_divide(three, case):
     ranks, reference = three
@@ -335,6 +343,7 @@ def test_three_ranks_shard_dimensions_they_do_not_divide(three, case):
         assert_close(got / WORLD3, want["grads"][view], f"view {view + 1} gradient")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [0, 1], ids=["4d-momentum", "2d-cumulative"])
 def test_global_batchnorm_matches_batchnorm_on_uneven_batches(results, reference, case):
     want = reference["bn"][case]
