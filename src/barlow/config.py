@@ -1,8 +1,5 @@
 """Typed, validated views of params.yaml.
 
-(Over ~400 lines: one dataclass per params.yaml section, in the file's order, each
-with its checks; they read best side by side, and the generic part is barlow.params.)
-
 Every params.yaml section loads into a frozen dataclass at a stage's edge, before any
 work starts. `dvc exp run -S key=value` edits params.yaml and nothing else, so this is
 the one place where a mistyped key, a wrong type or an impossible value can be caught:
@@ -273,7 +270,7 @@ def _check_probe(cfg: Any, section: str) -> None:
 @dataclass(frozen=True)
 class LinearConfig:
     """`linear:` — linear evaluation of the frozen backbone and its baselines
-    (stages/linear.py). The paper's recipe is configs/paper.yaml's (recipe.md)."""
+    (stages/linear.py). The paper's recipe is configs/paper.yaml's."""
 
     mode: typing.Literal["features", "augment"]  # features: cached, no aug
     epochs: int
@@ -306,7 +303,7 @@ class LinearConfig:
 @dataclass(frozen=True)
 class TransferConfig:
     """`transfer:` — frozen-feature transfer to the offline sets (stages/transfer.py):
-    linear heads with the Places-205 recipe (recipe.md, Transfer) and VOC07-style SVMs."""
+    linear heads with the paper's Places-205 recipe and VOC07-style SVMs."""
 
     datasets: tuple[str, ...]  # <data>/<name>_{train,test}.beton
     val_fraction: float  # stratified share of each train set for epoch choice

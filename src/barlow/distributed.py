@@ -1,9 +1,6 @@
 """Everything that touches torch.distributed, so the rest of the library stays testable
 in one CPU process.
 
-Over ~400 lines on purpose: the one module allowed to call torch.distributed (style
-rule 4); split, the rule would have two homes to police instead of one.
-
 One code path serves 1 CPU process, N CPU processes (gloo) and N GPUs (nccl): `init`
 reads torchrun's environment and every helper here is the identity when no process
 group exists. Cross-rank reductions that feed the loss go through the functional
