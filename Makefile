@@ -20,8 +20,8 @@ repro: setup
 test: setup
 	python -m pytest
 
-# The tests not marked slow (pyproject.toml): no process started, no stage or training
-# run, no numba compile; the maths, configs, loaders in Python mode, the report.
+# The tests not marked slow (pyproject.toml): no torchrun, gloo, DVC or stage process,
+# no stage or training run, no numba compile; about a minute on 2 cores.
 test-fast: setup
 	python -m pytest -m "not slow and not paper_e2e"
 
