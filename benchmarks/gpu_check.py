@@ -176,11 +176,11 @@ def section_tests(out: Path, smoke: bool) -> None:
 def section_step(out: Path, smoke: bool) -> None:
     s = sizes(smoke)
     cmd = [sys.executable, "benchmarks/bench_gpu.py", "--batch", str(s["bench_batch"]),
-           "--steps", str(s["bench_steps"]), "--json", str(out / "bench_gpu.json")]
+           "--rounds", str(s["bench_steps"]), "--json", str(out / "bench_gpu.json")]
     if smoke:
         cmd.append("--smoke")
     subprocess.run(cmd, cwd=REPO, check=True)
-    record(out, "step", json.loads((out / "bench_gpu.json").read_text()))
+    record(out, "step", json.loads((out / "bench_gpu.json").read_text())["extra"])
 
 
 def fixture_params(out: Path, smoke: bool) -> dict:
@@ -251,6 +251,7 @@ def section_loader(out: Path, smoke: bool) -> None:
     from barlow.data.convert import read_manifest
     from barlow.data.loaders import config_views, pretrain_loader
     from barlow.data.convert import normalisation
+    from harness import compare
 
     s = sizes(smoke)
     beton = out / "ffcv_paper" / "train.beton"
@@ -258,23 +259,24 @@ def section_loader(out: Path, smoke: bool) -> None:
     mean, std = normalisation(read_manifest(beton))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cores = os.cpu_count() or 1
+
+    def epoch(loader) -> int:
+        pairs = sum(y1.shape[0] for y1, _y2 in loader)
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        return pairs
+
+    loaders = {(where, workers): pretrain_loader(
+        str(beton), 256 if not smoke else 8, workers, views, mean, std, seed=0, device=device,
+        channels_last=True, colour_ops_on=where)
+        for where in ("host", "device") for workers in sorted({min(8, cores), cores})}
+    # The warm-up epoch compiles each pipeline.
+    results = compare({key: lambda loader=loader: epoch(loader) for key, loader in loaders.items()},
+                      s["loader_epochs"])
     figures = {}
-    for where, workers in [(w, n) for w in ("host", "device")
-                           for n in sorted({min(8, cores), cores})]:
-        loader = pretrain_loader(str(beton), 256 if not smoke else 8, workers, views, mean,
-                                 std, seed=0, device=device, channels_last=True,
-                                 colour_ops_on=where)
-        for _ in loader:  # the first epoch compiles the pipeline
-            pass
-        torch.cuda.synchronize() if device.type == "cuda" else None
-        start, pairs = time.perf_counter(), 0
-        for _ in range(s["loader_epochs"]):
-            for y1, _y2 in loader:
-                pairs += y1.shape[0]
-        torch.cuda.synchronize() if device.type == "cuda" else None
-        rate = pairs / (time.perf_counter() - start)
-        figures[f"pairs_per_s_{workers}_cores_colour_{where}"] = round(rate, 1)
-        figures[f"pairs_per_s_per_core_{workers}_cores_colour_{where}"] = round(rate / workers, 1)
+    for (where, workers), result in results.items():
+        figures[f"pairs_per_s_{workers}_cores_colour_{where}"] = round(result.rate, 1)
+        figures[f"pairs_per_s_per_core_{workers}_cores_colour_{where}"] = round(
+            result.rate / workers, 1)
     figures["resolution"] = views[0].resolution
     record(out, "loader", figures)
 

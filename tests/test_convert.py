@@ -231,6 +231,7 @@ def run_convert(tmp_path: Path, params: dict, *args: str) -> subprocess.Complete
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data, message", [
     ({"sourc": "fashion_mnist"}, "data.sourc: unknown key"),
     ({"source": "cifar"}, "data.source: 'cifar' is not one of"),
@@ -249,6 +250,7 @@ def test_stage_rejects_bad_params_before_work(tmp_path, data, message):
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.slow
 def test_stage_converts_an_imagefolder_tree(tree, tmp_path):
     (tree.parent / "val" / "cat").mkdir(parents=True)
     (tree.parent / "val" / "dög").mkdir()
@@ -268,6 +270,7 @@ def test_stage_converts_an_imagefolder_tree(tree, tmp_path):
     assert json.loads((out / "test.json").read_text())["class_counts"] == [1, 1]
 
 
+@pytest.mark.slow
 def test_stage_stops_on_the_first_of_many_bad_images(tree, tmp_path):
     """The writer's workers report one error, not one per bad file: hundreds of
     messages would fill the queue's pipe and block a worker, and the writer would wait

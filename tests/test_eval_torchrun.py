@@ -38,6 +38,9 @@ from barlow.stage import open_live
 from conftest import REPO, machine, repo_params
 from stages import linear, semisup
 
+# Every test starts the stages under torchrun or opens dvclive in worker processes.
+pytestmark = pytest.mark.slow
+
 N_TRAIN, N_TEST, N_VAL = 70, 33, 15
 #: Largest gap in test top-1 (points) allowed between 2 processes and 1 in the augmenting
 #: linear probe, which agree in distribution only: 3 of the 33 test images.

@@ -34,6 +34,9 @@ from PIL import Image
 from conftest import REPO, TINY_PARAMS, machine, repo_params
 from stages import convert, pretrain
 
+# Every test runs a stage as a subprocess, most of them killing it part-way.
+pytestmark = pytest.mark.slow
+
 SEED = int(os.environ.get("RELIABILITY_SEED", "0"))
 ENV = {**os.environ, "PYTHONPATH": str(REPO / "src"), "NUMBA_DISABLE_JIT": "1",
        "OMP_NUM_THREADS": "1"}

@@ -74,6 +74,7 @@ def finished(setup) -> dict:
             "metrics": json.loads((live / "metrics.json").read_text())}
 
 
+@pytest.mark.slow
 def test_end_to_end_metrics(finished):
     metrics = finished["metrics"]["semisup"]
     assert set(metrics) == {"1percent", "10percent"}
@@ -97,6 +98,7 @@ def test_end_to_end_metrics(finished):
     assert "semisup: 10percent scratch" in finished["result"].output
 
 
+@pytest.mark.slow
 def test_per_epoch_curves(finished):
     plots = finished["live"] / "plots" / "metrics" / "semisup"
     for subset, epochs in zip(("1percent", "10percent"), EPOCHS):
@@ -109,6 +111,7 @@ def test_per_epoch_curves(finished):
     assert float(lr[0].split("\t")[-1]) == pytest.approx(0.5)  # the paper's head lr
 
 
+@pytest.mark.slow
 def test_weights_file_is_left_alone(finished, setup):
     after = torch.load(setup["weights"])
     assert all(torch.equal(after[k], v) for k, v in finished["before"].items())

@@ -91,6 +91,7 @@ def finished(setup, tmp_path_factory) -> dict:
             "metrics": json.loads((tmp / "live" / "metrics.json").read_text())["transfer"]}
 
 
+@pytest.mark.slow
 def test_every_metric_is_reported_and_sane(finished):
     metrics = finished["metrics"]
     assert set(metrics) == {"small", "large"}
@@ -116,6 +117,7 @@ def test_every_metric_is_reported_and_sane(finished):
     assert "transfer: large raw_pixels: linear top-1" in finished["result"].output
 
 
+@pytest.mark.slow
 def test_two_processes_under_torchrun_give_the_same_metrics(setup, finished, tmp_path):
     """Two gloo ranks (torchrun started directly, as on several nodes) extract a share of every split each, gather
     the features in one-process order and fit the same heads and SVMs on them: every
@@ -130,6 +132,7 @@ def test_two_processes_under_torchrun_give_the_same_metrics(setup, finished, tmp
     assert result.stdout.count("transfer: large raw_pixels: linear top-1") == 1
 
 
+@pytest.mark.slow
 def test_curves_per_dataset_and_embedding(finished):
     plots = finished["live"] / "plots" / "metrics" / "transfer"
     for dataset in ("small", "large"):
@@ -196,6 +199,7 @@ def scenes(setup, tmp_path_factory) -> dict:
     return {"transfer_folders": {"scenes": str(tree)}}
 
 
+@pytest.mark.slow
 def test_folder_sets_run_last_with_their_own_epochs(setup, scenes, tmp_path):
     result = invoke(setup, tmp_path, data=scenes, datasets=["small"],
                     epochs_per_dataset={"scenes": FOLDER_EPOCHS})
@@ -251,6 +255,7 @@ def voc(setup, tmp_path_factory) -> dict:
     return {"voc07_root": str(root)}
 
 
+@pytest.mark.slow
 def test_voc07_gets_the_svm_protocol_only(setup, voc, tmp_path):
     result = invoke(setup, tmp_path, data=voc, datasets=["small"])
     assert result.exit_code == 0, result.output + result.stderr + repr(result.exception)

@@ -108,6 +108,7 @@ def run_pretrain(params: dict, data: Path, tmp: Path) -> subprocess.CompletedPro
     return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_bad_params_for_two_processes_stop_in_one_line_before_any_process(tmp_path):
     params = {**TINY_PARAMS, "loss": {**TINY_PARAMS["loss"], "lambd": -0.1},
               "machine": machine(2)}
@@ -116,6 +117,7 @@ def test_bad_params_for_two_processes_stop_in_one_line_before_any_process(tmp_pa
     assert result.stderr.strip() == "pretrain: error: params: loss.lambd: -0.1 is negative"
 
 
+@pytest.mark.slow
 def test_a_workers_known_error_is_one_line_and_status_2(tmp_path):
     """Both workers meet the missing dataset: the launcher prints the first one's line
     once, without torchrun's failure report, and exits 2."""
@@ -127,6 +129,7 @@ def test_a_workers_known_error_is_one_line_and_status_2(tmp_path):
                       " found (run the convert stage)"], result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_pretraining_prints_a_line_per_epoch(tiny_ffcv, tmp_path):
     params = {**TINY_PARAMS, "pretrain": {**TINY_PARAMS["pretrain"], "knn_every_epochs": 0}}
     result = run_pretrain(params, tiny_ffcv, tmp_path)
@@ -151,6 +154,7 @@ def git(*args: str, cwd: Path) -> None:
     subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
 
 
+@pytest.mark.slow
 def test_push_fresh_clone_pull_and_nothing_to_reproduce(tmp_path):
     """The project's .dvc/config (its default remote under ~, HOME moved to tmp), the
     convert stage of its dvc.yaml on a tiny ImageFolder tree: repro, push; a fresh git
@@ -192,6 +196,7 @@ def test_push_fresh_clone_pull_and_nothing_to_reproduce(tmp_path):
 
 
 # ------------------------------------------------------------------------------- sweeps
+@pytest.mark.slow
 def test_make_ablations_queues_studies_in_dvcs_grammar(tmp_path):
     """The Makefile's `dvc exp run --queue` lines, run by bash with the real DVC in a
     copy of the project's pipeline: the baseline, the λ study and the loss-term rows

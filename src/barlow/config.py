@@ -262,7 +262,7 @@ def _check_probe(cfg: Any, section: str) -> None:
 @dataclass(frozen=True)
 class LinearConfig:
     """`linear:` — linear evaluation of the frozen backbone and its baselines
-    (stages/linear.py). The paper's recipe is configs/paper.yaml's (recipe.md)."""
+    (stages/linear.py). The paper's recipe is configs/paper.yaml's."""
 
     mode: typing.Literal["features", "augment"]  # features: cached, no aug
     epochs: int
@@ -292,7 +292,7 @@ class LinearConfig:
 @dataclass(frozen=True)
 class TransferConfig:
     """`transfer:` — frozen-feature transfer to the offline sets (stages/transfer.py):
-    linear heads with the Places-205 recipe (recipe.md, Transfer) and VOC07-style SVMs."""
+    linear heads with the paper's Places-205 recipe and VOC07-style SVMs."""
 
     datasets: tuple[str, ...]  # <data>/<name>_{train,test}.beton
     val_fraction: float  # stratified share of each train set for epoch choice
