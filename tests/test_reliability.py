@@ -31,6 +31,7 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
+from barlow.stage import PREEMPTED
 from conftest import REPO, TINY_PARAMS, repo_params
 from stages import convert, pretrain
 
@@ -288,6 +289,81 @@ def test_a_killed_rank_ends_the_run_then_repro_resumes(params_file, tiny_ffcv, t
     result = finish(cmd)
     assert "pretrain: resumed from" in result.stdout
     assert logged_step(tmp_path) == 16  # global batch 16 = 2 × 8: 4 steps × 4 epochs
+
+
+# ---------------------------------------------------------------- pre-emption
+
+def with_processes(params: dict, n: int) -> dict:
+    """``params`` run in ``n`` processes through the stage's own torchrun launch."""
+    return {**params, "pretrain": {**params["pretrain"], "nproc_per_node": n}}
+
+
+# 2 epochs × 4 steps, a log line at every step: the stop step is then known to one step.
+STOP_PARAMS = {**PARAMS, "pretrain": {**PARAMS["pretrain"], "epochs": 2, "log_every_steps": 1}}
+
+
+def stop_mid_run(launcher: subprocess.Popen, workers: list[psutil.Process], run: Path,
+                 target: int, sig: signal.Signals) -> int:
+    """Once ``run`` has logged step ``target``, freeze the run (SIGSTOP), read its last
+    logged step L, send ``sig`` to ``launcher`` (the stage's command), and thaw the
+    launcher, then its workers: the signal lands with rank 0 between the log of step L
+    and that of L + 1. Returns L."""
+    while True:
+        wait_until(launcher, lambda: logged_step(run) >= target, f"step {target}")
+        frozen = [psutil.Process(launcher.pid), *workers]
+        for proc in frozen:
+            proc.suspend()
+        last = logged_step(run)
+        if last >= target:  # else metrics.json was caught half-written
+            break
+        for proc in frozen:
+            proc.resume()
+    launcher.send_signal(sig)
+    for proc in frozen:
+        proc.resume()
+    return last
+
+
+def assert_stopped_at(proc: subprocess.Popen, run: Path, last: int) -> None:
+    """Exit 4, one line from rank 0, the checkpoint at the step the signal interrupted
+    (last or last + 1), logged up to it."""
+    assert proc.wait(timeout=HANG_S) == PREEMPTED, proc.outputs[1].read_text()[-3000:]
+    step = torch.load(run / "out" / "checkpoint.pt", weights_only=False)["step"]
+    assert last <= step <= last + 1, (last, step)
+    assert logged_step(run) == step
+    lines = [line for line in proc.outputs[1].read_text().splitlines() if "stopped" in line]
+    assert lines == [f"pretrain: stopped on request at step {step}/8 (epoch {step / 4:.2f});"
+                     f" {run / 'out' / 'checkpoint.pt'} holds it, the next run resumes there"]
+    assert not (run / "out" / "backbone.pt").exists()
+
+
+@pytest.mark.parametrize("nproc, sig", [(1, signal.SIGTERM), (2, signal.SIGTERM),
+                                       (2, signal.SIGUSR1)])
+def test_a_stop_signal_checkpoints_the_step_and_the_rerun_equals_uninterrupted(
+        nproc, sig, tiny_ffcv, tmp_path_factory, spawn):
+    """SIGTERM (pre-emption) or SIGUSR1 (SLURM's time-limit warning) to the stage's
+    command mid-epoch: with 2 gloo processes it reaches the launcher alone, which passes
+    it on. The run stops after the step under way, checkpointed; the rerun resumes and
+    ends with the weights, curves (each step once) and metrics of an uninterrupted
+    run."""
+    params = write_params(tmp_path_factory.mktemp("params"), with_processes(STOP_PARAMS, nproc))
+    reference = tmp_path_factory.mktemp("reference")
+    finish(stage_cmd(params, tiny_ffcv, reference))
+    run = tmp_path_factory.mktemp("stopped")
+    cmd = stage_cmd(params, tiny_ffcv, run)
+    proc = spawn(cmd)
+    (target,) = kill_points(f"{sig.name}_{nproc}p", range(1, 6), 1)
+    workers = []
+    if nproc > 1:
+        wait_until(proc, lambda: len(workers_of(proc)) == nproc, "the workers")
+        workers = workers_of(proc)
+        spawn.adopt(workers)
+    last = stop_mid_run(proc, workers, run, target, sig)
+    assert_stopped_at(proc, run, last)
+    assert_all_end(workers, "the stopped workers")
+    result = finish(cmd)
+    assert "pretrain: resumed from" in result.stdout
+    assert_same_result(reference, run)
 
 
 # ---------------------------------------------------------------- kills of convert
