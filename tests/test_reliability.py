@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -364,6 +365,76 @@ def test_a_stop_signal_checkpoints_the_step_and_the_rerun_equals_uninterrupted(
     result = finish(cmd)
     assert "pretrain: resumed from" in result.stdout
     assert_same_result(reference, run)
+
+
+# ---------------------------------------------------------------- two launcher nodes
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def node_cmds(params: Path, data: Path, runs: list[Path], script: list[str]) -> list[list[str]]:
+    """One torchrun per "node" on this machine (static rendezvous, 1 gloo process
+    each), as docs/multi-gpu.md starts several nodes; node i writes under runs[i]
+    (nodes without a shared file system). ``script``: what torchrun runs."""
+    port = free_port()
+    return [[sys.executable, "-m", "torch.distributed.run", f"--nnodes={len(runs)}",
+             f"--node_rank={i}", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+             f"--master_port={port}", *script, "--params", str(params), "--data", str(data),
+             "--out", str(run / "out"), "--live", str(run / "live")]
+            for i, run in enumerate(runs)]
+
+
+def test_a_rank_that_cannot_read_rank_0s_checkpoint_stops_every_rank(
+        params_file, tiny_ffcv, tmp_path, spawn):
+    """Rank 0 resumes; the other node has no copy of the checkpoint. Starting that rank
+    afresh would train two ranks at different steps: every rank stops with one line."""
+    shared = tmp_path / "shared"
+    for proc in [spawn(cmd, name=f"first{i}") for i, cmd in
+                 enumerate(node_cmds(params_file, tiny_ffcv, [shared, shared],
+                                     ["-m", "stages.pretrain"]))]:
+        assert proc.wait(timeout=HANG_S) == 0, proc.outputs[1].read_text()[-3000:]
+    lone = tmp_path / "lone"
+    procs = [spawn(cmd, name=f"node{i}") for i, cmd in
+             enumerate(node_cmds(params_file, tiny_ffcv, [shared, lone],
+                                 ["-m", "stages.pretrain"]))]
+    line = (f"pretrain: error: rank 1 cannot read the checkpoint rank 0 resumes from (step"
+            f" 16): {lone / 'out' / 'checkpoint.pt'}: not found; every rank must see the"
+            " same file (a shared file system, or a copy on every node)")
+    for proc in procs:
+        assert proc.wait(timeout=HANG_S) != 0
+        assert line in proc.outputs[1].read_text().splitlines()
+    assert not (lone / "out").exists()
+
+
+# The pretrain stage with rank 0's check of its weights before a checkpoint failing:
+# an error that rank 0 alone sees, while the other ranks go on into the next step.
+FAIL_ON_RANK_0 = """
+import os, runpy, sys
+sys.path.insert(0, os.getcwd())  # the repository, for stages.*: torchrun runs a script
+from barlow import train
+if os.environ["RANK"] == "0":
+    train.non_finite_keys = lambda weights: ["layer1.0.conv1.weight"]
+sys.argv = ["stages.pretrain", *sys.argv[1:]]
+runpy.run_module("stages.pretrain", run_name="__main__")
+"""
+
+
+def test_a_failure_on_rank_0_ends_the_other_nodes_rank(tiny_ffcv, tmp_path, spawn):
+    """With a collective timeout far beyond the test's bound, the other node's rank
+    must end because rank 0 failed, not because its collective timed out."""
+    params = write_params(tmp_path, {**PARAMS, "pretrain": {**PARAMS["pretrain"],
+                                                            "collective_timeout_s": 3600.0}})
+    script = tmp_path / "fail_on_rank_0.py"
+    script.write_text(FAIL_ON_RANK_0)
+    procs = [spawn(cmd, name=f"node{i}") for i, cmd in enumerate(
+        node_cmds(params, tiny_ffcv, [tmp_path / "run"] * 2, [str(script)]))]
+    for proc in procs:
+        assert proc.wait(timeout=HANG_S) != 0
+    assert ("pretrain: error: pretrain: non-finite weights (NaN/Inf) in 1 tensors, first"
+            " layer1.0.conv1.weight, after step 3" in procs[0].outputs[1].read_text())
 
 
 # ---------------------------------------------------------------- kills of convert
