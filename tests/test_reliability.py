@@ -422,19 +422,25 @@ runpy.run_module("stages.pretrain", run_name="__main__")
 """
 
 
-def test_a_failure_on_rank_0_ends_the_other_nodes_rank(tiny_ffcv, tmp_path, spawn):
-    """With a collective timeout far beyond the test's bound, the other node's rank
-    must end because rank 0 failed, not because its collective timed out."""
+def test_a_fault_rank_0_alone_sees_stops_every_node_with_its_line(tiny_ffcv, tmp_path, spawn):
+    """Rank 0's check of the weights before a checkpoint fails there alone. With a
+    collective timeout far beyond the test's bound, the other node's rank must stop
+    with the same line at the same point, not wait in the next step's collectives (or
+    die of a torn connection, as gloo's do when the peer's process ends)."""
     params = write_params(tmp_path, {**PARAMS, "pretrain": {**PARAMS["pretrain"],
                                                             "collective_timeout_s": 3600.0}})
     script = tmp_path / "fail_on_rank_0.py"
     script.write_text(FAIL_ON_RANK_0)
     procs = [spawn(cmd, name=f"node{i}") for i, cmd in enumerate(
         node_cmds(params, tiny_ffcv, [tmp_path / "run"] * 2, [str(script)]))]
+    line = ("pretrain: error: pretrain: non-finite weights (NaN/Inf) in 1 tensors, first"
+            f" layer1.0.conv1.weight, after step 3; the last good checkpoint"
+            f" {tmp_path / 'run' / 'out' / 'checkpoint.pt'} is untouched")
     for proc in procs:
         assert proc.wait(timeout=HANG_S) != 0
-    assert ("pretrain: error: pretrain: non-finite weights (NaN/Inf) in 1 tensors, first"
-            " layer1.0.conv1.weight, after step 3" in procs[0].outputs[1].read_text())
+        stderr = proc.outputs[1].read_text()
+        assert line in stderr.splitlines() and "Connection closed" not in stderr, stderr[-3000:]
+    assert not (tmp_path / "run" / "out").exists()
 
 
 # ---------------------------------------------------------------- kills of convert

@@ -222,17 +222,20 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
         print(f"pretrain: resumed from {ckpt_path} at step {step}/{total_steps}", flush=True)
 
     def save(path: Path) -> None:
+        # The loss is checked before each update, so the update itself can still
+        # write NaN (bf16 convolutions on 1x1 maps gave Inf gradients on the CPU):
+        # no checkpoint, and so no exported backbone, ever holds one. Every rank checks
+        # its own copy (DDP keeps them equal) and they pool the verdict, so all stop
+        # here together: a rank stopping alone would leave the others in the next
+        # step's collectives until the collective timeout (NCCL notices no dead peer).
+        weights = model.state_dict()
+        broken = next((keys for keys in dist.all_objects(non_finite_keys(weights)) if keys), [])
+        if broken:
+            raise NonFiniteLossError(
+                f"pretrain: non-finite weights (NaN/Inf) in {len(broken)} tensors, first"
+                f" {broken[0]}, after step {step}; the last good checkpoint {ckpt_path}"
+                " is untouched")
         if env.is_main:
-            # The loss is checked before each update, so the update itself can still
-            # write NaN (bf16 convolutions on 1x1 maps gave Inf gradients on the CPU):
-            # no checkpoint, and so no exported backbone, ever holds one.
-            weights = model.state_dict()
-            broken = non_finite_keys(weights)
-            if broken:
-                raise NonFiniteLossError(
-                    f"pretrain: non-finite weights (NaN/Inf) in {len(broken)} tensors, first"
-                    f" {broken[0]}, after step {step}; the last good checkpoint {ckpt_path}"
-                    " is untouched")
             save_atomic({"model": weights, "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "rng": rng_state(), "step": step,
                          "history": history, "window": window,
