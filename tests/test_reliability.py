@@ -339,7 +339,8 @@ def assert_stopped_at(proc: subprocess.Popen, run: Path, last: int) -> None:
 
 
 @pytest.mark.parametrize("nproc, sig", [(1, signal.SIGTERM), (2, signal.SIGTERM),
-                                       (2, signal.SIGUSR1)])
+                                       (2, signal.SIGUSR1)],
+                         ids=["1p-SIGTERM", "2p-SIGTERM", "2p-SIGUSR1"])
 def test_a_stop_signal_checkpoints_the_step_and_the_rerun_equals_uninterrupted(
         nproc, sig, tiny_ffcv, tmp_path_factory, spawn):
     """SIGTERM (pre-emption) or SIGUSR1 (SLURM's time-limit warning) to the stage's

@@ -86,8 +86,13 @@ def launch(module: str, args: Sequence[str], nproc_per_node: int,
 def _pass_to_workers(signum: int, frame: object) -> None:
     """Send ``signum`` on to this launcher's workers: its child processes (torchrun
     starts each in a session of its own, so a signal to the launcher's group misses
-    them)."""
-    for worker in psutil.Process().children():
+    them). Before they exist nothing has trained: the signal then ends the launcher,
+    as it would without this handler."""
+    workers = psutil.Process().children()
+    if not workers:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    for worker in workers:
         with contextlib.suppress(psutil.NoSuchProcess):
             worker.send_signal(signum)
 
