@@ -20,7 +20,7 @@ noise, quality 90): ``train/`` with 4N images in --classes folders and ``val/`` 
    ffcv-imagenet ``write_imagenet.py``: torchvision ``ImageFolder`` (PIL loader) into
    ``DatasetWriter`` with RGBImageField(write_mode='proportion', max_resolution=500,
    compress_probability=0.5, jpeg_quality=90) and IntField, both splits, the same
-   number of writer processes (data.workers), each as a fresh process (start-up and
+   number of writer processes (machine.cores), each as a fresh process (start-up and
    imports included in both). images/s = (train + val images) / wall time; the ratio
    ours / bare is taken per round and its median reported. Goal: ≥ 0.8.
 
@@ -178,8 +178,8 @@ def ours(root: Path, out: Path, workers: int, work: Path) -> dict:
 
     params = work / f"params-{root.name}.yaml"
     params.write_text(yaml.safe_dump({"data": {
-        "source": "imagefolder", "imagefolder_root": str(root), "workers": workers,
-        "ffcv": FFCV_IMAGENET}}))
+        "source": "imagefolder", "imagefolder_root": str(root), "ffcv": FFCV_IMAGENET},
+        "machine": {"devices": 1, "cores": workers}}))
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'src'}"}
     return run_measured("stages.convert", ["dataset", "--params", str(params), "--out", str(out)],
@@ -216,7 +216,7 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=4, help="the large tree has scale·N")
     parser.add_argument("--val", type=int, default=250, help="val images (both trees)")
     parser.add_argument("--classes", type=int, default=100)
-    parser.add_argument("--workers", type=int, default=2, help="data.workers and the writer's")
+    parser.add_argument("--workers", type=int, default=2, help="machine.cores and the writer's")
     parser.add_argument("--rounds", type=int, default=2, help="throughput rounds (0: none)")
     parser.add_argument("--no-rss", action="store_true", help="skip the N / scale·N memory runs")
     parser.add_argument("--root", type=Path, default=Path("/tmp/barlow_bench_convert"))

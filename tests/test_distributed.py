@@ -359,7 +359,7 @@ def test_global_batchnorm_matches_batchnorm_on_uneven_batches(results, reference
 def test_single_process_helpers_are_identities(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
-    env = bdist.init()
+    env = bdist.init(timeout_s=60)
     assert (env.rank, env.world_size, env.is_main) == (0, 1, True)
     assert env.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))

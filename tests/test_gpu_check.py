@@ -49,7 +49,7 @@ def test_paper_params_are_the_paper_switch_with_size_overrides_only(tmp_path):
     assert params["augment"]["resolution"] == 224
     assert params["augment"]["crop_scale"] == paper["augment"]["crop_scale"]
     assert params["data"]["source"] == "imagefolder"
-    assert params["pretrain"]["nproc_per_node"] == 1
+    assert params["machine"]["devices"] == 1
 
 
 def test_imagenet_like_tree_has_imagenet_shape(tmp_path):

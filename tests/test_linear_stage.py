@@ -21,7 +21,7 @@ from barlow.features import extract_features
 from barlow.models import build_backbone
 from barlow.probe import SUMMARY_KEYS, Recipe, embedding, fit_and_test, probe_augmented
 from barlow.data.convert import normalisation
-from conftest import REPO, repo_params
+from conftest import REPO, machine, repo_params
 from stages import linear
 
 EMBEDDINGS = ("barlow", "random_init", "raw_pixels")
@@ -32,8 +32,9 @@ MODEL = {"arch": "small_resnet", "width": 4, "layers": [1, 1, 1, 1]}
 def tiny_params(subsets_dir: Path, **linear_overrides) -> dict:
     return repo_params(
         data={"subsets_dir": str(subsets_dir)}, model=MODEL, augment={"resolution": 16},
+        machine=machine(1),
         linear={"mode": "features", "epochs": EPOCHS, "batch_size": 16, "lr": 0.3,
-                "crop_ratio": 1.0, "extract_batch_size": 32, "workers": 1, **linear_overrides})
+                "crop_ratio": 1.0, "extract_batch_size": 32, **linear_overrides})
 
 
 @pytest.fixture(scope="module")

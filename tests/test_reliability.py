@@ -33,7 +33,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from barlow.stage import PREEMPTED
-from conftest import REPO, TINY_PARAMS, repo_params
+from conftest import REPO, TINY_PARAMS, machine, repo_params
 from stages import convert, pretrain
 
 SEED = int(os.environ.get("RELIABILITY_SEED", "0"))
@@ -44,10 +44,11 @@ HANG_S = 300  # a bound for runs that should have progressed or ended long befor
 # 4 epochs × 4 steps, checkpoints every 3 steps and at each epoch's end.
 PARAMS = {**TINY_PARAMS, "pretrain": {**TINY_PARAMS["pretrain"], "epochs": 4}}
 # What users run, less numba's JIT (minutes of compiling per process): precision auto
-# (bf16 on a CPU with native bf16), 2 FFCV threads and 2 torch threads per process;
-# 2 epochs × 4 steps, the cost of two processes on a 2-core CI runner.
-USER_PARAMS = {**PARAMS, "pretrain": {**PARAMS["pretrain"], "precision": "auto", "workers": 2,
-                                      "epochs": 2}}
+# (bf16 on a CPU with native bf16), 2 cores shared by the processes' FFCV threads, 2
+# torch threads per process; 2 epochs × 4 steps, the cost of two processes on a 2-core
+# CI runner.
+USER_PARAMS = {**PARAMS, "pretrain": {**PARAMS["pretrain"], "precision": "auto", "epochs": 2},
+               "machine": machine(1, cores=2)}
 USER_ENV = {**ENV, "OMP_NUM_THREADS": "2"}
 
 
@@ -296,7 +297,7 @@ def test_a_killed_rank_ends_the_run_then_repro_resumes(params_file, tiny_ffcv, t
 
 def with_processes(params: dict, n: int) -> dict:
     """``params`` run in ``n`` processes through the stage's own torchrun launch."""
-    return {**params, "pretrain": {**params["pretrain"], "nproc_per_node": n}}
+    return {**params, "machine": machine(n)}
 
 
 # 2 epochs × 4 steps, a log line at every step: the stop step is then known to one step.
@@ -428,8 +429,8 @@ def test_a_fault_rank_0_alone_sees_stops_every_node_with_its_line(tiny_ffcv, tmp
     collective timeout far beyond the test's bound, the other node's rank must stop
     with the same line at the same point, not wait in the next step's collectives (or
     die of a torn connection, as gloo's do when the peer's process ends)."""
-    params = write_params(tmp_path, {**PARAMS, "pretrain": {**PARAMS["pretrain"],
-                                                            "collective_timeout_s": 3600.0}})
+    params = write_params(tmp_path, {**PARAMS, "machine": {**PARAMS["machine"],
+                                                           "collective_timeout_s": 3600.0}})
     script = tmp_path / "fail_on_rank_0.py"
     script.write_text(FAIL_ON_RANK_0)
     procs = [spawn(cmd, name=f"node{i}") for i, cmd in enumerate(
@@ -457,9 +458,10 @@ def image_tree(root: Path, per_class: dict[str, int], size: int = 12) -> Path:
     return root
 
 
-def convert_params(folder: Path, tree: Path, **data) -> Path:
+def convert_params(folder: Path, tree: Path, cores: int = 2, **data) -> Path:
     return write_params(folder, repo_params(data={
-        "source": "imagefolder", "imagefolder_root": str(tree), "workers": 2, **data}))
+        "source": "imagefolder", "imagefolder_root": str(tree), **data},
+        machine=machine(1, cores=cores)))
 
 
 # The convert stage with FFCV's writer blocking on one image: a kill that lands
@@ -518,7 +520,7 @@ def test_every_file_convert_writes_is_a_dvc_output(tmp_path):
     out_arg = stage["cmd"].split("--out ")[1].split()[0]
     tree = image_tree(tmp_path / "tree", {"a": 3, "b": 3})
     result = CliRunner().invoke(convert.cli, ["dataset", "--params",
-                                              str(convert_params(tmp_path, tree, workers=1)),
+                                              str(convert_params(tmp_path, tree, cores=1)),
                                               "--out", str(tmp_path / "repo" / out_arg)])
     assert result.exit_code == 0, result.output + result.stderr
     written = [p.relative_to(tmp_path / "repo").as_posix()
@@ -584,7 +586,7 @@ def test_an_unknown_section_is_refused(tmp_path, tiny_ffcv):
                                      "los": PARAMS["loss"]})
     assert_refused(run_pretrain(params, tiny_ffcv, tmp_path), tmp_path,
                    f"params: los: unknown section in {params} (known sections: data, loss,"
-                   " model, augment, pretrain, semisup, linear, transfer, report)")
+                   " model, augment, pretrain, semisup, linear, transfer, machine, report)")
 
 
 def test_a_missing_key_is_refused_not_defaulted(tmp_path, tiny_ffcv):
@@ -642,7 +644,7 @@ def test_a_class_left_empty_by_skip_bad_is_refused(tmp_path):
     """data.skip_bad drops a class's only image: the class would be kept with none."""
     tree = image_tree(tmp_path / "tree", {"a": 3, "b": 1})
     (tree / "train" / "b" / "0.png").write_bytes(b"not a png")
-    params = convert_params(tmp_path, tree, skip_bad=True, workers=1)
+    params = convert_params(tmp_path, tree, skip_bad=True, cores=1)
     result = CliRunner().invoke(convert.cli, ["dataset", "--params", str(params),
                                               "--out", str(tmp_path / "ffcv")])
     assert (result.exit_code, result.stderr) == (2, (

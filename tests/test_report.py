@@ -337,7 +337,7 @@ def test_profile_snapshot_set_beside_this_run(fabricated: Path, tmp_path: Path) 
     long_params = yaml.safe_load((REPO / "params.yaml").read_text())
     quick_epochs = long_params["pretrain"]["epochs"]
     long_params["pretrain"]["epochs"] = 50
-    long_params["pretrain"]["workers"] = 7           # not a difference worth a row
+    long_params["machine"]["cores"] = 7              # not a difference worth a row
     (other / "params.yaml").write_text(yaml.safe_dump(long_params))
     profiles = tmp_path / "profiles"
     cmd = ["profile", "--name", "long", "--rev", "abc1234", "--params",
@@ -353,7 +353,7 @@ def test_profile_snapshot_set_beside_this_run(fabricated: Path, tmp_path: Path) 
     assert "| quantity | this run | long (abc1234) |" in md
     assert f"| pretrain.epochs | {quick_epochs} | 50 |" in md
     assert "| linear/barlow/top1_best | 85.0 | 91.2 |" in md
-    assert "pretrain.workers" not in md
+    assert "machine.cores" not in md
 
     # An unfinished run (a stage without metrics) is refused, and nothing is written.
     (other / "semisup" / "metrics.json").unlink()
@@ -375,6 +375,8 @@ def test_seed_replicas_are_told_apart_from_profiles() -> None:
     elsewhere = {"pretrain": {"seed": 2, "epochs": 16, "workers": 8, "nproc_per_node": 4},
                  "linear": {"seed": 2}}
     assert is_seed_replica(params, snap(elsewhere))
+    on_a_node = {**other_seed, "machine": {"devices": 4, "cores": 32}}
+    assert is_seed_replica(params, snap(on_a_node))
     assert not is_seed_replica(params, snap({**params, "pretrain": {**params["pretrain"],
                                                                      "workers": 8}}))
 

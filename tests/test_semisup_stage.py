@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from barlow.data.subsets import balanced_subsets, check_class_counts, read_subset
 from barlow.models import build_backbone
-from conftest import REPO, repo_params
+from conftest import REPO, machine, repo_params
 from stages import semisup
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -31,7 +31,8 @@ def tiny_params(subsets_dir: Path, **semisup_overrides) -> dict:
         model={"arch": "small_resnet", "width": 4, "layers": [1, 1, 1, 1]},
         semisup={"subsets": ["1percent", "10percent"], "epochs": EPOCHS, "batch_size": 8,
                  "eval_batch_size": 32, "resolution": 16, "eval_crop_ratio": 1.0,
-                 "workers": 1, "channels_last": False, **semisup_overrides})
+                 "channels_last": False, **semisup_overrides},
+        machine=machine(1))
 
 
 @pytest.fixture(scope="module")

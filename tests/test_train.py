@@ -20,7 +20,7 @@ from barlow.config import (AugmentConfig, LossConfig, ModelConfig, PretrainConfi
                            from_mapping)
 from barlow.models import small_resnet
 from barlow.train import NonFiniteLossError, PretrainSetup, export, pretrain
-from conftest import REPO, TINY_PARAMS
+from conftest import REPO, TINY_PARAMS, machine
 
 TIMING = {"pairs_per_s", "epoch_time_s"}
 PARAMS = TINY_PARAMS
@@ -55,7 +55,7 @@ ENV = dist.DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"
 def run(setup: PretrainSetup, data_dir: Path, out: Path, **kwargs) -> dict:
     logged = []
     result = pretrain(setup, data_dir / "train.beton", data_dir / "test.beton", out, ENV,
-                      lambda step, m: logged.append((step, m)), **kwargs)
+                      lambda step, m: logged.append((step, m)), num_workers=1, **kwargs)
     result["logged"] = logged
     return result
 
@@ -242,8 +242,8 @@ def test_batch_must_split_over_processes():
 def test_stage_under_torchrun_with_two_processes(data_dir, tmp_path):
     """The dvc.yaml launch path: the stage starts its 2 gloo workers through torchrun's
     launcher; global BN and the sharded loss; rank 0 alone writes."""
-    params = {**PARAMS, "pretrain": {**PARAMS["pretrain"], "knn_every_epochs": 0,
-                                     "nproc_per_node": 2}}
+    params = {**PARAMS, "pretrain": {**PARAMS["pretrain"], "knn_every_epochs": 0},
+              "machine": machine(2)}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "stages.pretrain", "--params", str(tmp_path / "params.yaml"),

@@ -50,14 +50,15 @@ class DistEnv:
         return self.rank == 0
 
 
-def init(backend: str | None = None, timeout_s: float = 60.0) -> DistEnv:
+def init(timeout_s: float, backend: str | None = None) -> DistEnv:
     """Join the process group that torchrun describes, or run alone without one.
 
     Without torchrun's RANK/WORLD_SIZE variables: one process, no process group,
     device cuda:0 when CUDA is available, else cpu. With them: ``backend`` defaults
     to nccl when CUDA is available (device cuda:LOCAL_RANK) and gloo otherwise;
     passing "gloo" explicitly keeps the process on the CPU even where GPUs exist.
-    ``timeout_s`` bounds every collective, so a dead peer raises instead of hanging.
+    ``timeout_s`` (machine.collective_timeout_s) bounds every collective, so a dead
+    peer raises instead of hanging.
     """
     if not under_torchrun():
         device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
@@ -83,7 +84,7 @@ def init(backend: str | None = None, timeout_s: float = 60.0) -> DistEnv:
 
 
 @contextlib.contextmanager
-def process_group(timeout_s: float = 60.0) -> Iterator[DistEnv]:
+def process_group(timeout_s: float) -> Iterator[DistEnv]:
     """`init` on entry and `shutdown` on exit, whatever ends the block: a stage's body
     under torchrun (or alone, without its variables)."""
     env = init(timeout_s=timeout_s)

@@ -22,6 +22,7 @@ from barlow.errors import BadInput, Preempted
 
 if TYPE_CHECKING:
     from barlow.distributed import DistEnv
+    from barlow.machine import Shape
 
 
 params_option = click.option("--params", default="params.yaml", show_default=True,
@@ -74,6 +75,15 @@ def fail(name: str, err: object, status: int) -> NoReturn:
     if not launch.report_to_launcher(line):
         print(line, file=sys.stderr, flush=True)
     sys.exit(status)
+
+
+def machine_shape(params: str | Path) -> Shape:
+    """The params' ``machine:`` section resolved on this node (barlow.machine): checked
+    before any process starts, so a value the node cannot honour is one line."""
+    from barlow.config import MachineConfig, load_section
+    from barlow.machine import node_shape
+
+    return node_shape(load_section(MachineConfig, "machine", params))
 
 
 def run_in_workers(module: str, nproc_per_node: int) -> None:

@@ -63,13 +63,12 @@ class PretrainSetup:
 
     def resume_config(self, data: dict[str, Any], world_size: int) -> dict[str, Any]:
         """What a checkpoint must match to be resumed: everything that changes the
-        weights (operational knobs such as workers or checkpoint interval excluded).
+        weights (operational knobs such as the checkpoint interval excluded).
         The world size is part of it: ffcv deals each epoch's order out by rank, so a
-        resume on another process count (nodes × nproc_per_node) would see other
+        resume on another process count (nodes × machine.devices) would see other
         batches than the interrupted run."""
         pretrain = as_dict(self.pretrain)
-        for key in ("workers", "checkpoint_every_steps", "collective_timeout_s"):
-            pretrain.pop(key)
+        pretrain.pop("checkpoint_every_steps")
         # Where the colour ops run changes no draw, only a rare last rounding (±1 grey
         # level, as compiled vs uncompiled): a run may resume on the other side.
         augment = as_dict(self.augment)
@@ -153,10 +152,11 @@ def resume_point(path: Path, config: dict[str, Any], code: dict[str, str],
 
 
 def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir: Path,
-             env: dist.DistEnv, log: Callable[[int, dict[str, float]], None],
-             stop_after_steps: int | None = None,
+             env: dist.DistEnv, log: Callable[[int, dict[str, float]], None], *,
+             num_workers: int, stop_after_steps: int | None = None,
              stop_requested: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Train, checkpointing to ``out_dir/checkpoint.pt`` (rank 0); return the history.
+    ``num_workers``: FFCV loader threads of this process (barlow.machine).
 
     ``log(step, metrics)`` is called on every rank with the same values (the caller
     logs on rank 0); on resume it is first replayed with the checkpoint's history, so
@@ -196,8 +196,8 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
 
     local_batch = cfg.batch_size // env.world_size
-    loader = pretrain_loader(str(train_beton), local_batch, cfg.workers, config_views(setup.augment),
-                             mean, std, seed=cfg.seed, distributed=env.world_size > 1,
+    loader = pretrain_loader(str(train_beton), local_batch, num_workers,
+                             config_views(setup.augment), mean, std, seed=cfg.seed, distributed=env.world_size > 1,
                              device=env.device, channels_last=cfg.channels_last,
                              colour_ops_on=setup.augment.colour_ops_on)
     steps_per_epoch = len(loader)
@@ -254,7 +254,7 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
         ratio = 1.0 if stored <= res else 224 / 256
         bank = np.linspace(0, manifest["num_images"] - 1,
                            min(cfg.knn_bank_size, manifest["num_images"])).astype(np.int64)
-        common = dict(batch_size=256, num_workers=cfg.workers, resolution=res, mean=mean,
+        common = dict(batch_size=256, num_workers=num_workers, resolution=res, mean=mean,
                       std=std, train_aug=False, crop_ratio=ratio, device=env.device,
                       channels_last=cfg.channels_last)
         knn_loaders = (eval_loader(str(train_beton), indices=np.unique(bank), **common),
