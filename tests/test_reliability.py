@@ -436,7 +436,7 @@ def test_a_fault_rank_0_alone_sees_stops_every_node_with_its_line(tiny_ffcv, tmp
     procs = [spawn(cmd, name=f"node{i}") for i, cmd in enumerate(
         node_cmds(params, tiny_ffcv, [tmp_path / "run"] * 2, [str(script)]))]
     line = ("pretrain: error: pretrain: non-finite weights (NaN/Inf) in 1 tensors, first"
-            f" layer1.0.conv1.weight, after step 3; the last good checkpoint"
+            " layer1.0.conv1.weight, after step 3; the last good checkpoint"
             f" {tmp_path / 'run' / 'out' / 'checkpoint.pt'} is untouched")
     for proc in procs:
         assert proc.wait(timeout=HANG_S) != 0
