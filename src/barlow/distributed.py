@@ -322,6 +322,26 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def all_objects(obj: Any) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order, on every rank; ``[obj]`` alone."""
+    if not _initialized():
+        return [obj]
+    box: list[Any] = [None] * world_size()
+    dist.all_gather_object(box, obj)
+    return box
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank, the same answer on every rank: one
+    all-reduce (max) of one integer. A loop that asks it at the same point of every
+    iteration stops at the same iteration on all ranks, whichever rank saw the reason."""
+    if world_size() == 1:
+        return flag
+    seen = torch.tensor([int(flag)], dtype=torch.int32, device=_collective_device())
+    dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+    return bool(seen.item())
+
+
 class GlobalBatchNorm(_BatchNorm):
     """Batch norm whose training statistics span the batch of all ranks, on any device.
 
