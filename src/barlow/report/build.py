@@ -8,7 +8,7 @@ from typing import Any
 
 from barlow.report.ablations import (Ablations, ablation_metrics, format_value,
                                      group_ablations, mean_curve, sorted_values)
-from barlow.report.claims import evaluate_claim, resolve_ours
+from barlow.report.claims import evaluate_claim, paper_ablations, resolve_ours
 from barlow.report.document import Document
 from barlow.report.figures import (ablation_curves_figure, ablation_figure, bars_figure,
                                    cc_figure, pretrain_figure)
@@ -199,7 +199,7 @@ def build_document(inp: ReportInputs, report_cfg: Any) -> tuple[Document, dict[s
                  "PYTHONPATH=src python -m stages.report ablations --keep --out reports/ablations.json\n"
                  "dvc repro report")
     else:
-        _ablation_section(doc, abl, report_cfg)
+        _ablation_section(doc, abl, report_cfg, inp.paper.get("results", []))
     # -- determinism (what tests/test_reliability.py checks, and where it stops holding)
     doc.heading("Determinism")
     doc.para("On CPU the same seed gives bit-identical weights and metrics, also after kill -9 "
@@ -219,7 +219,8 @@ def build_document(inp: ReportInputs, report_cfg: Any) -> tuple[Document, dict[s
     return doc, summary
 
 
-def _ablation_section(doc: Document, abl: Ablations, report_cfg: Any) -> None:
+def _ablation_section(doc: Document, abl: Ablations, report_cfg: Any,
+                      paper_results: Any) -> None:
     """Per study: its groups at every budget it ran (group_ablations says which one is
     judged), the per-epoch curves at that budget, and the figure."""
     budget = report_cfg.ablation_budget
@@ -265,7 +266,7 @@ def _ablation_section(doc: Document, abl: Ablations, report_cfg: Any) -> None:
                               for x in steps]
                        for v in sorted_values(means)])
     for metric in metrics:
-        fig = ablation_figure(abl, metric)
+        fig = ablation_figure(abl, metric, paper_ablations(paper_results, metric))
         if fig:
             doc.figure(fig)
             break
