@@ -68,10 +68,10 @@ def table() -> str:
     per_core_host = gpu["loader"]["pairs_per_s_per_core_8_cores"]
     gpu_hours = IMAGENET_TRAIN * EPOCHS / rate / 3600
     bpi = {int(k): v for k, v in sizes["bytes_per_image"].items()}
-    src_gpu = f"`results/{gpu_name}`"
-    src_ops = f"`results/{ops_name}` (one AMD EPYC core)"
-    src_size = (f"`results/{BETON_SIZE.name}`: {sizes['images']} synthetic 500×375 JPEGs,"
-                " scaled by image count")
+    src_gpu = f"`benchmarks/results/{gpu_name}`"
+    src_ops = f"`benchmarks/results/{ops_name}` (one AMD EPYC core)"
+    src_size = (f"`benchmarks/results/{BETON_SIZE.name}`: {sizes['images']} synthetic"
+                " 500×375 JPEGs, scaled by image count")
     rows = [
         ("pretraining, 1000 epochs of 1,281,167 images",
          f"{gpu_hours:,.0f} GPU-hours at {rate:,.0f} pairs/s (one H200, batch 256,"
