@@ -90,12 +90,13 @@ def table() -> str:
                      f"train {train_gb:,.0f} GB + val {val_gb:,.0f} GB"
                      f" ({bpi[side] / 1e3:,.0f} KB per image)", src_size))
     top = max(bpi)
+    convert_gb = (CONVERT_BASE_GB
+                  + CONVERT_KB_PER_IMAGE * 1e3 * (IMAGENET_TRAIN + IMAGENET_VAL) / 1e9)
     rows += [
         ("disk read rate, .beton not in the page cache",
          f"{bpi[top] * rate / 1e6:,.0f} MB/s per GPU at max side {top}", "the rows above"),
         ("host RAM, convert stage",
-         f"{CONVERT_BASE_GB + CONVERT_KB_PER_IMAGE * 1e3 * (IMAGENET_TRAIN + IMAGENET_VAL) / 1e9:.1f}"
-         f" GB ({CONVERT_BASE_GB:.0f} GB of imports, {CONVERT_KB_PER_IMAGE} KB per image)",
+         f"{convert_gb:.1f} GB ({CONVERT_BASE_GB:.0f} GB of imports, {CONVERT_KB_PER_IMAGE} KB per image)",
          "benchmarks/README.md, bench_convert"),
         ("host RAM, page cache holding the train .beton",
          f"{bpi[top] * IMAGENET_TRAIN / 1e9:,.0f} GB at max side {top},"

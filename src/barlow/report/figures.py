@@ -140,11 +140,12 @@ def ablation_figure(ablations: Ablations, metric: str,
 
 def ablation_plot(ablations: Ablations, metric: str,
                   paper: Mapping[str, PaperAblation] | None = None):
-    """The matplotlib figure: one panel per study on a grid: our group means ± sample std over seeds, each
-    seed's value as a dot, and the paper's figures (``paper``: claims.paper_ablations)
-    on a right-hand axis of the same scale (points per inch), shifted to sit beside
-    ours: the paper's level is ImageNet's, its differences are comparable. λ, batch size
-    and projector width are on log axes with the values as ticks."""
+    """The matplotlib figure: one panel per study on a grid, our group means ± sample
+    std over seeds with each seed's value as a dot, and the paper's figures (``paper``:
+    claims.paper_ablations) on a right-hand axis of the same scale (points per inch),
+    shifted to sit beside ours: the paper's level is ImageNet's, its differences are
+    comparable. λ, batch size and projector width are on log axes with the values as
+    ticks; a panel spans at least MIN_SPAN points."""
     studies = {p: g for p, g in ablations.studies.items()
                if sum(metric in s for s in g.values()) >= 2}
     if not studies:
