@@ -227,8 +227,9 @@ def test_ablation_figure_grid_log_axes_paper_and_seeds() -> None:
         "128", "256", "512", "1024", "2048", "4096"]
     assert [t.get_text() for t in lam.get_xticklabels()] == ["0.002", "0.0051", "0.02"]
     # Each seed a dot: 3 baseline seeds + 2 + 2 in the λ panel.
+    from matplotlib.collections import PathCollection
     assert sum(len(c.get_offsets()) for c in lam.collections
-               if c.get_offsets().ndim == 2 and len(c.get_offsets())) == 7
+               if isinstance(c, PathCollection)) == 7
     for ax in panels.values():
         low, high = ax.get_ylim()
         assert high - low >= MIN_SPAN
