@@ -186,11 +186,12 @@ def ablation_plot(ablations: Ablations, metric: str,
         span = max(span, MIN_SPAN) * 1.2
         # A top-1 axis stops at 100 where ours still fits; the paper's axis moves with
         # ours (same scale) as far as its own points stay in view.
+        pad = 0.04 * span  # a marker at the edge stays whole
         shift = max(0.0, centre + span / 2 - 100.0)
-        centre -= min(shift, centre + span / 2 - max(finite, default=centre))
+        centre -= min(shift, centre + span / 2 - max(finite, default=centre) - pad)
         if paper_ys:
-            p_centre = min(max(p_centre - shift, max(paper_ys) - span / 2),
-                           min(paper_ys) + span / 2)
+            p_centre = min(max(p_centre - shift, max(paper_ys) - span / 2 + pad),
+                           min(paper_ys) + span / 2 - pad)
         ax.set_ylim(centre - span / 2, centre + span / 2)
         if paper_ys:
             twin = ax.twinx()
