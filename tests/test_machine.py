@@ -77,6 +77,7 @@ def test_the_paper_switch_uses_the_nodes_gpus_and_cores():
     assert resolve(machine, 8, 64) == Shape(8, 64, 8, 1800.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("machine, message", [
     ({"cores": 4096}, "pretrain: error: params: machine.cores: 4096, but this process may"
                       " run on"),

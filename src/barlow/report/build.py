@@ -8,7 +8,7 @@ from typing import Any
 
 from barlow.report.ablations import (Ablations, ablation_metrics, format_value,
                                      group_ablations, mean_curve, sorted_values)
-from barlow.report.claims import evaluate_claim, resolve_ours
+from barlow.report.claims import evaluate_claim, paper_ablations, resolve_ours
 from barlow.report.document import Document
 from barlow.report.figures import (ablation_curves_figure, ablation_figure, bars_figure,
                                    cc_figure, pretrain_figure)
@@ -233,7 +233,7 @@ def _ablations_section(doc: Document, inp: ReportInputs, abl: Ablations,
                  "PYTHONPATH=src python -m stages.report ablations --keep --out reports/ablations.json\n"
                  "dvc repro report")
     else:
-        _ablation_studies(doc, abl, report_cfg)
+        _ablation_studies(doc, abl, report_cfg, inp.paper.get("results", []))
 
 
 def _determinism_section(doc: Document) -> None:
@@ -252,7 +252,8 @@ def _determinism_section(doc: Document) -> None:
              "distribution, not bit for bit.")
 
 
-def _ablation_studies(doc: Document, abl: Ablations, report_cfg: Any) -> None:
+def _ablation_studies(doc: Document, abl: Ablations, report_cfg: Any,
+                      paper_results: Any) -> None:
     """Per study: its groups at every budget it ran (group_ablations says which one is
     judged), the per-epoch curves at that budget, and the figure."""
     budget = report_cfg.ablation_budget
@@ -298,7 +299,7 @@ def _ablation_studies(doc: Document, abl: Ablations, report_cfg: Any) -> None:
                               for x in steps]
                        for v in sorted_values(means)])
     for metric in metrics:
-        fig = ablation_figure(abl, metric)
+        fig = ablation_figure(abl, metric, paper_ablations(paper_results, metric))
         if fig:
             doc.figure(fig)
             break

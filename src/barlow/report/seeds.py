@@ -18,6 +18,7 @@ class Stat:
     mean: float
     std: float
     n: int
+    values: tuple[float, ...] = ()   # one per seed, in run order (the figure's points)
 
     @classmethod
     def of(cls, values: Sequence[float]) -> Stat:
@@ -30,7 +31,7 @@ class Stat:
             std = statistics.stdev(values)
         else:
             std = math.nan
-        return cls(statistics.fmean(values), std, len(values))
+        return cls(statistics.fmean(values), std, len(values), tuple(values))
 
     def text(self, digits: int = 1) -> str:
         if self.n == 1:
