@@ -21,7 +21,7 @@ from barlow.config import (AugmentConfig, LossConfig, ModelConfig, PretrainConfi
                            load_section)
 from barlow.stage import (FAULT, data_option, fail, live_option, open_live,
                           params_option, run_in_workers, run_stage)
-from barlow.train import NonFiniteLossError, PretrainSetup, export, pretrain
+from barlow.train import PretrainSetup, TrainingFault, export, pretrain
 
 
 @click.command()
@@ -66,7 +66,7 @@ def main(params: str, data_dir: Path, out_dir: Path, live_dir: Path) -> None:
             try:
                 result = pretrain(setup, data_dir / "train.beton", data_dir / "test.beton",
                                   out_dir, env, log)
-            except NonFiniteLossError as err:  # a fault mid-run; bad input exits 2 (run_stage)
+            except TrainingFault as err:  # a fault mid-run; bad input exits 2 (run_stage)
                 fail("pretrain", err, FAULT)
             export(result["model"], out_dir, env)
             if live is not None:

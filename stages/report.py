@@ -36,6 +36,7 @@ from barlow.report.crosscorr import cc_section
 from barlow.report.document import write_report
 from barlow.report.inputs import load_curves, load_metrics
 from barlow.report.profiles import load_profiles, profile_snapshot
+from barlow.interrupt import written_whole
 from barlow.stage import params_option, run_stage
 
 
@@ -136,10 +137,9 @@ def ablations(params: str, out_path: Path, from_json: Path | None, keep: bool) -
 def _write_json(path: Path, data: Any) -> None:
     """PATH ← DATA as sorted, indented JSON, written whole or not at all (a committed
     snapshot must never be left half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
+    with written_whole(path) as tmp:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def _git_text(rev: str, path: str) -> str | None:

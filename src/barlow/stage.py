@@ -3,11 +3,15 @@ errors turned into one clear line and a non-zero exit instead of a traceback.
 
 Exit statuses: 0 done; 2 bad input (params, data, a checkpoint from other params),
 reported in one line; 3 a fault mid-run the stage reported in one line (a non-finite
-loss); anything else is a crash, with its traceback."""
+loss, a run that took no optimisation step); 4 the file system refused an output (no
+space left, a read-only or vanished folder, a file-size limit), reported in one line
+naming the file, an earlier version of it intact; anything else is a crash, with its
+traceback."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import sys
 from pathlib import Path
@@ -16,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterator, NoReturn
 import click
 
 from barlow import launch
-from barlow.errors import BadInput
+from barlow.errors import BadInput, WriteRefused
 
 if TYPE_CHECKING:
     from barlow.distributed import DistEnv
@@ -37,8 +41,13 @@ live_option = click.option("--live", "live_dir", required=True, type=click.Path(
 
 BAD_INPUT = 2
 FAULT = 3
+WRITE_REFUSED = 4
 #: Statuses of errors the stage reported itself: a launcher passes them on unchanged.
-REPORTED_EXITS = (BAD_INPUT, FAULT)
+REPORTED_EXITS = (BAD_INPUT, FAULT, WRITE_REFUSED)
+#: Errors that only a write meets, whoever writes (dvclive's metrics, matplotlib's
+#: figures): reported as WriteRefused is. A missing file or a denied permission can be
+#: a read's, and stays a crash outside barlow.interrupt.written_whole.
+_WRITE_ONLY_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
 class NonFiniteMetric(RuntimeError):
@@ -49,13 +58,21 @@ class NonFiniteMetric(RuntimeError):
 @contextlib.contextmanager
 def run_stage(name: str) -> Iterator[None]:
     """Run a stage body; a BadInput (ConfigError, DataError, CheckpointError) exits with
-    status 2 and its message, a NonFiniteMetric with status 3 (a fault mid-run)."""
+    status 2 and its message, a NonFiniteMetric with status 3 (a fault mid-run), a
+    write the file system refused with status 4 (module docstring)."""
     try:
         yield
     except BadInput as err:
         fail(name, err, BAD_INPUT)
     except NonFiniteMetric as err:
         fail(name, err, FAULT)
+    except WriteRefused as err:
+        fail(name, err, WRITE_REFUSED)
+    except OSError as err:
+        if err.errno not in _WRITE_ONLY_ERRNOS:
+            raise
+        fail(name, f"{err.filename or 'an output'}: cannot write: {err.strerror}",
+             WRITE_REFUSED)
 
 
 def fail(name: str, err: object, status: int) -> NoReturn:
