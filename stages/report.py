@@ -28,7 +28,7 @@ from typing import Any
 import click
 import yaml
 
-from barlow.config import AugmentConfig, ReportConfig, load_section, read_params
+from barlow.config import SECTIONS, AugmentConfig, ReportConfig, load_section, read_params
 from barlow.data.sources import DataError
 from barlow.report.ablations import attach_curves, merge_runs, parse_exp_show
 from barlow.report.build import ReportInputs, build_document
@@ -73,6 +73,10 @@ def build(params: str, live_root: Path, checkpoint: Path, data_dir: Path, paper:
     Exit 2: bad params or inputs."""
     with run_stage("report"):
         cfg = load_section(ReportConfig, "report", params)
+        # The sections it prints values of are read raw below: checked first, as the
+        # stages that use them check them (a wrong type there is one line, not a report).
+        for section in ("data", "model", "augment", "pretrain"):
+            load_section(SECTIONS[section], section, params)
         all_params = read_params(params)
         paper_data = yaml.safe_load(paper.read_text())
         metrics, status = load_metrics(live_root)
