@@ -577,7 +577,7 @@ def no_jit():
 
 def test_a_full_disk_is_one_line_and_keeps_the_checkpoint(params_file, tiny_ffcv, tmp_path,
                                                           no_jit):
-    """The first checkpoint write (step 3) meets a full disk: exit 4, one line naming the
+    """The first checkpoint write (step 3) meets a full disk: exit 5, one line naming the
     file and the bytes it needed, no partial file, no backbone. The full disk is
     /dev/full, which the kernel answers with ENOSPC on every write, as a full file
     system does: the partial file's fixed name is a link to it (no root needed, no
@@ -586,7 +586,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_checkpoint(params_file, tiny_ffcv
     out.mkdir()
     (out / ".checkpoint.pt.partial").symlink_to("/dev/full")
     result = run_pretrain(params_file, tiny_ffcv, tmp_path)
-    assert result.exit_code == 4, result.stderr
+    assert result.exit_code == 5, result.stderr
     assert result.stderr.count("\n") == 1
     assert result.stderr.startswith(f"pretrain: error: {out / 'checkpoint.pt'}: cannot write:"
                                     " no space left on the device: needs ")

@@ -1,6 +1,6 @@
 """The errors a stage reports in one line instead of a traceback (barlow.stage): a bad
 input, named (exit status 2), as opposed to a crash; and a write the machine refused
-(exit status 4). Each module raises its own kind of bad input
+(exit status 5). Each module raises its own kind of bad input
 (barlow.config.ConfigError, barlow.data.sources.DataError,
 barlow.checkpoint.CheckpointError); the stage's edge needs to know only the base.
 """

@@ -7,7 +7,7 @@ holds no process id, so a run killed mid-write (kill -9 runs no cleanup) leaves 
 one partial file per target, and the next run of the stage writes over that same name
 and removes it. A write the file system refuses (a full disk, a read-only or vanished
 folder) removes the partial file too, leaves the target as it was, and becomes a
-``WriteRefused`` naming the file: one line from the stage, exit status 4.
+``WriteRefused`` naming the file: one line from the stage, exit status 5.
 
 Processes die with their parent: ``die_with_parent`` asks Linux (prctl
 PR_SET_PDEATHSIG) to SIGKILL the calling process when its parent dies, however it dies

@@ -3,7 +3,7 @@ errors turned into one clear line and a non-zero exit instead of a traceback.
 
 Exit statuses: 0 done; 2 bad input (params, data, a checkpoint from other params),
 reported in one line; 3 a fault mid-run the stage reported in one line (a non-finite
-loss, a run that took no optimisation step); 4 the file system refused an output (no
+loss, a run that took no optimisation step); 5 the file system refused an output (no
 space left, a read-only or vanished folder, a file-size limit), reported in one line
 naming the file, an earlier version of it intact; anything else is a crash, with its
 traceback."""
@@ -41,7 +41,7 @@ live_option = click.option("--live", "live_dir", required=True, type=click.Path(
 
 BAD_INPUT = 2
 FAULT = 3
-WRITE_REFUSED = 4
+WRITE_REFUSED = 5
 #: Statuses of errors the stage reported itself: a launcher passes them on unchanged.
 REPORTED_EXITS = (BAD_INPUT, FAULT, WRITE_REFUSED)
 #: Errors that only a write meets, whoever writes (dvclive's metrics, matplotlib's
@@ -59,7 +59,7 @@ class NonFiniteMetric(RuntimeError):
 def run_stage(name: str) -> Iterator[None]:
     """Run a stage body; a BadInput (ConfigError, DataError, CheckpointError) exits with
     status 2 and its message, a NonFiniteMetric with status 3 (a fault mid-run), a
-    write the file system refused with status 4 (module docstring)."""
+    write the file system refused with status 5 (module docstring)."""
     try:
         yield
     except BadInput as err:
