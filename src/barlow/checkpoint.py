@@ -91,7 +91,7 @@ def load_data_only(path: Path, what: str) -> Any:
     try:
         with torch.serialization.safe_globals(_LEGACY_NUMPY):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # torch's message advises weights_only=False: wrong here
+    except pickle.UnpicklingError:  # torch's message advises turning weights_only off: wrong here
         raise CheckpointError(
             f"{path}: holds objects other than tensors and plain containers, which could"
             f" run code as they are rebuilt; refused unread (expected {what}). Delete it"
@@ -224,7 +224,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
         raise CheckpointError(f"{path}: weights file not found")
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 — torch's message advises weights_only=False: wrong here
+    except Exception:  # noqa: BLE001 — torch's message advises turning weights_only off: wrong here
         raise CheckpointError(f"{path}: {_not_weights(path)}; {WEIGHTS_HINT}") from None
     state = {k: v for k, v in backbone_state(path, content).items() if not k.startswith("fc.")}
     broken = non_finite_keys(state)
