@@ -26,7 +26,7 @@ from barlow.config import (AugmentConfig, LossConfig, ModelConfig, PretrainConfi
 from barlow.interrupt import stop_requests
 from barlow.stage import (FAULT, data_option, fail, live_option, machine_shape, open_live,
                           params_option, run_in_workers, run_stage)
-from barlow.train import NonFiniteLossError, PretrainSetup, export, pretrain
+from barlow.train import PretrainSetup, TrainingFault, export, pretrain
 
 
 @click.command()
@@ -38,12 +38,12 @@ from barlow.train import NonFiniteLossError, PretrainSetup, export, pretrain
 def main(params: str, data_dir: Path, out_dir: Path, live_dir: Path) -> None:
     """Barlow Twins pretraining on DATA/train.beton (kNN monitor on DATA/test.beton).
 
-    Reads the params sections model, loss, augment, pretrain and machine. Writes OUT/checkpoint.pt
-    (every epoch and pretrain.checkpoint_every_steps; a rerun resumes it), then
-    OUT/backbone.pt, and LIVE/metrics.json with LIVE/plots/ (loss terms, lrs, pairs/s,
-    kNN top-1). Prints a progress line per epoch (and at most every 10 s). Exit 2: bad
-    params or data; 3: non-finite loss; 4: pre-empted (SIGTERM/SIGUSR1), checkpoint
-    written."""
+    Reads the params sections model, loss, augment, pretrain and machine. Writes
+    OUT/checkpoint.pt (every epoch and pretrain.checkpoint_every_steps; a rerun resumes
+    it), then OUT/backbone.pt, and LIVE/metrics.json with LIVE/plots/ (loss terms, lrs,
+    pairs/s, kNN top-1). Prints a progress line per epoch (and at most every 10 s).
+    Exit 2: bad params or data; 3: non-finite loss or no step taken; 4: pre-empted
+    (SIGTERM/SIGUSR1), checkpoint written; 5: an output the file system refused."""
     with run_stage("pretrain"):
         setup = PretrainSetup(model=load_section(ModelConfig, "model", params),
                               loss=load_section(LossConfig, "loss", params),
@@ -77,7 +77,7 @@ def main(params: str, data_dir: Path, out_dir: Path, live_dir: Path) -> None:
                     result = pretrain(setup, data_dir / "train.beton", data_dir / "test.beton",
                                       out_dir, env, log, num_workers=shape.threads,
                                       stop_requested=stop_requested)
-                except NonFiniteLossError as err:
+                except TrainingFault as err:
                     # A fault mid-run; bad input exits 2 (run_stage).
                     fail("pretrain", err, FAULT)
                 export(result["model"], out_dir, env)

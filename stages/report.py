@@ -28,7 +28,7 @@ from typing import Any
 import click
 import yaml
 
-from barlow.config import AugmentConfig, ReportConfig, load_section, read_params
+from barlow.config import SECTIONS, AugmentConfig, ReportConfig, load_section, read_params
 from barlow.data.sources import DataError
 from barlow.report.ablations import attach_curves, merge_runs, parse_exp_show
 from barlow.report.build import ReportInputs, build_document
@@ -36,6 +36,7 @@ from barlow.report.crosscorr import cc_section
 from barlow.report.document import write_report
 from barlow.report.inputs import load_curves, load_metrics
 from barlow.report.profiles import load_profiles, profile_snapshot
+from barlow.interrupt import written_whole
 from barlow.stage import machine_shape, params_option, run_stage
 
 
@@ -73,6 +74,10 @@ def build(params: str, live_root: Path, checkpoint: Path, data_dir: Path, paper:
     Exit 2: bad params or inputs."""
     with run_stage("report"):
         cfg = load_section(ReportConfig, "report", params)
+        # The sections it prints values of are read raw below: checked first, as the
+        # stages that use them check them (a wrong type there is one line, not a report).
+        for section in ("data", "model", "augment", "pretrain"):
+            load_section(SECTIONS[section], section, params)
         all_params = read_params(params)
         paper_data = yaml.safe_load(paper.read_text())
         metrics, status = load_metrics(live_root)
@@ -138,10 +143,9 @@ def ablations(params: str, out_path: Path, from_json: Path | None, keep: bool) -
 def _write_json(path: Path, data: Any) -> None:
     """PATH ← DATA as sorted, indented JSON, written whole or not at all (a committed
     snapshot must never be left half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
+    with written_whole(path) as tmp:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def _git_text(rev: str, path: str) -> str | None:

@@ -22,7 +22,8 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.writer import DatasetWriter
 
 from barlow.augment import CROP_UNIFORMS, crop_box, uniforms
-from barlow.data.loaders import ViewSpec, eval_loader, paper_views, pretrain_loader, view_operations
+from barlow.data.loaders import (ViewSpec, batches_per_epoch, eval_loader, paper_views,
+                                 pretrain_loader, view_operations)
 
 # numba's dispatcher finalisers raise a harmless KeyError when loaders are collected.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -321,3 +322,21 @@ def test_host_colour_ops_give_the_views_of_the_code_before_colour_ops_on(tiny_ff
     assert np.array_equal(got, np.round(got))
     diff = np.abs(got.astype(np.int16) - want)
     assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3
+
+
+@pytest.mark.parametrize("batch_size", [1, 16, 63, 64, 65, 128])
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_batches_per_epoch_is_the_loaders_len(tiny_ffcv, batch_size, drop_last):
+    """The arithmetic the stages check before any loader exists (one process: a world
+    size of n deals ⌈64/n⌉ rows to each, torch's DistributedSampler's padding)."""
+    loader = eval_loader(str(tiny_ffcv / "train.beton"), batch_size, 1, 16, MEAN, STD,
+                         train_aug=False, drop_last=drop_last)
+    assert len(loader) == batches_per_epoch(64, batch_size, 1, drop_last)
+
+
+def test_batches_per_epoch_over_processes():
+    assert batches_per_epoch(64, 32, 2, True) == 1  # 32 rows per process
+    assert batches_per_epoch(63, 32, 2, True) == 1  # 32 rows per process, one padded
+    assert batches_per_epoch(62, 32, 2, True) == 0
+    assert batches_per_epoch(62, 32, 2, False) == 1
+

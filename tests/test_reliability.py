@@ -13,6 +13,7 @@ line is asserted. No test asserts a duration: a hang fails at a generous bound.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import shutil
@@ -223,7 +224,7 @@ def test_kill_inside_the_atomic_checkpoint_write(reference_run, params_file, tin
     assert proc.wait(timeout=HANG_S) == -signal.SIGKILL
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == [".checkpoint.pt.partial", "checkpoint.pt"]
-    assert "step" in torch.load(out / "checkpoint.pt", weights_only=False)
+    assert "step" in torch.load(out / "checkpoint.pt", weights_only=True)
     (tmp_path / "live" / "metrics.json").unlink(missing_ok=True)
     result = finish(stage_cmd(params_file, tiny_ffcv, tmp_path))
     assert "pretrain: resumed from" in result.stdout
@@ -675,3 +676,101 @@ def test_a_non_finite_metric_is_refused_and_leaves_no_metrics(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         "linear: error: metric linear/barlow/top1 is nan; no metrics were kept")
     assert not (tmp_path / "live" / "metrics.json").exists()
+
+
+# ---------------------------------------------------------------- crafted files, no work, full disks
+
+class RunsCode:
+    """Pickled as a call of open(marker, "w"): the marker file appears if and only if
+    loading the pickle ran code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_crafted_checkpoint_runs_no_code(params_file, tiny_ffcv, tmp_path):
+    """A checkpoint.pt in the output folder (dvc pull, a copied run folder) is read as
+    data only, by the stage and by the report alike: refused unread, exit 2."""
+    from barlow.checkpoint import CheckpointError
+    from barlow.report.crosscorr import checkpoint_models
+
+    marker = tmp_path / "code-ran"
+    ckpt = tmp_path / "out" / "checkpoint.pt"
+    ckpt.parent.mkdir()
+    torch.save({"model": RunsCode(marker), "config": {}, "finished": False}, ckpt)
+    result = run_pretrain(params_file, tiny_ffcv, tmp_path)
+    assert not marker.exists()
+    assert (result.exit_code, result.stderr) == (2, (
+        f"pretrain: error: {ckpt}: holds objects other than tensors and plain containers,"
+        " which could run code as they are rebuilt; refused unread (expected a pretraining"
+        " checkpoint of this project). Delete it to start over\n")), result.stderr
+    assert not (tmp_path / "live").exists()
+    with pytest.raises(CheckpointError, match="refused unread"):
+        checkpoint_models(ckpt)
+    assert not marker.exists()
+
+
+def test_a_batch_larger_than_the_training_set_is_refused(tmp_path, tiny_ffcv):
+    """With whole batches only (drop_last) an epoch of 64 images has no step of 128:
+    the run trained nothing and exported its initial weights with exit 0."""
+    params = write_params(tmp_path, {**PARAMS, "pretrain": {**PARAMS["pretrain"],
+                                                            "batch_size": 128}})
+    assert_refused(run_pretrain(params, tiny_ffcv, tmp_path), tmp_path,
+                   f"params: pretrain.batch_size: 128 exceeds the 64 images of"
+                   f" {tiny_ffcv / 'train.beton'}: an epoch would take no step (128 per"
+                   " process x 1 process(es), whole batches only)")
+
+
+@pytest.fixture
+def no_jit():
+    """Pipelines as plain Python in this process: seconds instead of a numba compile."""
+    from ffcv.pipeline.compiler import Compiler
+
+    Compiler.set_enabled(False)
+    yield
+    Compiler.set_enabled(True)
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_checkpoint(params_file, tiny_ffcv, tmp_path,
+                                                          no_jit):
+    """The first checkpoint write (step 3) meets a full disk: exit 5, one line naming the
+    file and the bytes it needed, no partial file, no backbone. The full disk is
+    /dev/full, which the kernel answers with ENOSPC on every write, as a full file
+    system does: the partial file's fixed name is a link to it (no root needed, no
+    write is mocked)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".checkpoint.pt.partial").symlink_to("/dev/full")
+    result = run_pretrain(params_file, tiny_ffcv, tmp_path)
+    assert result.exit_code == 5, result.stderr
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"pretrain: error: {out / 'checkpoint.pt'}: cannot write:"
+                                    " no space left on the device: needs ")
+    needed = int(result.stderr.split("needs ")[1].split(" bytes")[0].replace(",", ""))
+    assert needed > 10_000  # the tiny model, its optimiser state and the history
+    assert list(out.iterdir()) == []
+
+
+def test_a_refused_write_leaves_the_previous_file_whole(tmp_path):
+    """save_atomic, the atomic write of every checkpoint and backbone, on a full disk
+    (/dev/full, as above): the bytes needed are those torch.save writes."""
+    from barlow.checkpoint import save_atomic
+    from barlow.errors import WriteRefused
+
+    path = tmp_path / "checkpoint.pt"
+    save_atomic({"step": torch.tensor(1)}, path)
+    before = path.read_bytes()
+    (tmp_path / ".checkpoint.pt.partial").symlink_to("/dev/full")
+    state = {"step": torch.tensor(2), "model": torch.zeros(1000)}
+    with pytest.raises(WriteRefused) as refused:
+        save_atomic(state, path)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    assert str(refused.value).startswith(f"{path}: cannot write: no space left on the device:"
+                                         f" needs {len(buffer.getvalue()):,} bytes, ")
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+

@@ -136,6 +136,10 @@ def test_mismatching_weights_give_one_line_error(setup, tmp_path):
     ("16\n20\n24\n28\n32\n36\n40\n44\n", "no image of 3 class(es)"),  # all class 0
     ("16\n20\n24\n28\n17\n21\n18\n19\n", "neither uniform"),  # 4, 2, 1, 1
     ("16\n17\n18\n19\n16\n", "1percent.txt:5: '16' repeats line 1"),
+    ("16\n17\n\n18\n19\n", "1percent.txt:3: blank line"),
+    ("16\n17 18\n19\n", "1percent.txt:2: '17 18' is more than one entry"),
+    ("16\n-17\n", "1percent.txt:2: '-17' is not a sample index (digits 0-9)"),
+    ("16\n17.0\n", "1percent.txt:2: '17.0' is not a sample index (digits 0-9)"),
 ])
 def test_bad_subset_file_is_named(setup, tmp_path, content, message):
     subsets = tmp_path / "subsets"

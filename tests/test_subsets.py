@@ -98,6 +98,28 @@ def test_a_name_not_in_the_dataset_is_refused(imagenet, tmp_path):
         splits(imagenet, tmp_path)
 
 
+def test_a_name_twice_is_refused(imagenet, tmp_path):
+    """The same image listed again, by its bare name or with its class folder."""
+    copy_lists(tmp_path, lambda lines: lines[:5] + [f"{synset(lines[2])}/{lines[2]}"] + lines[5:])
+    first = (LISTS / "1percent.txt").read_text().split()[2]
+    with pytest.raises(DataError, match=rf"1percent.txt:6: '{synset(first)}/{first}' repeats"
+                                        " line 3$"):
+        splits(imagenet, tmp_path)
+
+
+@pytest.mark.parametrize("line, message", [
+    ("", "blank line; one entry per line, comments after #"),
+    ("   ", "blank line; one entry per line, comments after #"),
+    ("n01440764_10026.JPEG n01440764_10027.JPEG", "is more than one entry; one per line"),
+    # A name of ImageNet's val/ folder, which is the test split here.
+    ("ILSVRC2012_val_00000001.JPEG", "is not in the converted dataset's training split"),
+])
+def test_a_line_that_is_not_one_entry_is_refused(imagenet, tmp_path, line, message):
+    copy_lists(tmp_path, lambda lines: lines[:41] + [line] + lines[41:])
+    with pytest.raises(DataError, match=rf"1percent.txt:42: .*{message}"):
+        splits(imagenet, tmp_path)
+
+
 def test_an_overlap_with_val_is_refused(imagenet, tmp_path):
     copy_lists(tmp_path)
     val, _, _ = splits(imagenet, tmp_path, ())

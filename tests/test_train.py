@@ -90,7 +90,7 @@ def test_runs_logs_and_exports(uninterrupted):
     export(result["model"], out, ENV)
     backbone, _ = small_resnet(width=4, layers=(1, 1, 1, 1))
     backbone.load_state_dict(torch.load(out / "backbone.pt"))  # strict: torchvision layout
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["finished"] and ckpt["step"] == 8
     assert {"model", "optimizer", "scaler", "rng", "config", "fingerprint"} <= set(ckpt)
 
@@ -110,7 +110,7 @@ def test_resume_equals_uninterrupted(uninterrupted, data_dir, tmp_path):
 
 def with_other_code(path: Path, **changes) -> None:
     """Rewrite a checkpoint as if written by other code: barlow.loss's hash changed."""
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = torch.load(path, weights_only=True)
     ckpt["code"] = {**ckpt["code"], "barlow.loss": "0" * 16}
     for key, value in changes.items():
         ckpt[key] = value
@@ -124,7 +124,7 @@ def test_a_finished_run_of_other_code_starts_over(uninterrupted, data_dir, tmp_p
     full, out = uninterrupted
     ckpt_path = tmp_path / "checkpoint.pt"
     ckpt_path.write_bytes((out / "checkpoint.pt").read_bytes())
-    ckpt = torch.load(ckpt_path, weights_only=False)
+    ckpt = torch.load(ckpt_path, weights_only=True)
     assert ckpt["finished"] and "barlow.loss" in ckpt["code"]
     stale = {k: torch.zeros_like(v) if v.is_floating_point() else v
              for k, v in ckpt["model"].items()}  # weights no training would give
@@ -133,7 +133,7 @@ def test_a_finished_run_of_other_code_starts_over(uninterrupted, data_dir, tmp_p
     assert "a finished run of other code (changed: barlow.loss); starting over" in capsys.readouterr().out
     for key, value in full["model"].state_dict().items():
         assert torch.equal(value, rerun["model"].state_dict()[key]), key
-    assert torch.load(ckpt_path, weights_only=False)["code"]["barlow.loss"] != "0" * 16
+    assert torch.load(ckpt_path, weights_only=True)["code"]["barlow.loss"] != "0" * 16
 
 
 @pytest.mark.slow
@@ -200,7 +200,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkey
     # Resumed at step 3; step 3 trains and checkpoints (end of epoch 1); step 4 is NaN.
     with pytest.raises(NonFiniteLossError, match="at step 4"):
         run(setup, data_dir, tmp_path)
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 4 and not ckpt["finished"]
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     monkeypatch.undo()
@@ -236,7 +236,7 @@ def test_nan_weights_after_an_update_are_never_checkpointed(data_dir, tmp_path, 
     monkeypatch.setattr(train, "build_optimizer", build)
     with pytest.raises(train.NonFiniteLossError, match=r"non-finite weights .* after step 4"):
         run(setup, data_dir, tmp_path)
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 3
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
@@ -279,7 +279,7 @@ def test_fp16_overflow_is_absorbed_by_the_grad_scaler(data_dir, tmp_path, monkey
                                      "knn_every_epochs": 0}}
     result = run(setup_from(params), data_dir, tmp_path)
     assert result["step"] == 8
-    scaler = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["scaler"]
+    scaler = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["scaler"]
     assert scaler["scale"] < 2.0 ** 40  # overflow seen and handled, not fatal
     assert all(np.isfinite(m["loss"]) for _, m in result["logged"])
     assert all(torch.isfinite(v).all() for v in result["model"].state_dict().values()

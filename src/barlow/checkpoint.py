@@ -5,12 +5,17 @@ never stopped: model, optimiser, grad scaler, step, every RNG state, the logged 
 the config it was made with and the hashes of the code that made it (``code_hashes``).
 The data order and augmentations are functions of (seed, epoch, batch) and are rebuilt
 from the config and step (barlow.data.loaders).
+
+Every file is read with ``torch.load(weights_only=True)``: tensors and plain containers
+only, so a crafted file (a pickle whose objects run code as they are rebuilt, placed by
+`dvc pull`, a copied run folder or a colleague) is refused before anything in it runs.
+A checkpoint therefore holds only data: the numpy RNG key is stored as a tensor.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
+import pickle
 import random
 import sys
 import zipfile
@@ -23,7 +28,7 @@ from torch import nn
 
 from barlow.config import diff_keys, fingerprint
 from barlow.errors import BadInput
-from barlow.interrupt import partial_path
+from barlow.interrupt import written_whole
 
 
 class CheckpointError(BadInput):
@@ -37,16 +42,63 @@ def non_finite_keys(state: Mapping[str, Any]) -> list[str]:
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save to partial_path(path), then rename: a crash never leaves a torn file,
-    and the partial file a kill -9 leaves is the one the next save overwrites."""
+    """torch.save, whole or not at all (barlow.interrupt.written_whole): a crash never
+    leaves a torn file, the partial file a kill -9 leaves is the one the next save
+    overwrites, and a full disk is a WriteRefused naming the bytes the file needed.
+    Written through a Python file object, whose write reports the OS's error (torch's
+    own file writer reports an "unexpected pos" instead)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_path(path)
+    with written_whole(path, lambda: _serialized_bytes(obj)) as tmp:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as file:
+            torch.save(obj, file)
+
+
+class _ByteCounter:
+    """A write-only file that keeps no bytes, only their count."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def write(self, data: bytes) -> int:
+        self.count += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def _serialized_bytes(obj: Any) -> int:
+    """The size of ``torch.save(obj)``'s file, found by serialising it into nothing."""
+    counter = _ByteCounter()
+    torch.save(obj, counter)
+    return counter.count
+
+
+#: What a pretraining checkpoint written before the numpy RNG key was stored as a tensor
+#: holds beyond tensors and plain containers: that key, a uint32 numpy array. numpy's
+#: array reconstruction, allowed by name, builds arrays and nothing else.
+_LEGACY_NUMPY = [np.ndarray, np.dtype, np.dtypes.UInt32DType, np._core.multiarray._reconstruct]
+
+
+def load_data_only(path: Path, what: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: a file holding anything but
+    tensors and plain containers (and ``_LEGACY_NUMPY``) is refused before any of its
+    objects is built, with one line naming the file and ``what`` it should have been."""
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a torch.save archive (expected {what});"
+                              " delete it to start over")
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        with torch.serialization.safe_globals(_LEGACY_NUMPY):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message advises turning weights_only off: wrong here
+        raise CheckpointError(
+            f"{path}: holds objects other than tensors and plain containers, which could"
+            f" run code as they are rebuilt; refused unread (expected {what}). Delete it"
+            " to start over") from None
+    except Exception as err:  # noqa: BLE001 — a torn or truncated archive
+        raise CheckpointError(f"{path}: unreadable ({str(err).splitlines()[0]}; expected"
+                              f" {what}); delete it to start over") from None
 
 
 def rng_state() -> dict[str, Any]:
@@ -54,7 +106,9 @@ def rng_state() -> dict[str, Any]:
     device's generator: the one this process draws from. Not every visible GPU's
     (``get_rng_state_all``): restoring those by index fails on a machine with fewer
     GPUs, and they belong to other ranks anyway."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    name, key, *rest = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (name, torch.from_numpy(key.astype(np.int64)), *rest),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -63,9 +117,11 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
     """Restore ``rng_state()``'s states; a GPU state goes to the current device, and is
-    left out where this process has no GPU (a GPU run resumed on the CPU)."""
+    left out where this process has no GPU (a GPU run resumed on the CPU). The numpy
+    key is a tensor (a numpy array in checkpoints written before: both convert)."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(key).astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -107,11 +163,7 @@ def load_resumable(path: str | Path, config: Mapping[str, Any],
     path = Path(path)
     if not path.is_file():
         return None
-    try:
-        # Our own file (it holds numpy RNG state, which weights_only refuses).
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 — any unpickling failure means "unusable"
-        raise CheckpointError(f"{path}: unreadable checkpoint ({err}); delete it to start over") from None
+    ckpt = load_data_only(path, "a pretraining checkpoint of this project")
     if not isinstance(ckpt, dict) or "config" not in ckpt:
         raise CheckpointError(f"{path}: not a pretraining checkpoint of this project")
     if ckpt.get("fingerprint") != fingerprint(config):
@@ -172,7 +224,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
         raise CheckpointError(f"{path}: weights file not found")
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 — torch's message advises weights_only=False: wrong here
+    except Exception:  # noqa: BLE001 — torch's message advises turning weights_only off: wrong here
         raise CheckpointError(f"{path}: {_not_weights(path)}; {WEIGHTS_HINT}") from None
     state = {k: v for k, v in backbone_state(path, content).items() if not k.startswith("fc.")}
     broken = non_finite_keys(state)

@@ -1,8 +1,9 @@
-"""The base of every error a stage reports in one line and exit status 2 (barlow.stage):
-a bad input, named, as opposed to a crash. Each module raises its own kind
+"""The errors a stage reports in one line instead of a traceback (barlow.stage): a bad
+input, named (exit status 2), as opposed to a crash; and a write the machine refused
+(exit status 5). Each module raises its own kind of bad input
 (barlow.config.ConfigError, barlow.data.sources.DataError,
-barlow.checkpoint.CheckpointError); the stage's edge needs to know only this one.
-Beside it, `Preempted`: a run that stopped when asked to, which is no error.
+barlow.checkpoint.CheckpointError); the stage's edge needs to know only the base.
+Beside them, `Preempted`: a run that stopped when asked to, which is no error.
 """
 
 
@@ -15,3 +16,13 @@ class Preempted(Exception):
     """A run stopped on a scheduler's request (barlow.interrupt.stop_requests) after
     writing its checkpoint; the next run resumes from it. Not a failure of the run: the
     stage exits with its own status (barlow.stage.PREEMPTED)."""
+
+
+class WriteRefused(OSError):
+    """The file system refused to take an output whole (no space left, a read-only or
+    vanished folder, a file-size limit); the message names the file and, for a full
+    disk, the bytes the file needed. Nothing was renamed into place: an earlier
+    version of the file is intact."""
+
+    def __str__(self) -> str:
+        return self.strerror

@@ -2,9 +2,12 @@
 nothing removes, and no process that outlives it.
 
 Files appear whole or not at all: each is written under ``partial_path(target)``, a
-fixed hidden name beside the target, then renamed onto it. The name holds no process
-id, so a run killed mid-write (kill -9 runs no cleanup) leaves at most one partial file
-per target, and the next run of the stage writes over that same name and removes it.
+fixed hidden name beside the target, then renamed onto it (``written_whole``). The name
+holds no process id, so a run killed mid-write (kill -9 runs no cleanup) leaves at most
+one partial file per target, and the next run of the stage writes over that same name
+and removes it. A write the file system refuses (a full disk, a read-only or vanished
+folder) removes the partial file too, leaves the target as it was, and becomes a
+``WriteRefused`` naming the file: one line from the stage, exit status 5.
 
 A pre-empted run loses nothing: ``stop_requests`` turns the scheduler's warning signals
 (SIGTERM, and SIGUSR1 that SLURM's ``--signal`` sends before the time limit) into a
@@ -24,11 +27,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
 from typing import Callable, Iterator
+
+from barlow.errors import WriteRefused
 
 #: The signals a scheduler sends to ask a job to stop: SIGTERM (pre-emption, scancel,
 #: SLURM's time limit, Kubernetes) and SIGUSR1 (SLURM's `--signal=USR1@<seconds>`).
@@ -52,6 +59,58 @@ def partial_path(path: str | Path) -> Path:
     """Where ``path`` is written before the rename that makes it appear."""
     path = Path(path)
     return path.with_name(f".{path.name}.partial")
+
+
+#: What the file system answers when it cannot take a file, whatever the code writing it:
+#: no space (or quota), a read-only file system or folder, a vanished folder, a file
+#: larger than the process may write (RLIMIT_FSIZE, the file system's own limit).
+REFUSED_WRITES = {errno.ENOSPC: "no space left on the device",
+                  errno.EDQUOT: "disk quota exceeded",
+                  errno.EROFS: "read-only file system",
+                  errno.EACCES: "permission denied (a read-only folder?)",
+                  errno.EPERM: "operation not permitted",
+                  errno.ENOENT: "its folder vanished",
+                  errno.EFBIG: "file too large for this process or file system"}
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def written_whole(path: str | Path,
+                  needed_bytes: Callable[[], int] | None = None) -> Iterator[Path]:
+    """Yield ``partial_path(path)`` to write; once the body is done, rename it onto
+    ``path``. On any failure the partial file is removed and ``path`` left as it was; a
+    refusal of the file system (REFUSED_WRITES) raises WriteRefused naming ``path``, and,
+    on a full disk, the bytes the file needed (``needed_bytes()``, called only then;
+    without it, those written before the refusal) and those free."""
+    path = Path(path)
+    tmp = partial_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as err:
+        if err.errno not in REFUSED_WRITES or isinstance(err, WriteRefused):
+            raise
+        what = REFUSED_WRITES[err.errno]
+        if err.errno in _FULL:
+            what += _space(tmp, needed_bytes)
+        raise WriteRefused(err.errno, f"{path}: cannot write: {what}") from None
+    finally:
+        with contextlib.suppress(OSError):  # a vanished or read-only folder has none
+            tmp.unlink(missing_ok=True)
+
+
+def _space(tmp: Path, needed_bytes: Callable[[], int] | None) -> str:
+    """": needs N bytes, M free on FOLDER" for a write refused for want of space."""
+    if needed_bytes is not None:
+        need = f"needs {needed_bytes():,} bytes"
+    else:
+        written = tmp.stat().st_size if tmp.is_file() else 0
+        need = f"{written:,} bytes written before the refusal"
+    try:
+        free = f", {shutil.disk_usage(tmp.parent).free:,} free on {tmp.parent}"
+    except OSError:
+        free = ""
+    return f": {need}{free}"
 
 
 def die_with_parent() -> None:

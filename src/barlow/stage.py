@@ -3,13 +3,16 @@ errors turned into one clear line and a non-zero exit instead of a traceback.
 
 Exit statuses: 0 done; 2 bad input (params, data, a checkpoint from other params),
 reported in one line; 3 a fault mid-run the stage reported in one line (a non-finite
-loss); 4 pre-empted: stopped on SIGTERM or SIGUSR1 after writing its checkpoint, in one
-line, and the next run resumes (pretrain); anything else is a crash, with its
-traceback."""
+loss, a run that took no optimisation step); 4 pre-empted: stopped on SIGTERM or SIGUSR1
+after writing its checkpoint, in one line, and the next run resumes (pretrain); 5 the
+file system refused an output (no space left, a read-only or vanished folder, a
+file-size limit), reported in one line naming the file, an earlier version of it intact;
+anything else is a crash, with its traceback."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import sys
 from pathlib import Path
@@ -18,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterator, NoReturn
 import click
 
 from barlow import launch
-from barlow.errors import BadInput, Preempted
+from barlow.errors import BadInput, Preempted, WriteRefused
 
 if TYPE_CHECKING:
     from barlow.distributed import DistEnv
@@ -41,8 +44,13 @@ live_option = click.option("--live", "live_dir", required=True, type=click.Path(
 BAD_INPUT = 2
 FAULT = 3
 PREEMPTED = 4
+WRITE_REFUSED = 5
 #: Statuses the stage reported itself: a launcher passes them on unchanged.
-REPORTED_EXITS = (BAD_INPUT, FAULT, PREEMPTED)
+REPORTED_EXITS = (BAD_INPUT, FAULT, PREEMPTED, WRITE_REFUSED)
+#: Errors that only a write meets, whoever writes (dvclive's metrics, matplotlib's
+#: figures): reported as WriteRefused is. A missing file or a denied permission can be
+#: a read's, and stays a crash outside barlow.interrupt.written_whole.
+_WRITE_ONLY_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
 class NonFiniteMetric(RuntimeError):
@@ -54,7 +62,8 @@ class NonFiniteMetric(RuntimeError):
 def run_stage(name: str) -> Iterator[None]:
     """Run a stage body; a BadInput (ConfigError, DataError, CheckpointError) exits with
     status 2 and its message, a NonFiniteMetric with status 3 (a fault mid-run), a
-    Preempted with status 4 and its message from rank 0 (every rank stops alike)."""
+    Preempted with status 4 and its message from rank 0 (every rank stops alike), a
+    write the file system refused with status 5 (module docstring)."""
     try:
         yield
     except BadInput as err:
@@ -65,6 +74,13 @@ def run_stage(name: str) -> Iterator[None]:
         if launch.launched_rank() == 0:
             print(f"{name}: {stop}", file=sys.stderr, flush=True)
         sys.exit(PREEMPTED)
+    except WriteRefused as err:
+        fail(name, err, WRITE_REFUSED)
+    except OSError as err:
+        if err.errno not in _WRITE_ONLY_ERRNOS:
+            raise
+        fail(name, f"{err.filename or 'an output'}: cannot write: {err.strerror}",
+             WRITE_REFUSED)
 
 
 def fail(name: str, err: object, status: int) -> NoReturn:

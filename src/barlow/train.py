@@ -39,7 +39,7 @@ from barlow.checkpoint import (CheckpointError, code_hashes, load_resumable, non
 from barlow.config import (AugmentConfig, LossConfig, ModelConfig, PretrainConfig, as_dict,
                            fingerprint)
 from barlow.data.convert import normalisation, read_manifest
-from barlow.data.loaders import config_views, eval_loader, pretrain_loader
+from barlow.data.loaders import config_views, eval_loader, pretrain_loader, require_batches
 from barlow.errors import Preempted
 from barlow.features import extract_features, knn_top1
 from barlow.models import BarlowTwins, Projector, backbone_state_dict, build_backbone
@@ -47,9 +47,17 @@ from barlow.optim import build_optimizer, param_groups, scale_lr, warmup_cosine
 from barlow.precision import AUTOCAST, resolve_precision
 from barlow.progress import Progress
 
-class NonFiniteLossError(RuntimeError):
+class TrainingFault(RuntimeError):
+    """A run that must not export what it holds; the message says why."""
+
+
+class NonFiniteLossError(TrainingFault):
     """The loss, or a weight, became NaN or Inf; training stops and the last checkpoint
     stays intact."""
+
+
+class NoStepTaken(TrainingFault):
+    """The run ended without one optimisation step: its weights are the initial ones."""
 
 
 @dataclass(frozen=True)
@@ -176,6 +184,13 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
                                          "ffcv": manifest["ffcv"]}, env.world_size)
     ckpt_path = out_dir / "checkpoint.pt"
     code = code_hashes()  # every module of the run is imported by now
+    # Refused here, before any model or loader is built: a batch larger than the
+    # training set (drop_last) would give epochs of no step and an untrained backbone.
+    require_batches(manifest["num_images"], cfg.batch_size // env.world_size, env.world_size,
+                    True, "pretrain.batch_size", f"{train_beton}")
+    # Read (data only, barlow.checkpoint.load_data_only) before anything is built, and
+    # applied once the model and optimiser exist.
+    ckpt = resume_point(ckpt_path, resume_config, code, env)
 
     seed_everything(cfg.seed)
     if env.device.type == "cuda":
@@ -197,8 +212,9 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
 
     local_batch = cfg.batch_size // env.world_size
     loader = pretrain_loader(str(train_beton), local_batch, num_workers,
-                             config_views(setup.augment), mean, std, seed=cfg.seed, distributed=env.world_size > 1,
-                             device=env.device, channels_last=cfg.channels_last,
+                             config_views(setup.augment), mean, std, seed=cfg.seed,
+                             distributed=env.world_size > 1, device=env.device,
+                             channels_last=cfg.channels_last,
                              colour_ops_on=setup.augment.colour_ops_on)
     steps_per_epoch = len(loader)
     total_steps = cfg.epochs * steps_per_epoch
@@ -209,7 +225,6 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
     # `window`: sums of the loss terms since the last log line; checkpointed with the
     # rest so a resumed run logs the same averages as an uninterrupted one.
     step, history, window, window_steps = 0, [], {}, 0
-    ckpt = resume_point(ckpt_path, resume_config, code, env)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -335,6 +350,11 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
                                 f" {step / steps_per_epoch:.2f}); {ckpt_path} holds it, the"
                                 " next run resumes there")
         epoch_start = time.perf_counter()
+    if step == 0:
+        # The last line of defence behind require_batches: never export an untrained
+        # backbone as the run's product.
+        raise NoStepTaken(f"pretrain: the run ended after 0 optimisation steps ({cfg.epochs}"
+                          f" epochs x {steps_per_epoch} steps); nothing exported")
     return {"step": step, "history": history, "model": model}
 
 

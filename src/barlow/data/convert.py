@@ -13,7 +13,6 @@ manifest (``check_beton``).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from barlow.data.sources import DataError, Source, hash_file
-from barlow.interrupt import children_die_with_parent, partial_path
+from barlow.interrupt import children_die_with_parent, partial_path, written_whole
 
 FIELDS = ("image", "label")
 # Up to this size a stage compares a .beton's sha256 with its manifest's on every
@@ -143,9 +142,9 @@ def write_beton(source: Source, out: str | Path, settings: FfcvSettings, workers
     out.parent.mkdir(parents=True, exist_ok=True)
     manifest_path = out.with_suffix(".json")
     files_path = out.with_suffix(".files.txt")
-    tmp, tmp_manifest = partial_path(out), partial_path(manifest_path)
-    for stale in (out, manifest_path, files_path, tmp, tmp_manifest):
+    for stale in (out, manifest_path, files_path):
         stale.unlink(missing_ok=True)
+        partial_path(stale).unlink(missing_ok=True)
     counts = (np.bincount(source.labels, minlength=len(source.class_names))
               if source.targets is None else (source.targets == 1).sum(axis=0))
     empty = [name for name, count in zip(source.class_names, counts) if count == 0]
@@ -169,9 +168,9 @@ def write_beton(source: Source, out: str | Path, settings: FfcvSettings, workers
                              f" for {len(source)} images of {len(source.class_names)} classes")
         fields["targets"] = NDArrayField(np.dtype(np.int8), (len(source.class_names),))
     children_die_with_parent()  # the writer's processes, should this one be killed
-    writer = DatasetWriter(str(tmp), fields, num_workers=max(1, workers))
     samples = _Samples(source, seed)
-    try:
+    with written_whole(out) as tmp:
+        writer = DatasetWriter(str(tmp), fields, num_workers=max(1, workers))
         writer.from_indexed_dataset(samples, chunksize=256)
         if not samples.errors.empty():
             raise DataError(samples.errors.get())
@@ -205,13 +204,11 @@ def write_beton(source: Source, out: str | Path, settings: FfcvSettings, workers
         if source.files is not None:
             # One relative path per line, in index order: maps subset lists such as
             # SimCLR's 1percent.txt (file names) to indices in the .beton.
-            files_path.write_text("".join(f + "\n" for f in source.files))
+            with written_whole(files_path) as tmp_files:
+                tmp_files.write_text("".join(f + "\n" for f in source.files))
             manifest["files"] = files_path.name
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    tmp_manifest.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp_manifest, manifest_path)
+    with written_whole(manifest_path) as tmp_manifest:
+        tmp_manifest.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     return manifest
 
 

@@ -69,7 +69,7 @@ from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorch
 from barlow.augment import (ColorJitter, ColourParams, GaussianBlur, RandomGrayscale,
                             RandomHorizontalFlip, RandomResizedCrop, Solarization,
                             apply_colour_ops)
-from barlow.config import AugmentConfig
+from barlow.config import AugmentConfig, require
 
 __all__ = ["ViewSpec", "paper_views", "config_views", "view_operations", "colour_params",
            "pretrain_loader", "eval_loader", "SeekableLoader", "COLOUR_OPS_ON"]
@@ -275,6 +275,29 @@ class SeekableLoader(Loader):
             # so that the remaining batches keep their composition.
             order = order[:len(self) * self.batch_size][skip * self.batch_size:]
         return order
+
+
+def batches_per_epoch(images: int, batch_size: int, world_size: int = 1,
+                      drop_last: bool = False) -> int:
+    """The batches one process draws per epoch, as SeekableLoader's ``len``: of
+    ``images`` rows each of ``world_size`` processes gets r = ⌈images / world_size⌉
+    (torch's DistributedSampler, which ffcv's orders use, pads by repeating rows), and
+    makes ⌊r / batch_size⌋ batches of ``batch_size`` with ``drop_last``, ⌈r / batch_size⌉
+    without."""
+    rows = -(-images // world_size)
+    return rows // batch_size if drop_last else -(-rows // batch_size)
+
+
+def require_batches(images: int, batch_size: int, world_size: int, drop_last: bool,
+                    key: str, what: str) -> int:
+    """batches_per_epoch, refusing none with a ConfigError naming ``key``: an epoch
+    without a step trains nothing, and the run would report as if it had."""
+    batches = batches_per_epoch(images, batch_size, world_size, drop_last)
+    require(batches >= 1, key,
+            f"{batch_size * world_size} exceeds the {images} images of {what}: an epoch"
+            f" would take no step ({batch_size} per process x {world_size} process(es),"
+            " whole batches only)")
+    return batches
 
 
 def _order(order: Order) -> OrderOption:

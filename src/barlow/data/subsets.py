@@ -27,14 +27,17 @@ Checks (``check_class_counts``), so that a file that is not what it claims is re
 every class is present, and the per-class counts k_c are either uniform (max k − min k
 ≤ 1: SimCLR's 12-13 and 128-129 per class, Fashion-MNIST's equal counts) or
 proportional to the class sizes n_c within rounding (|k_c − f·n_c| < 1 with f = Σk/Σn);
-every entry exists in the dataset, none repeats, and no training subset shares an image
-with the validation split.
+every line holds one entry (a blank line, a line of several words or an entry that is
+neither an index nor a file name is refused), every entry is an image of the training
+split, none repeats (by index or by name), and no training subset shares an image with
+the validation split.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +53,7 @@ VAL_NAME = "val"
 # The ImageFolder validation rule: changing either value changes every split made with it.
 VAL_PER_CLASS = 10
 VAL_KEY = "barlow-val-0"
+_INDEX = re.compile(r"[0-9]+")  # ASCII digits: str.isdigit also takes "²", which int() refuses
 
 
 def balanced_subsets(labels: np.ndarray, seed: int) -> dict[str, np.ndarray]:
@@ -154,29 +158,41 @@ def name_index(files: Sequence[str]) -> dict[str, int]:
 def read_entries(path: str | Path, num_images: int,
                  names: Mapping[str, int] | None = None) -> SubsetFile:
     """The entries of ``path`` (indices, or file names looked up in ``names``, see
-    name_index); every problem raises DataError naming the file and line."""
+    name_index), read as data: one entry per line, ``#`` starting a comment. A blank
+    line, a line of several words, an entry that is neither a sample index (digits) nor
+    a file name of the training split, an index out of range, a repeated image (by
+    index or by name) or a file without entries raise DataError naming the file and
+    line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: subset file not found")
     indices, lines, seen = [], [], {}
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        where = f"{path}:{lineno}"
         entry = line.split("#", 1)[0].strip()
         if not entry:
+            if not line.strip():
+                # Where a line of a list went missing, or two lists were joined.
+                raise DataError(f"{where}: blank line; one entry per line, comments after #")
             continue
-        if entry.isdigit():
+        if len(entry.split()) > 1:
+            raise DataError(f"{where}: {entry!r} is more than one entry; one per line")
+        if _INDEX.fullmatch(entry):
             index = int(entry)
         else:
             if names is None:
-                raise DataError(f"{path}:{lineno}: {entry!r} is a file name, but this dataset"
-                                " has no file list (only ImageFolder conversions do)")
+                raise DataError(f"{where}: {entry!r} is not a sample index (digits 0-9);"
+                                " file names need a dataset with a file list (an"
+                                " ImageFolder conversion)")
             index = names.get(os.path.basename(entry))
             if index is None:
-                raise DataError(f"{path}:{lineno}: {entry!r} is not in the converted dataset")
+                raise DataError(f"{where}: {entry!r} is not in the converted dataset's"
+                                " training split")
         if index >= num_images:
-            raise DataError(f"{path}:{lineno}: index {index} out of range (dataset has"
+            raise DataError(f"{where}: index {index} out of range (dataset has"
                             f" {num_images} images)")
         if index in seen:
-            raise DataError(f"{path}:{lineno}: {entry!r} repeats line {seen[index]}")
+            raise DataError(f"{where}: {entry!r} repeats line {seen[index]}")
         seen[index] = lineno
         indices.append(index)
         lines.append((lineno, entry))

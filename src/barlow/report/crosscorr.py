@@ -63,11 +63,11 @@ def checkpoint_models(path: Path) -> CheckpointInfo:
     """Rebuild the pretrained BarlowTwins and its seeded initialisation from the config
     stored in the checkpoint (not params.yaml: the picture must show the run that made
     these weights, whatever params.yaml says now)."""
+    from barlow.checkpoint import load_data_only
     from barlow.config import ModelConfig, from_mapping
     from barlow.train import build_model, seed_everything
 
-    # Our own file; it holds numpy RNG state, which weights_only refuses.
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_data_only(path, "the pretraining checkpoint")
     config = ckpt["config"]
     model_cfg = from_mapping(ModelConfig, config["model"], f"{path}: config.model")
     # barlow.train.pretrain seeds everything, then builds the model: the same two calls
