@@ -774,3 +774,20 @@ def test_a_refused_write_leaves_the_previous_file_whole(tmp_path):
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
 
+
+def test_a_saved_file_holds_the_bytes_earlier_exports_held(tmp_path):
+    """save_atomic saves by file name, as the exports DVC hashed in dvc.lock were: torch
+    names the archive's inner folder after the file, so the same weights give the same
+    bytes (a file object would name it "archive", and every hash would move)."""
+    import zipfile
+
+    from barlow.checkpoint import save_atomic
+
+    state = {"conv1.weight": torch.arange(12.0).reshape(3, 4)}
+    save_atomic(state, tmp_path / "backbone.pt")
+    (tmp_path / "earlier").mkdir()
+    torch.save(state, tmp_path / "earlier" / ".backbone.pt.partial")
+    assert (tmp_path / "backbone.pt").read_bytes() == \
+        (tmp_path / "earlier" / ".backbone.pt.partial").read_bytes()
+    assert zipfile.ZipFile(tmp_path / "backbone.pt").namelist()[0] == ".backbone.pt/data.pkl"
+

@@ -45,13 +45,21 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     """torch.save, whole or not at all (barlow.interrupt.written_whole): a crash never
     leaves a torn file, the partial file a kill -9 leaves is the one the next save
     overwrites, and a full disk is a WriteRefused naming the bytes the file needed.
-    Written through a Python file object, whose write reports the OS's error (torch's
-    own file writer reports an "unexpected pos" instead)."""
+
+    Saved by file name: torch names the archive's inner folder after the file, so a
+    file's bytes depend only on what it holds and where it goes (DVC's hashes of an
+    unchanged backbone stay put). torch's own writer reports a refused write as an
+    "unexpected pos" or a file it "cannot open"; the same write through a Python file
+    then names the OS's error."""
     path = Path(path)
     with written_whole(path, lambda: _serialized_bytes(obj)) as tmp:
         tmp.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as file:
-            torch.save(obj, file)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError:
+            with open(tmp, "wb") as file:
+                torch.save(obj, file)
+            raise  # the OS took the bytes: torch's error was not a refused write
 
 
 class _ByteCounter:
