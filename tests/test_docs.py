@@ -1,0 +1,432 @@
+"""README.md and docs/*.md cannot drift from the code: their links and anchors resolve,
+their shell commands run (or a named test runs them), and the README's results table is
+the committed metrics.
+
+The convention for fenced blocks in README.md and docs/*.md:
+
+- ```bash: commands a user runs as written, here or on the embedded default. Every
+  command in one is either run by this module (cheap ones: `make -n <target>`,
+  `python scripts/params_args.py <profile>`, `python -m stages.<stage> --help`, the flags
+  of `dvc exp show`), or named in RUN_BY_TESTS with the test that runs it; that test must
+  exist and its source must hold the command as the test spells it.
+- ```console: illustrative, not run: commands that need what the machine may lack
+  (ImageNet, GPUs, a cluster, a finished queue) and printed output. Their `-S key=value`
+  keys must still be keys of params.yaml, and the repository files they name must exist.
+- Any other info string (yaml, ini, text, bibtex, python) is not shell. A fence with no
+  info string must hold no shell command: say which of the two it is.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import shlex
+import subprocess
+import sys
+import unicodedata
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import yaml
+
+from barlow.config import read_params
+from barlow.report.inputs import flatten, load_metrics
+from barlow.report.profiles import load_profiles
+from barlow.report.seeds import Stat, is_seed_replica
+
+REPO = Path(__file__).resolve().parents[1]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+PY = sys.executable
+
+#: Commands of ```bash blocks that a test runs, as the page spells them →
+#: (the test, the text by which that test's source runs it).
+RUN_BY_TESTS = {
+    "dvc repro": ("tests/test_docs.py::test_the_readme_journey_runs_on_tiny_data",
+                  "journey"),
+    "dvc exp run -S loss.lambd=0.0051": (
+        "tests/test_docs.py::test_the_readme_journey_runs_on_tiny_data", "journey"),
+    "dvc metrics diff": ("tests/test_docs.py::test_the_readme_journey_runs_on_tiny_data",
+                         "journey"),
+}
+
+SHELL_WORDS = ("dvc ", "python ", "make ", "bash ", "git ", "PYTHONPATH=", "pytest ",
+               "torchrun ", "srun ", "sbatch ")
+
+
+# ------------------------------------------------------------------------------- parsing
+def rel(path: Path) -> str:
+    return path.relative_to(REPO).as_posix()
+
+
+def fences(page: Path) -> list[tuple[str, str, int]]:
+    """(info string, body, line number) of every fenced block, indented ones included."""
+    blocks, lines = [], page.read_text().splitlines()
+    i = 0
+    while i < len(lines):
+        m = re.match(r"^(\s*)(```+|~~~+)(.*)$", lines[i])
+        if not m:
+            i += 1
+            continue
+        indent, fence, info = m.groups()
+        body, j = [], i + 1
+        while j < len(lines) and not lines[j].strip().startswith(fence):
+            body.append(lines[j][len(indent):] if lines[j].startswith(indent) else lines[j])
+            j += 1
+        blocks.append((info.strip().split(" ")[0], "\n".join(body), i + 1))
+        i = j + 1
+    return blocks
+
+
+def prose(page: Path) -> str:
+    """The page without its fenced blocks (headings and links live outside them)."""
+    out, inside = [], None
+    for line in page.read_text().splitlines():
+        m = re.match(r"^\s*(```+|~~~+)", line)
+        if m and inside is None:
+            inside = m.group(1)
+        elif m and inside and line.strip().startswith(inside):
+            inside = None
+        elif inside is None:
+            out.append(line)
+    return "\n".join(out)
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: the text without markup, lower case, every
+    character but letters, digits, `_`, `-` and spaces dropped, spaces as `-`."""
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)   # links → their text
+    text = re.sub(r"<[^>]+>", "", text).lower()
+    return "".join("-" if c == " " else c for c in text
+                   if c in " -_" or unicodedata.category(c)[0] in "LN")
+
+
+@lru_cache(maxsize=None)
+def anchors(page: Path) -> frozenset[str]:
+    seen: dict[str, int] = {}
+    found = set()
+    text = prose(page)
+    for m in re.finditer(r"^#{1,6}\s+(.*?)\s*#*\s*$", text, re.M):
+        base = slug(m.group(1))
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        found.add(base if n == 0 else f"{base}-{n}")
+    found |= set(re.findall(r"<a\s+(?:id|name)=\"([^\"]+)\"", text))
+    return frozenset(found)
+
+
+def links(page: Path) -> list[str]:
+    text = re.sub(r"`[^`\n]*`", "", prose(page))             # code spans are not links
+    return re.findall(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)", text)
+
+
+def commands(body: str) -> list[str]:
+    """The commands of a shell block: continuation lines joined, comments dropped; in a
+    block that shows a prompt (`$ `), only the prompted lines (the rest is output)."""
+    lines = re.sub(r"\\\n\s*", " ", body).splitlines()
+    if any(line.startswith("$ ") for line in lines):
+        lines = [line[2:] for line in lines if line.startswith("$ ")]
+    stripped = (re.sub(r"(^|\s+)#.*$", "", line).strip() for line in lines)
+    return [line for line in stripped if line]
+
+
+def shell_blocks(kind: str) -> list[tuple[str, str]]:
+    """(where, command) for every command of every ``kind`` block."""
+    return [(f"{rel(page)}:{line}", cmd) for page in PAGES
+            for info, body, line in fences(page) if info == kind
+            for cmd in commands(body)]
+
+
+# --------------------------------------------------------------------------------- links
+@pytest.mark.parametrize("page", PAGES, ids=rel)
+def test_every_relative_link_and_anchor_resolves(page):
+    broken = []
+    for target in links(page):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target):     # https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        if not dest.exists():
+            broken.append(f"{target}: no such file")
+        elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+            broken.append(f"{target}: no heading #{anchor} in {rel(dest)}")
+    assert not broken, f"{rel(page)}: " + "; ".join(broken)
+
+
+def test_slugs_follow_githubs_rules():
+    assert slug("The reference code's λ") == "the-reference-codes-λ"
+    assert slug("Loss terms at 10 epochs, 2 seeds (2026-11-30)") == \
+        "loss-terms-at-10-epochs-2-seeds-2026-11-30"
+    assert slug("Conversion (the `convert` stage)") == "conversion-the-convert-stage"
+    assert slug("Results that travel: the DVC remote") == "results-that-travel-the-dvc-remote"
+
+
+# ------------------------------------------------------------------------------ commands
+def test_untagged_fences_hold_no_shell_command():
+    untagged = [f"{rel(page)}:{line}" for page in PAGES
+                for info, body, line in fences(page) if not info
+                for cmd in commands(body) if cmd.startswith(SHELL_WORDS)]
+    assert not untagged, f"tag these blocks ```bash (run) or ```console (illustrative): {untagged}"
+
+
+@lru_cache(maxsize=None)
+def params_keys() -> frozenset[str]:
+    return frozenset(flatten(read_params(REPO / "params.yaml"), "."))
+
+
+def set_params(cmd: str) -> list[str]:
+    """The keys of a command's `-S key=value` / `--set-param key=value` arguments."""
+    found = re.findall(r"(?:-S|--set-param)[ =]+['\"]?\+?([A-Za-z_][\w.]*)=", cmd)
+    return found
+
+
+@pytest.mark.parametrize("kind", ["bash", "console"])
+def test_set_params_name_keys_of_params_yaml(kind):
+    wrong = [f"{where}: {key}" for where, cmd in shell_blocks(kind)
+             for key in set_params(cmd) if key not in params_keys()
+             and not any(k.startswith(key + ".") for k in params_keys())]
+    assert not wrong, f"-S keys params.yaml does not have: {wrong}"
+
+
+@pytest.mark.parametrize("kind", ["bash", "console"])
+def test_files_that_commands_name_exist(kind):
+    """configs/…, scripts/…, benchmarks/…, tests/… named in a command."""
+    missing = [f"{where}: {path}" for where, cmd in shell_blocks(kind)
+               for path in re.findall(r"(?<![\w/.])((?:configs|scripts|benchmarks|tests)"
+                                      r"/[\w./-]+\.(?:yaml|py|sh))", cmd)
+               if not (REPO / path).is_file()]
+    assert not missing, missing
+
+
+def cheap_check(cmd: str) -> str | None:
+    """How this module runs ``cmd``, or None when it does not."""
+    if re.fullmatch(r"make [\w-]+", cmd):
+        return "make -n"
+    if re.fullmatch(r"python scripts/params_args\.py \S+", cmd):
+        return "params_args"
+    if re.fullmatch(r"(PYTHONPATH=src )?python -m stages\.\w+( \w+)? --help", cmd):
+        return "help"
+    if cmd.startswith("dvc exp show"):
+        return "exp show"
+    return None
+
+
+def test_every_bash_command_is_run_by_a_test():
+    """A ```bash command is run here or by the test RUN_BY_TESTS names, which exists
+    and runs it (its source holds the command's text as the test spells it)."""
+    unrun = []
+    for where, cmd in shell_blocks("bash"):
+        if cheap_check(cmd):
+            continue
+        if cmd not in RUN_BY_TESTS:
+            unrun.append(f"{where}: {cmd}")
+    assert not unrun, ("commands no test runs (run them in a test and add them to "
+                       f"RUN_BY_TESTS, or make their block ```console): {unrun}")
+
+
+@pytest.mark.parametrize("cmd", sorted(RUN_BY_TESTS))
+def test_the_tests_that_run_documented_commands_exist_and_run_them(cmd):
+    test_id, spelling = RUN_BY_TESTS[cmd]
+    path, _, name = test_id.partition("::")
+    tree = ast.parse((REPO / path).read_text())
+    found = [node for node in ast.walk(tree)
+             if isinstance(node, ast.FunctionDef) and node.name == name]
+    assert found, f"{test_id}: no such test"
+    assert spelling in ast.get_source_segment((REPO / path).read_text(), found[0]), \
+        f"{test_id} does not run {cmd!r} (no {spelling!r} in it)"
+
+
+def cheap_commands(check: str) -> list[str]:
+    return sorted({cmd for _, cmd in shell_blocks("bash") if cheap_check(cmd) == check})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cmd", cheap_commands("make -n"))
+def test_make_targets_exist(cmd):
+    target = cmd.split()[1]
+    result = subprocess.run(["make", "--no-print-directory", "-n", target], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"`{cmd}`: {result.stderr}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cmd", cheap_commands("params_args"))
+def test_profile_commands_run(cmd):
+    result = subprocess.run([PY, *cmd.split()[1:]], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0 and "-S" in result.stdout, f"`{cmd}`: {result.stderr}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cmd", cheap_commands("help"))
+def test_stage_help_commands_run(cmd):
+    words = cmd.split()
+    if words[0].startswith("PYTHONPATH="):
+        words = words[1:]
+    result = subprocess.run([PY, *words[1:]], cwd=REPO, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": "src"})
+    assert result.returncode == 0 and "Usage" in result.stdout, f"`{cmd}`: {result.stderr}"
+
+
+def dvc(*args: str) -> str:
+    result = subprocess.run([PY, "-m", "dvc", *args], cwd=REPO, capture_output=True,
+                            text=True, timeout=120,
+                            env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    assert result.returncode == 0, f"dvc {' '.join(args)}: {result.stderr}"
+    return result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cmd", cheap_commands("exp show"))
+def test_dvc_exp_show_commands_use_real_flags_and_columns(cmd):
+    """DVC accepts any --sort-by while there is no experiment to sort, so the value is
+    checked against the columns `dvc exp show` prints, and every flag against --help."""
+    words = shlex.split(cmd)[3:]
+    flags = set(re.findall(r"--[\w-]+", dvc("exp", "show", "--help")))
+    assert {w for w in words if w.startswith("--")} <= flags, cmd
+    if "--sort-by" in words:
+        column = words[words.index("--sort-by") + 1]
+        header = dvc("exp", "show", "--csv", "--no-pager").splitlines()[0].split(",")
+        names = {h.rsplit(":", 1)[-1] for h in header}
+        assert column in names, f"`{cmd}`: no column {column!r} (DVC's names: a.b.c)"
+
+
+# ---------------------------------------------------------------------- results table
+def table(page: Path, heading: str) -> list[list[str]]:
+    """The first table under ``heading``: rows of stripped cells, header first."""
+    text = page.read_text().split(heading, 1)[1]
+    rows = []
+    for line in text.splitlines():
+        if line.startswith("|"):
+            rows.append([c.strip().replace("**", "") for c in line.strip("|").split("|")])
+        elif rows:
+            break
+    return [rows[0]] + rows[2:]
+
+
+#: README's results rows → the Barlow Twins metric and the paper's result id.
+RESULT_ROWS = {
+    "linear, top-1": ("linear/barlow/top1_best", "linear_top1"),
+    "linear, top-5": ("linear/barlow/top5_best", "linear_top5"),
+    "semi-supervised 1 %, top-1": ("semisup/1percent/barlow/top1_best", "semisup_1_top1"),
+    "semi-supervised 10 %, top-1": ("semisup/10percent/barlow/top1_best", "semisup_10_top1"),
+    "transfer digits, linear top-1": ("transfer/digits/linear/barlow/top1_best",
+                                      "transfer_places"),
+    "transfer digits, SVM mAP": ("transfer/digits/svm/barlow/map", "transfer_voc07"),
+    "transfer ELPV, linear top-1": ("transfer/elpv/linear/barlow/top1_best", None),
+    "transfer ELPV, SVM mAP": ("transfer/elpv/svm/barlow/map", None),
+    "kNN monitor (k = 200), top-1": ("pretrain/knn_top1", None),
+}
+PAPER_PREFIX = {"transfer_places": "Places-205 ", "transfer_voc07": "VOC07 "}
+
+
+def seed_runs() -> list[dict[str, float]]:
+    """This run's metrics and its seed replicas', read as the report reads them."""
+    metrics, _ = load_metrics(REPO / "dvclive")
+    params = read_params(REPO / "params.yaml")
+    replicas = [p for p in load_profiles(REPO / "reports/profiles")
+                if is_seed_replica(params, p)]
+    return [metrics] + [r["metrics"] for r in replicas]
+
+
+def mean_std(runs: list[dict[str, float]], key: str) -> str:
+    s = Stat.of([r[key] for r in runs if r.get(key) is not None])
+    return f"{s.mean:.1f} ± {s.std:.1f}"
+
+
+def paper_figures() -> tuple[dict[str, float], dict[str, str]]:
+    paper = yaml.safe_load((REPO / "data/paper_results.yaml").read_text())
+    return ({r["id"]: r["paper"] for r in paper["results"]},
+            {c["id"]: c.get("paper_basis", "") for c in paper["claims"]})
+
+
+def test_readme_results_table_is_the_committed_metrics():
+    runs = seed_runs()
+    assert len(runs) >= 3, "the seed snapshots (reports/profiles) are no longer this run's"
+    readme = (REPO / "README.md").read_text()
+    assert f"mean ± sample std over {len(runs)} seeds" in readme
+    results, claims = paper_figures()
+    rows = table(REPO / "README.md", "## Results on the embedded default")
+    assert rows[0] == ["evaluation", "Barlow Twins", "raw pixels", "random init",
+                       "paper (ImageNet)"]
+    assert [r[0] for r in rows[1:]] == list(RESULT_ROWS)
+    for label, ours, raw, random, paper in rows[1:]:
+        key, paper_id = RESULT_ROWS[label]
+        expect = [mean_std(runs, key)]
+        for name in ("raw_pixels", "random_init"):
+            base = key.replace("/barlow/", f"/{name}/")
+            if key.startswith("semisup/") and name == "random_init":
+                base = key.replace("/barlow/", "/scratch/")
+            expect.append(mean_std(runs, base) if "/barlow/" in key and
+                          any(base in r for r in runs) else "")
+        if paper_id is None:
+            expect.append("")
+        else:
+            expect.append(f"{PAPER_PREFIX.get(paper_id, '')}{results[paper_id]}")
+            if paper_id.startswith("semisup"):
+                basis = claims[f"semisup_{paper_id.split('_')[1]}_beats_scratch"]
+                supervised = re.search(r"supervised ([\d.]+)", basis)[1]
+                expect[-1] += f" (supervised {supervised})"
+        assert [ours, raw, random, paper] == expect, label
+
+
+def test_readme_metrics_diff_excerpt_is_what_dvc_prints():
+    """The excerpt of `dvc metrics diff <rev>`: <rev> is a seed snapshot's commit, each
+    row its value, the committed value and their difference (as DVC rounds them)."""
+    readme = (REPO / "README.md").read_text()
+    block = next(body for info, body, _ in fences(REPO / "README.md")
+                 if info == "console" and "dvc metrics diff" in body)
+    lines = block.splitlines()
+    rev = shlex.split(lines[0])[4]
+    snapshot = next(p for p in load_profiles(REPO / "reports/profiles")
+                    if str(p["rev"]).startswith(rev))
+    metrics, _ = load_metrics(REPO / "dvclive")
+    assert lines[1].split() == ["Path", "Metric", rev, "workspace", "Change"]
+    for line in lines[2:]:
+        path, name, old, new, change = line.split()
+        key = name.replace(".", "/")
+        assert path == f"dvclive/{key.split('/')[0]}/metrics.json", line
+        assert float(old) == pytest.approx(snapshot["metrics"][key], abs=1e-9), line
+        assert float(new) == pytest.approx(metrics[key], abs=1e-9), line
+        assert float(change) == pytest.approx(metrics[key] - snapshot["metrics"][key],
+                                              abs=1e-6), line
+    assert "dvc metrics diff" in readme
+
+
+# ---------------------------------------------------------------------- the repository
+def test_readme_is_a_runbook():
+    lines = (REPO / "README.md").read_text().splitlines()
+    assert len(lines) <= 125 and max(map(len, lines)) <= 100
+    first = "\n".join(lines[:40])
+    for cmd in ("make repro", "make test", "dvc repro", "dvc exp run -S loss.lambd=0.0051",
+                "dvc metrics diff"):
+        assert cmd in first, cmd
+
+
+def test_licence_and_citation():
+    assert (REPO / "LICENSE").read_text().startswith("MIT License")
+    assert "Apache" in (REPO / "NOTICE").read_text()
+    cff = yaml.safe_load((REPO / "CITATION.cff").read_text())
+    assert cff["cff-version"] == "1.2.0" and cff["license"] == "MIT"
+    paper = cff["preferred-citation"]
+    assert paper["title"] == "Barlow Twins: Self-Supervised Learning via Redundancy Reduction"
+    assert [a["family-names"] for a in paper["authors"]] == \
+        ["Zbontar", "Jing", "Misra", "LeCun", "Deny"]
+    assert (paper["volume"], paper["start"], paper["end"], paper["year"]) == \
+        (139, 12310, 12320, 2021)
+    assert "2103.03230" in paper["identifiers"][0]["value"]
+    assert "@inproceedings{zbontar2021barlow" in (REPO / "README.md").read_text()
+
+
+HISTORY = [r"\bwave\b", r"\bthe old\b", r"not done yet", r"\bwas:", r"\bnot met\b",
+           r"\bmissed\b", r"\bis met\b", r"a busier host", r"\b20\d\d-\d\d-\d\d\b",
+           r"\b(?:commit|main after) [0-9a-f]{7,40}\b"]
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES], ids=rel)
+def test_pages_describe_the_present(page):
+    found = [f"{pattern}: …{m.string[max(0, m.start() - 30):m.end() + 30]}…"
+             for pattern in HISTORY
+             for m in re.finditer(pattern, page.read_text(), re.I)]
+    assert not found, f"{rel(page)}: history belongs in git log: {found}"
