@@ -28,6 +28,7 @@ import unicodedata
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -42,13 +43,19 @@ PY = sys.executable
 
 #: Commands of ```bash blocks that a test runs, as the page spells them →
 #: (the test, the text by which that test's source runs it).
+JOURNEY = "tests/test_docs.py::test_the_readme_journey_runs_on_tiny_data"
+PAPER = "tests/test_imagenet_paper.py::test_paper_switch_runs_every_stage_through_dvc"
+PAPER_SWITCH = '"scripts/params_args.py", "configs/paper.yaml"'
 RUN_BY_TESTS = {
-    "dvc repro": ("tests/test_docs.py::test_the_readme_journey_runs_on_tiny_data",
-                  "journey"),
-    "dvc exp run -S loss.lambd=0.0051": (
-        "tests/test_docs.py::test_the_readme_journey_runs_on_tiny_data", "journey"),
-    "dvc metrics diff": ("tests/test_docs.py::test_the_readme_journey_runs_on_tiny_data",
-                         "journey"),
+    "dvc repro": (JOURNEY, '"dvc repro"'),
+    "dvc exp run -S loss.lambd=0.0051": (JOURNEY, '"dvc exp run -S loss.lambd=0.0051"'),
+    "dvc metrics diff": (JOURNEY, '"dvc metrics diff"'),
+    "dvc push": ("tests/test_workflow.py::test_push_fresh_clone_pull_and_nothing_to_reproduce",
+                 'dvc("push"'),
+    # The paper switch: the ImageNet-shaped tree stands in for /datasets/imagenet.
+    "dvc exp run -n paper $(python scripts/params_args.py configs/paper.yaml)"
+    " -S data.imagefolder_root=/datasets/imagenet": (PAPER, PAPER_SWITCH),
+    "python -m pytest -m paper_e2e tests/test_imagenet_paper.py": (PAPER, "paper_e2e"),
 }
 
 SHELL_WORDS = ("dvc ", "python ", "make ", "bash ", "git ", "PYTHONPATH=", "pytest ",
@@ -127,7 +134,7 @@ def commands(body: str) -> list[str]:
     lines = re.sub(r"\\\n\s*", " ", body).splitlines()
     if any(line.startswith("$ ") for line in lines):
         lines = [line[2:] for line in lines if line.startswith("$ ")]
-    stripped = (re.sub(r"(^|\s+)#.*$", "", line).strip() for line in lines)
+    stripped = (" ".join(re.sub(r"(^|\s+)#.*$", "", line).split()) for line in lines)
     return [line for line in stripped if line]
 
 
@@ -176,16 +183,26 @@ def params_keys() -> frozenset[str]:
 
 
 def set_params(cmd: str) -> list[str]:
-    """The keys of a command's `-S key=value` / `--set-param key=value` arguments."""
-    found = re.findall(r"(?:-S|--set-param)[ =]+['\"]?\+?([A-Za-z_][\w.]*)=", cmd)
-    return found
+    """The keys of a command's `-S key=value` / `--set-param key=value` arguments; `+key`
+    (DVC's way to add a key to a mapping) as `+key`."""
+    return re.findall(r"(?:-S|--set-param)[ =]+['\"]?(\+?[A-Za-z_][\w.]*)=", cmd)
+
+
+def known_key(key: str) -> bool:
+    """A key of params.yaml, or `+section.mapping.new` where section.mapping is a mapping."""
+    params = read_params(REPO / "params.yaml")
+    if key.startswith("+"):
+        parent = params
+        for part in key[1:].split(".")[:-1]:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        return isinstance(parent, dict)
+    return key in params_keys() or any(k.startswith(key + ".") for k in params_keys())
 
 
 @pytest.mark.parametrize("kind", ["bash", "console"])
 def test_set_params_name_keys_of_params_yaml(kind):
     wrong = [f"{where}: {key}" for where, cmd in shell_blocks(kind)
-             for key in set_params(cmd) if key not in params_keys()
-             and not any(k.startswith(key + ".") for k in params_keys())]
+             for key in set_params(cmd) if not known_key(key)]
     assert not wrong, f"-S keys params.yaml does not have: {wrong}"
 
 
@@ -233,7 +250,10 @@ def test_the_tests_that_run_documented_commands_exist_and_run_them(cmd):
     found = [node for node in ast.walk(tree)
              if isinstance(node, ast.FunctionDef) and node.name == name]
     assert found, f"{test_id}: no such test"
-    assert spelling in ast.get_source_segment((REPO / path).read_text(), found[0]), \
+    lines = (REPO / path).read_text().splitlines()
+    first = min([found[0].lineno] + [d.lineno for d in found[0].decorator_list])
+    source = "\n".join(lines[first - 1:found[0].end_lineno])    # decorators included
+    assert spelling in source, \
         f"{test_id} does not run {cmd!r} (no {spelling!r} in it)"
 
 
@@ -430,3 +450,62 @@ def test_pages_describe_the_present(page):
              for pattern in HISTORY
              for m in re.finditer(pattern, page.read_text(), re.I)]
     assert not found, f"{rel(page)}: history belongs in git log: {found}"
+
+
+# ------------------------------------------------------------- the card's three commands
+def journey_commands() -> list[str]:
+    """The README's `dvc repro` / `dvc exp run` / `dvc metrics diff` block, as written."""
+    body = next(body for info, body, _ in fences(REPO / "README.md")
+                if info == "bash" and "dvc metrics diff" in body)
+    return commands(body)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_readme_journey_runs_on_tiny_data(tmp_path):
+    """The README's three commands, as written, in a git copy of the repository whose
+    pipeline is cut to convert → pretrain, on a 32-image ImageFolder tree with tiny
+    params: `dvc repro` runs both stages, the experiment reruns pretraining only, and
+    `dvc metrics diff` prints its figures against the committed run."""
+    from PIL import Image
+
+    from conftest import TINY_PARAMS
+    from test_imagenet_paper import fresh_copy, run
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1", "NUMBA_THREADING_LAYER": "workqueue"}
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("val", 8)):
+        for c in range(2):
+            (tmp_path / "images" / split / f"c{c}").mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 60, (16, 16, 3), dtype=np.uint8)
+                pixels[8 * c:8 * c + 8] += 150
+                Image.fromarray(pixels).save(tmp_path / "images" / split / f"c{c}" / f"{i}.png")
+    repo = tmp_path / "repo"
+    fresh_copy(repo, env)
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(
+        {"stages": {name: stages[name] for name in ("convert", "pretrain")}}))
+    params = {**TINY_PARAMS,
+              "data": {**TINY_PARAMS["data"], "source": "imagefolder",
+                       "imagefolder_root": str(tmp_path / "images")},
+              "pretrain": {**TINY_PARAMS["pretrain"], "epochs": 1, "batch_size": 8,
+                           "knn_bank_size": 16, "checkpoint_every_steps": 100}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    repro, experiment, diff = journey_commands()
+    assert (repro, experiment, diff) == \
+        ("dvc repro", "dvc exp run -S loss.lambd=0.0051", "dvc metrics diff")
+    bash = ["bash", "-euc"]
+    journey = run([*bash, repro], repo, env)
+    assert "Running stage 'pretrain'" in journey, journey[-2000:]
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "run"],
+        repo, env)
+    rerun = run([*bash, experiment], repo, env)
+    assert "Stage 'convert' didn't change, skipping" in rerun, rerun[-2000:]
+    assert "Running stage 'pretrain'" in rerun, rerun[-2000:]
+    printed = run([*bash, diff], repo, env).splitlines()
+    assert printed[0].split() == ["Path", "Metric", "HEAD", "workspace", "Change"], printed
+    assert any(line.split()[:2] == ["dvclive/pretrain/metrics.json", "pretrain.loss"]
+               for line in printed[1:]), printed
