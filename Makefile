@@ -5,7 +5,7 @@ VENV := .venv/bin
 export PATH := $(CURDIR)/$(VENV):$(PATH)
 # No network here; and DVC's telemetry must never block a run.
 export DVC_NO_ANALYTICS := 1
-# libopencv-dev's TBB warns when a DataLoader forks after FFCV ran (ffcv-notes).
+# libopencv-dev's TBB warns when a DataLoader forks after FFCV ran.
 export NUMBA_THREADING_LAYER := workqueue
 
 .PHONY: setup repro test
