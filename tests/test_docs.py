@@ -487,7 +487,8 @@ def test_the_readme_journey_runs_on_tiny_data(tmp_path):
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
     (repo / "dvc.yaml").write_text(yaml.safe_dump(
         {"stages": {name: stages[name] for name in ("convert", "pretrain")}}))
-    params = {**TINY_PARAMS,
+    # The repository's λ (TINY_PARAMS uses the experiment's 0.0051).
+    params = {**TINY_PARAMS, "loss": read_params(REPO / "params.yaml")["loss"],
               "data": {**TINY_PARAMS["data"], "source": "imagefolder",
                        "imagefolder_root": str(tmp_path / "images")},
               "pretrain": {**TINY_PARAMS["pretrain"], "epochs": 1, "batch_size": 8,
