@@ -189,14 +189,15 @@ def set_params(cmd: str) -> list[str]:
 
 
 def known_key(key: str) -> bool:
-    """A key of params.yaml, or `+section.mapping.new` where section.mapping is a mapping."""
-    params = read_params(REPO / "params.yaml")
-    if key.startswith("+"):
-        parent = params
-        for part in key[1:].split(".")[:-1]:
-            parent = parent.get(part) if isinstance(parent, dict) else None
-        return isinstance(parent, dict)
-    return key in params_keys() or any(k.startswith(key + ".") for k in params_keys())
+    """A key (or section) of params.yaml, or `+section.mapping.new` where section.mapping
+    is a mapping (DVC's way to add a key)."""
+    node = read_params(REPO / "params.yaml")
+    parts = key.lstrip("+").split(".")
+    for part in parts[:-1] if key.startswith("+") else parts:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return isinstance(node, dict) or not key.startswith("+")
 
 
 @pytest.mark.parametrize("kind", ["bash", "console"])
@@ -204,6 +205,19 @@ def test_set_params_name_keys_of_params_yaml(kind):
     wrong = [f"{where}: {key}" for where, cmd in shell_blocks(kind)
              for key in set_params(cmd) if not known_key(key)]
     assert not wrong, f"-S keys params.yaml does not have: {wrong}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=rel)
+def test_params_keys_named_in_prose_exist(page):
+    """`section.key` in a code span, where section is one of params.yaml's: the key a
+    reader would set must be there (a renamed or removed key leaves no stale name)."""
+    sections = set(read_params(REPO / "params.yaml"))
+    named = {m.group(1) for m in re.finditer(r"`\+?([a-z_]+(?:\.[a-z_0-9]+)+)(?=[`:= ])",
+                                             prose(page))
+             if m.group(1).split(".")[0] in sections
+             and m.group(1).rsplit(".", 1)[-1] not in ("py", "md", "yaml", "json", "pt")}
+    wrong = sorted(k for k in named if not known_key(k))
+    assert not wrong, f"{rel(page)}: keys params.yaml does not have: {wrong}"
 
 
 @pytest.mark.parametrize("kind", ["bash", "console"])
