@@ -1,14 +1,16 @@
-# The two commands of the README's Quick start. Each runs scripts/setup.sh first, which
-# installs what is missing (system packages, the pinned .venv) and is quick otherwise.
+# The two commands of the README's Quick start, and the fast tests for editing. Each
+# runs scripts/setup.sh first, which installs what is missing (system packages, the
+# pinned .venv) and is quick otherwise.
 SHELL := /bin/bash
 VENV := .venv/bin
 export PATH := $(CURDIR)/$(VENV):$(PATH)
 # No network here; and DVC's telemetry must never block a run.
 export DVC_NO_ANALYTICS := 1
-# libopencv-dev's TBB warns when a DataLoader forks after FFCV ran.
+# libopencv-dev's TBB warns, and can hang, when a DataLoader forks after FFCV ran,
+# unless numba uses its workqueue threading layer.
 export NUMBA_THREADING_LAYER := workqueue
 
-.PHONY: setup repro test
+.PHONY: setup repro test test-fast
 setup:
 	@scripts/setup.sh
 
@@ -17,6 +19,11 @@ repro: setup
 
 test: setup
 	python -m pytest
+
+# The tests not marked slow (pyproject.toml): no torchrun, gloo, DVC or stage process,
+# no stage or training run, no numba compile; about a minute on 2 cores.
+test-fast: setup
+	python -m pytest -m "not slow and not paper_e2e"
 
 # The paper's ablation studies as DVC experiments (docs/experiments.md): the committed
 # params (every study's baseline) and each study's other values, each with the seeds

@@ -2,7 +2,7 @@
 
 ResNet-50 at 224 px + projector 8192-8192-8192, bf16 autocast, channels_last, the loss
 in fp32 (barlow.loss), LARS (barlow.optim) — the step of barlow.train, on random
-tensors already on the GPU (compute only; data loading is bench_loader.py's subject).
+tensors already on the GPU (compute only; gpu_check.py's loader section times the data).
 
 FLOPs per image pair (2 FLOPs per multiply-add, backward ≈ 2 × forward):
     backbone   3 × 2 × 4.1 GMAC × 2 views          ≈ 49.2 GFLOP
@@ -17,12 +17,7 @@ Run from the repository root:  PYTHONPATH=src python benchmarks/bench_gpu.py
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
 import sys
-import time
-from pathlib import Path
 
 import torch
 
@@ -30,6 +25,7 @@ from barlow.config import ModelConfig
 from barlow.distributed import distributed_barlow_twins_loss
 from barlow.optim import build_optimizer, param_groups
 from barlow.train import build_model
+from harness import compare, parser, report
 
 GOAL_PAIRS_PER_S = 2000
 PEAKS_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -42,16 +38,13 @@ def analytic_flops_per_pair(proj: int = 8192, feat: int = 2048) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=256, help="pairs per step")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--peak-tflops", type=float, default=None)
-    parser.add_argument("--json", help="also write the figures to this JSON file")
-    parser.add_argument("--smoke", action="store_true",
-                        help="32 px, a 64-wide projector, CPU allowed: checks the code path only")
-    args = parser.parse_args()
+    p = parser(__doc__, rounds=20, warmup=5)
+    p.add_argument("--batch", type=int, default=256, help="pairs per step")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--smoke", action="store_true",
+                   help="32 px, a 64-wide projector, CPU allowed: checks the code path only")
+    args = p.parse_args()
     if not torch.cuda.is_available() and not args.smoke:
         print("bench_gpu: no CUDA device here; this benchmark needs a GPU (written for one "
               "H100) and was not run.", file=sys.stderr)
@@ -88,9 +81,11 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(args.warmup):
+    def timed_step() -> int:
         step()
-    sync()
+        sync()
+        return args.batch
+
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
     with counter:
@@ -99,17 +94,11 @@ def main() -> None:
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    sec = statistics.median(times)
-    pairs = args.batch / sec
+    results = compare({"step": timed_step}, args.rounds, args.warmup)
+    sec, pairs = results["step"].median_s, results["step"].rate
     memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     print(f"{name}, torch {torch.__version__}, batch {args.batch}, bf16 autocast, "
-          f"channels_last, compile={args.compile}; median of {args.steps} steps")
+          f"channels_last, compile={args.compile}; median of {args.rounds} steps")
     print(f"step {sec * 1e3:.1f} ms → {pairs:.0f} pairs/s per GPU "
           f"(goal ≥ {GOAL_PAIRS_PER_S}: {'meets' if pairs >= GOAL_PAIRS_PER_S else 'misses'}, "
           f"ratio {pairs / GOAL_PAIRS_PER_S:.2f}); peak memory "
@@ -128,8 +117,7 @@ def main() -> None:
         if peak:
             figures[f"fraction_of_peak_{label}"] = round(achieved / peak, 4)
     print("(reference: 32 V100 in the paper ≈ 90 pairs/s per GPU)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
+    report(results, "pairs/s", json_path=args.json, args=vars(args), extra=figures)
 
 
 if __name__ == "__main__":

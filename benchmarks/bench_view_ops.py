@@ -7,8 +7,8 @@ ImageNet-shaped JPEGs (benchmarks/imagenet_like.py, 500×375 px); one
 paper's views (an operation with probability 0 is left out of the pipeline, so the
 first row is decode + RandomResizedCrop alone). The loaders run on the CPU with the
 same workers; after each one's first (JIT) epoch, epochs alternate between the
-pipelines round by round, and the median pairs/s of each is kept, so load on a shared
-machine hits every row alike. The marginal cost of an operation is the difference of
+pipelines round by round (benchmarks/harness.py), and the median pairs/s of each is
+kept, so load on a shared machine hits every row alike. The marginal cost of an operation is the difference of
 per-pair times between its row and the row before.
 
 Two more rows time ``colour_ops_on="device"`` (barlow.data.loaders): the host side
@@ -25,8 +25,6 @@ same JPEGs at each size, in the same rounds, as speed-ups against the first.
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -39,6 +37,7 @@ from barlow.data.convert import FfcvSettings, read_manifest, write_beton
 from barlow.data.loaders import paper_views, pretrain_loader
 from barlow.data.sources import image_folder
 from barlow.data.convert import normalisation
+from harness import compare, parser, report
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import imagenet_like  # noqa: E402
@@ -65,21 +64,20 @@ def views_without(resolution: int, off: dict):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=512, help="JPEGs in the .beton")
-    parser.add_argument("--resolution", type=int, default=224)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3, help="timed epochs per pipeline")
-    parser.add_argument("--max-resolution", type=int, nargs="+", default=[500],
+    p = parser(__doc__, rounds=3)
+    p.add_argument("--images", type=int, default=512, help="JPEGs in the .beton")
+    p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--max-resolution", type=int, nargs="+", default=[500],
                         help="data.ffcv.max_resolution of the .beton (ffcv-imagenet: 500); "
                              "each further value adds the decode-bound rows (decode + "
                              "crop/resize, and the host side with the colour ops on the "
                              "device) for a .beton of the same JPEGs at that size, timed in "
                              "the same rounds")
-    parser.add_argument("--decode-only", action="store_true",
+    p.add_argument("--decode-only", action="store_true",
                         help="time the first row alone (decode + crop/resize)")
-    args = parser.parse_args()
+    args = p.parse_args()
     torch.set_num_threads(args.workers)
     base_res, *other_res = args.max_resolution
     stages = STAGES[:1] if args.decode_only else STAGES
@@ -126,24 +124,16 @@ def main() -> None:
             if device_rows:
                 name, here = device_rows[0]
                 rows.append((f"{name} @ {res}", device_loader(beton, mean_std, here)))
-        for name, loader in rows:
-            start = time.perf_counter()
-            for _ in loader:  # numba compiles the pipeline
-                pass
-            print(f"{name}: first epoch (JIT) {time.perf_counter() - start:.1f} s", flush=True)
-        rates = [[] for _ in rows]
-        for _ in range(args.rounds):
-            for i, (_, loader) in enumerate(rows):
-                start, pairs = time.perf_counter(), 0
-                for batch in loader:  # (view A, view B[, their colour params])
-                    pairs += batch[0].shape[0]
-                rates[i].append(pairs / (time.perf_counter() - start))
+        # The warm-up epoch is numba compiling each pipeline; a batch is (view A, view B[,
+        # their colour params]).
+        results = compare({name: lambda loader=loader: sum(b[0].shape[0] for b in loader)
+                           for name, loader in rows}, args.rounds, args.warmup)
 
     print(f"\n{args.images} JPEGs (500x375, proportion .beton, max side {base_res}), "
-          f"{args.resolution} px, {args.workers} worker(s), batch {args.batch}, "
-          f"median of {args.rounds} epochs")
-    print(f"{'pipeline':40s} {'pairs/s':>9s} {'ms/pair':>8s} {'marginal ms':>12s} {'share':>6s}")
-    per_pair = [1e3 / statistics.median(r) for r in rates]
+          f"{args.resolution} px, {args.workers} worker(s), batch {args.batch}")
+    report(results, "pairs/s", json_path=args.json, args=vars(args))
+    print(f"\n{'pipeline':40s} {'pairs/s':>9s} {'ms/pair':>8s} {'marginal ms':>12s} {'share':>6s}")
+    per_pair = [1e3 / r.rate for r in results.values()]
     total = per_pair[len(stages) - 1]
     for i, (name, _) in enumerate(stages):
         marginal = per_pair[i] - (per_pair[i - 1] if i else 0.0)

@@ -111,15 +111,17 @@ def run_pretrain(params_path: Path, data_dir: Path, out_dir: Path,
     """barlow.train.pretrain with the sections the pretrain stage reads; one printed
     line per logged step (rank 0 of one process)."""
     from barlow import distributed as dist
-    from barlow.config import (AugmentConfig, LossConfig, ModelConfig, PretrainConfig,
-                               load_section)
+    from barlow.config import (AugmentConfig, LossConfig, MachineConfig, ModelConfig,
+                               PretrainConfig, load_section)
+    from barlow.machine import node_shape
     from barlow.train import PretrainSetup, export, pretrain
 
+    shape = node_shape(load_section(MachineConfig, "machine", params_path))
     setup = PretrainSetup(model=load_section(ModelConfig, "model", params_path),
                           loss=load_section(LossConfig, "loss", params_path),
                           augment=load_section(AugmentConfig, "augment", params_path),
                           pretrain=load_section(PretrainConfig, "pretrain", params_path))
-    env = dist.init()
+    env = dist.init(timeout_s=shape.collective_timeout_s)
     logged = []
 
     def log(step: int, metrics: dict) -> None:
@@ -129,7 +131,7 @@ def run_pretrain(params_path: Path, data_dir: Path, out_dir: Path,
         print(f"    step {step}: {shown}", flush=True)
 
     result = pretrain(setup, data_dir / "train.beton", data_dir / "test.beton", out_dir, env,
-                      log, stop_after_steps=stop_after_steps)
+                      log, num_workers=shape.threads, stop_after_steps=stop_after_steps)
     if stop_after_steps is None:
         export(result["model"], out_dir, env)
     return logged
@@ -174,11 +176,11 @@ def section_tests(out: Path, smoke: bool) -> None:
 def section_step(out: Path, smoke: bool) -> None:
     s = sizes(smoke)
     cmd = [sys.executable, "benchmarks/bench_gpu.py", "--batch", str(s["bench_batch"]),
-           "--steps", str(s["bench_steps"]), "--json", str(out / "bench_gpu.json")]
+           "--rounds", str(s["bench_steps"]), "--json", str(out / "bench_gpu.json")]
     if smoke:
         cmd.append("--smoke")
     subprocess.run(cmd, cwd=REPO, check=True)
-    record(out, "step", json.loads((out / "bench_gpu.json").read_text()))
+    record(out, "step", json.loads((out / "bench_gpu.json").read_text())["extra"])
 
 
 def fixture_params(out: Path, smoke: bool) -> dict:
@@ -190,13 +192,12 @@ def fixture_params(out: Path, smoke: bool) -> dict:
     s = sizes(smoke)
     steps_per_epoch = sum(class_sizes(s["classes"], s["max_per_class"])) // s["paper_batch"]
     epochs = max(2, -(-s["paper_steps"] // max(steps_per_epoch, 1)))
-    workers = os.cpu_count() or 1
     return merge_params(read_yaml(REPO / "params.yaml"), read_yaml(REPO / "configs/paper.yaml"), {
-        "data": {"imagefolder_root": str(out / "imagenet_like"), "workers": workers},
+        "data": {"imagefolder_root": str(out / "imagenet_like")},
+        "machine": {"devices": 1, "cores": "auto"},
         "model": {"projector": s["paper_projector"]},
         "augment": {"resolution": s["paper_resolution"]},
-        "pretrain": {"epochs": epochs, "batch_size": s["paper_batch"], "nproc_per_node": 1,
-                     "workers": workers, "warmup_epochs": 1.0,
+        "pretrain": {"epochs": epochs, "batch_size": s["paper_batch"], "warmup_epochs": 1.0,
                      "checkpoint_every_steps": max(1, (epochs * steps_per_epoch) // 2),
                      "log_every_steps": max(1, steps_per_epoch), "knn_every_epochs": epochs,
                      "knn_bank_size": 10_000},
@@ -250,6 +251,7 @@ def section_loader(out: Path, smoke: bool) -> None:
     from barlow.data.convert import read_manifest
     from barlow.data.loaders import config_views, pretrain_loader
     from barlow.data.convert import normalisation
+    from harness import compare
 
     s = sizes(smoke)
     beton = out / "ffcv_paper" / "train.beton"
@@ -257,23 +259,24 @@ def section_loader(out: Path, smoke: bool) -> None:
     mean, std = normalisation(read_manifest(beton))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cores = os.cpu_count() or 1
+
+    def epoch(loader) -> int:
+        pairs = sum(y1.shape[0] for y1, _y2 in loader)
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        return pairs
+
+    loaders = {(where, workers): pretrain_loader(
+        str(beton), 256 if not smoke else 8, workers, views, mean, std, seed=0, device=device,
+        channels_last=True, colour_ops_on=where)
+        for where in ("host", "device") for workers in sorted({min(8, cores), cores})}
+    # The warm-up epoch compiles each pipeline.
+    results = compare({key: lambda loader=loader: epoch(loader) for key, loader in loaders.items()},
+                      s["loader_epochs"])
     figures = {}
-    for where, workers in [(w, n) for w in ("host", "device")
-                           for n in sorted({min(8, cores), cores})]:
-        loader = pretrain_loader(str(beton), 256 if not smoke else 8, workers, views, mean,
-                                 std, seed=0, device=device, channels_last=True,
-                                 colour_ops_on=where)
-        for _ in loader:  # the first epoch compiles the pipeline
-            pass
-        torch.cuda.synchronize() if device.type == "cuda" else None
-        start, pairs = time.perf_counter(), 0
-        for _ in range(s["loader_epochs"]):
-            for y1, _y2 in loader:
-                pairs += y1.shape[0]
-        torch.cuda.synchronize() if device.type == "cuda" else None
-        rate = pairs / (time.perf_counter() - start)
-        figures[f"pairs_per_s_{workers}_cores_colour_{where}"] = round(rate, 1)
-        figures[f"pairs_per_s_per_core_{workers}_cores_colour_{where}"] = round(rate / workers, 1)
+    for (where, workers), result in results.items():
+        figures[f"pairs_per_s_{workers}_cores_colour_{where}"] = round(result.rate, 1)
+        figures[f"pairs_per_s_per_core_{workers}_cores_colour_{where}"] = round(
+            result.rate / workers, 1)
     figures["resolution"] = views[0].resolution
     record(out, "loader", figures)
 
@@ -284,9 +287,9 @@ def section_default(out: Path, smoke: bool) -> None:
     s = sizes(smoke)
     fmnist = Path(os.environ.get("FASHION_MNIST_DIR", REPO / ".gpu" / "fashion-mnist"))
     base = read_yaml(REPO / "params.yaml")
-    workers = os.cpu_count() or 1
     params = merge_params(base, {"data": {"fashion_mnist_dir": str(fmnist)},
-                           "pretrain": {"epochs": s["default_epochs"], "workers": workers}})
+                           "pretrain": {"epochs": s["default_epochs"]},
+                           "machine": {"devices": 1, "cores": "auto"}})
     path = write_params(params, out / "params_default.yaml")
     data = out / "ffcv_default"
     convert(path, data)

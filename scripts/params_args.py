@@ -15,7 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
+# The library from this checkout, as the stages' PYTHONPATH=src gives it them.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from barlow.params import ConfigError, read_params  # noqa: E402
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -29,24 +31,14 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def spell(value: object) -> str:
-    """Compact JSON, except that floats in exponent form get a dot in the mantissa
-    (1e-06 -> 1.0e-06): YAML 1.1, which params.yaml is read with, takes 1e-06 for a
-    string."""
-    if isinstance(value, float):
-        text = repr(value)
-        if "e" in text and "." not in text.split("e")[0]:
-            mantissa, exponent = text.split("e")
-            text = f"{mantissa}.0e{exponent}"
-        return text
-    if isinstance(value, list):
-        return "[" + ",".join(spell(v) for v in value) + "]"
-    return json.dumps(value, separators=(",", ":"))
-
-
 def main(profile: str, params: str = "params.yaml") -> None:
-    wanted = flatten(yaml.safe_load(Path(profile).read_text()) or {})
-    known = flatten(yaml.safe_load(Path(params).read_text()))
+    # Read as the stages read params.yaml (barlow.params.ParamsLoader), so each value
+    # is spelled with the type the stages give it.
+    try:
+        wanted = flatten(read_params(profile))
+        known = flatten(read_params(params))
+    except ConfigError as err:
+        sys.exit(str(err))
     unknown = sorted(k for k in wanted if k not in known)
     if unknown:
         sys.exit(f"{profile}: keys not in {params}: {', '.join(unknown)}")
@@ -55,7 +47,7 @@ def main(profile: str, params: str = "params.yaml") -> None:
     # values) has no spaces, and a string value with whitespace is refused.
     args = []
     for key, value in wanted.items():
-        text = spell(value)
+        text = json.dumps(value, separators=(",", ":"))
         if any(c.isspace() for c in text):
             sys.exit(f"{profile}: {key}: {value!r} contains whitespace; "
                      "pass it with its own -S 'key=value'")

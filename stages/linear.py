@@ -8,13 +8,14 @@ The head is fitted on train minus the validation split (barlow.data.subsets:
 <data.subsets_dir>/val.txt, or an ImageFolder's hashed rule), its epoch chosen by val
 top-1; the test split gives top-1/top-5 at that epoch and at the last one.
 
-Under ``torchrun --nproc_per_node=N`` (dvc.yaml: linear.nproc_per_node) every rank
+In machine.devices = N processes every rank
 extracts features of its share of each split, the augmenting head trains under DDP on
 B/N of every batch, and rank 0 alone writes (docs/multi-gpu.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
@@ -28,8 +29,8 @@ from barlow.data.loaders import eval_loader
 from barlow.data.subsets import load_splits
 from barlow.probe import (Recipe, embedding, epoch_logger, gathered_features, log_summary,
                           probe_augmented, probe_features, split_rows)
-from barlow.stage import (data_option, live_option, open_live, params_option, run_in_workers,
-                          run_stage, weights_option)
+from barlow.stage import (data_option, live_option, machine_shape, open_live, params_option,
+                          run_in_workers, run_stage, weights_option)
 from barlow.precision import AUTOCAST
 
 
@@ -42,14 +43,16 @@ def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
     """Linear evaluation (paper Table 1) of the frozen WEIGHTS backbone on DATA.
 
     Reads DATA/{train,test}.beton and their manifests, <data.subsets_dir>/val.txt (the
-    rows that choose the epoch), WEIGHTS, and the params linear, model (arch, width,
-    layers), augment.resolution and data.subsets_dir. Writes LIVE/metrics.json
+    rows that choose the epoch), WEIGHTS, and the params linear, machine, model (arch,
+    width, layers), augment.resolution and data.subsets_dir. Writes LIVE/metrics.json
     (linear/<barlow|random_init|raw_pixels>/top1_best, top5_best, ...) and LIVE/plots/
     (per-epoch curves, the confusion matrix). Exit 2: bad params, data or weights."""
-    with run_stage("linear"), dist.process_group() as env:
+    with run_stage("linear"), contextlib.ExitStack() as stack:
         cfg = load_section(LinearConfig, "linear", params)
-        cfg.check_world(cfg.nproc_per_node)  # before any process is started
-        run_in_workers("stages.linear", cfg.nproc_per_node)
+        shape = machine_shape(params)
+        cfg.check_world(shape.devices)  # before any process is started
+        run_in_workers("stages.linear", shape.devices)
+        env = stack.enter_context(dist.process_group(shape.collective_timeout_s))
         cfg.check_world(env.world_size)
         model = load_section(ModelConfig, "model", params)
         resolution = load_section(AugmentConfig, "augment", params).resolution
@@ -70,7 +73,7 @@ def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
                   for name in ("barlow", *cfg.baselines)}
 
         def loader(beton: Path, batch_size: int = cfg.extract_batch_size, **kwargs):
-            return eval_loader(str(beton), batch_size, cfg.workers, resolution, mean, std,
+            return eval_loader(str(beton), batch_size, shape.threads, resolution, mean, std,
                                crop_ratio=cfg.crop_ratio, seed=cfg.seed, device=device,
                                **kwargs)
 

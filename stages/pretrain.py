@@ -1,13 +1,17 @@
-"""DVC stage `pretrain`: Barlow Twins pretraining in pretrain.nproc_per_node processes.
+"""DVC stage `pretrain`: Barlow Twins pretraining in machine.devices processes.
 
     python -m stages.pretrain --data data/ffcv --out models/pretrain --live dvclive/pretrain
 
 Started by hand or by DVC, the command checks the params, then trains in this process
-(nproc_per_node 1) or starts the processes itself through torchrun's launcher; a
+(one device) or starts the processes itself through torchrun's launcher; a
 worker's reported error (exit 2 or 3) is passed on as the same status and one line,
 without torchrun's failure report. Started by torchrun directly (several nodes, see
 docs/scale.md), it is one worker. Only rank 0 writes (checkpoints, the exported
 backbone, dvclive metrics and plots) and prints progress.
+
+SIGTERM or SIGUSR1 (a scheduler's pre-emption or time-limit warning) to the command, to
+its workers, or to both: the run finishes its step, writes its checkpoint and exits 4;
+the next run resumes there and ends as an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import click
 from barlow import distributed as dist
 from barlow.config import (AugmentConfig, LossConfig, ModelConfig, PretrainConfig,
                            load_section)
-from barlow.stage import (FAULT, data_option, fail, live_option, open_live,
+from barlow.interrupt import stop_requests
+from barlow.stage import (FAULT, data_option, fail, live_option, machine_shape, open_live,
                           params_option, run_in_workers, run_stage)
 from barlow.train import NonFiniteLossError, PretrainSetup, export, pretrain
 
@@ -33,46 +38,53 @@ from barlow.train import NonFiniteLossError, PretrainSetup, export, pretrain
 def main(params: str, data_dir: Path, out_dir: Path, live_dir: Path) -> None:
     """Barlow Twins pretraining on DATA/train.beton (kNN monitor on DATA/test.beton).
 
-    Reads the params sections model, loss, augment and pretrain. Writes OUT/checkpoint.pt
+    Reads the params sections model, loss, augment, pretrain and machine. Writes OUT/checkpoint.pt
     (every epoch and pretrain.checkpoint_every_steps; a rerun resumes it), then
     OUT/backbone.pt, and LIVE/metrics.json with LIVE/plots/ (loss terms, lrs, pairs/s,
     kNN top-1). Prints a progress line per epoch (and at most every 10 s). Exit 2: bad
-    params or data; 3: non-finite loss."""
+    params or data; 3: non-finite loss; 4: pre-empted (SIGTERM/SIGUSR1), checkpoint
+    written."""
     with run_stage("pretrain"):
         setup = PretrainSetup(model=load_section(ModelConfig, "model", params),
                               loss=load_section(LossConfig, "loss", params),
                               augment=load_section(AugmentConfig, "augment", params),
                               pretrain=load_section(PretrainConfig, "pretrain", params))
         # Checked before any process is started: a bad value is one line.
-        setup.pretrain.check_world(setup.pretrain.nproc_per_node)
-        run_in_workers("stages.pretrain", setup.pretrain.nproc_per_node)
-        env = dist.init(timeout_s=setup.pretrain.collective_timeout_s)
-        try:
-            live = None
-
-            def log(step: int, metrics: dict[str, float]) -> None:
-                # Created at the first log line, after params and data were checked,
-                # so a run that fails early leaves no metrics that look valid.
-                nonlocal live
-                if not env.is_main:
-                    return
-                if live is None:
-                    live = open_live(live_dir, env)
-                live.step = step
-                for key, value in metrics.items():
-                    live.log_metric(f"pretrain/{key}", value)
-                live.next_step()
-
+        shape = machine_shape(params)
+        setup.pretrain.check_world(shape.devices)
+        run_in_workers("stages.pretrain", shape.devices)
+        # Until the process group is gone: a worker that stopped is not killed by
+        # the launcher's SIGTERM to the others while it leaves the group.
+        with stop_requests() as stop_requested:
+            env = dist.init(timeout_s=shape.collective_timeout_s)
             try:
-                result = pretrain(setup, data_dir / "train.beton", data_dir / "test.beton",
-                                  out_dir, env, log)
-            except NonFiniteLossError as err:  # a fault mid-run; bad input exits 2 (run_stage)
-                fail("pretrain", err, FAULT)
-            export(result["model"], out_dir, env)
-            if live is not None:
-                live.end()
-        finally:
-            dist.shutdown()
+                live = None
+
+                def log(step: int, metrics: dict[str, float]) -> None:
+                    # Created at the first log line, after params and data were checked,
+                    # so a run that fails early leaves no metrics that look valid.
+                    nonlocal live
+                    if not env.is_main:
+                        return
+                    if live is None:
+                        live = open_live(live_dir, env)
+                    live.step = step
+                    for key, value in metrics.items():
+                        live.log_metric(f"pretrain/{key}", value)
+                    live.next_step()
+
+                try:
+                    result = pretrain(setup, data_dir / "train.beton", data_dir / "test.beton",
+                                      out_dir, env, log, num_workers=shape.threads,
+                                      stop_requested=stop_requested)
+                except NonFiniteLossError as err:
+                    # A fault mid-run; bad input exits 2 (run_stage).
+                    fail("pretrain", err, FAULT)
+                export(result["model"], out_dir, env)
+                if live is not None:
+                    live.end()
+            finally:
+                dist.shutdown()
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from barlow.report.crosscorr import cc_section
 from barlow.report.document import write_report
 from barlow.report.inputs import load_curves, load_metrics
 from barlow.report.profiles import load_profiles, profile_snapshot
-from barlow.stage import params_option, run_stage
+from barlow.stage import machine_shape, params_option, run_stage
 
 
 @click.group()
@@ -68,7 +68,8 @@ def build(params: str, live_root: Path, checkpoint: Path, data_dir: Path, paper:
     Writes OUT/report.md, OUT/figures/*.png and OUT/report.html (self-contained). Reads LIVE_ROOT/<stage>/metrics.json (a missing one is "not run"), CHECKPOINT and
     DATA/test.beton (cross-correlation of held-out pairs), PAPER, ABLATIONS, PROFILES/*.json
     and the params report, data.source, model, augment.resolution, augment.colour_ops_on
-    (where the held-out views' colour ops run), pretrain.epochs and pretrain.batch_size.
+    (where the held-out views' colour ops run), machine, pretrain.epochs and
+    pretrain.batch_size.
     Exit 2: bad params or inputs."""
     with run_stage("report"):
         cfg = load_section(ReportConfig, "report", params)
@@ -89,7 +90,8 @@ def build(params: str, live_root: Path, checkpoint: Path, data_dir: Path, paper:
             train_images=(json.loads(train_manifest.read_text()).get("num_images")
                           if train_manifest.is_file() else None),
             **cc_section(checkpoint, data_dir, cfg, skip_cc,
-                         load_section(AugmentConfig, "augment", params).colour_ops_on))
+                         load_section(AugmentConfig, "augment", params).colour_ops_on,
+                         machine_shape(params).threads))
         doc, summary = build_document(inputs, cfg)
         write_report(doc, out_dir)
         for claim, verdict in summary["claims"].items():

@@ -14,7 +14,7 @@ epoch and at the last one. Metrics: ``semisup/<S>/<run>/{top1_best, top5_best,
 top1_last, top5_last, best_epoch, val_top1_best, weight_change}`` in
 LIVE/metrics.json; per-epoch curves (losses, val accuracies, lrs) under LIVE/plots.
 
-Under ``torchrun --nproc_per_node=N`` (dvc.yaml: semisup.nproc_per_node) backbone and
+In machine.devices = N processes backbone and
 head train under DDP with synchronised batch norm on B/N of every batch, val and test
 are scored on disjoint shares with pooled counts, and rank 0 alone writes
 (docs/multi-gpu.md).
@@ -22,6 +22,7 @@ are scored on disjoint shares with pooled counts, and rank 0 alone writes
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -37,8 +38,8 @@ from barlow.data.subsets import load_splits
 from barlow.models import build_backbone
 from barlow.probe import epoch_logger
 from barlow.semisup import RUNS, finetune_and_test, run_backbone
-from barlow.stage import (data_option, live_option, open_live, params_option, run_in_workers,
-                          run_stage, weights_option)
+from barlow.stage import (data_option, live_option, machine_shape, open_live, params_option,
+                          run_in_workers, run_stage, weights_option)
 
 
 @click.command()
@@ -51,13 +52,15 @@ def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
 
     Reads DATA/{train,test}.beton and their manifests, <data.subsets_dir>/S.txt for each
     subset S of semisup.subsets and semisup.val_subset, WEIGHTS, and the params semisup,
-    model (arch, width, layers) and data.subsets_dir. Writes LIVE/metrics.json
+    machine, model (arch, width, layers) and data.subsets_dir. Writes LIVE/metrics.json
     (semisup/S/<barlow|scratch>/top1_best, ...) and LIVE/plots/ (per-epoch curves).
     Exit 2: bad params, data, subsets or weights."""
-    with run_stage("semisup"), dist.process_group() as env:
+    with run_stage("semisup"), contextlib.ExitStack() as stack:
         cfg = load_section(SemisupConfig, "semisup", params)
-        cfg.check_world(cfg.nproc_per_node)  # before any process is started
-        run_in_workers("stages.semisup", cfg.nproc_per_node)
+        shape = machine_shape(params)
+        cfg.check_world(shape.devices)  # before any process is started
+        run_in_workers("stages.semisup", shape.devices)
+        env = stack.enter_context(dist.process_group(shape.collective_timeout_s))
         cfg.check_world(env.world_size)
         model = load_section(ModelConfig, "model", params)
         subsets_dir = Path(load_section(DataConfig, "data", params).subsets_dir)
@@ -77,7 +80,7 @@ def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
 
         mean, std = normalisation(manifest)
         common = dict(resolution=cfg.resolution, mean=mean, std=std, device=env.device,
-                      channels_last=cfg.channels_last, num_workers=cfg.workers)
+                      channels_last=cfg.channels_last, num_workers=shape.threads)
         # Few loaders, reused: each one costs a numba compilation (~15-30 s on a CPU).
         # Val and test: this rank's share of their rows (all of them in one process).
         val = eval_loader(str(train_beton), cfg.eval_batch_size, train_aug=False,

@@ -19,7 +19,7 @@ Images (ImageNet-size ones too) are centre-cropped to transfer.crop_ratio, resiz
 the model's input resolution and normalised with the pretraining data's statistics, as
 transfer protocols use the ImageNet statistics for every set.
 
-Under ``torchrun --nproc_per_node=N`` (dvc.yaml: transfer.nproc_per_node) the feature
+In machine.devices = N processes the feature
 extraction, the GPU's part, is split over the ranks and gathered (barlow.probe); every
 rank then fits the same heads and SVMs on all rows (results as one process's), and rank
 0 alone writes (docs/multi-gpu.md).
@@ -39,8 +39,8 @@ from barlow.data.loaders import eval_loader
 from barlow.data.sources import split_indices
 from barlow.probe import (Recipe, embedding, epoch_logger, gathered_features, log_summary,
                           multilabel_batches, probe_features, split_rows)
-from barlow.stage import (live_option, open_live, params_option, run_in_workers, run_stage,
-                          weights_option)
+from barlow.stage import (live_option, machine_shape, open_live, params_option, run_in_workers,
+                          run_stage, weights_option)
 from barlow.precision import AUTOCAST
 from barlow.voc07 import voc07_svm_map, voc_devkit_targets
 
@@ -61,15 +61,16 @@ def main(params: str, data_dir: Path, pretrain_dir: Path, weights: Path, live_di
 
     Reads DATA/NAME_{train,test}.beton for each set (transfer.datasets, voc07 when
     data.voc07_root is set, data.transfer_folders' names), PRETRAIN_DATA/train.json (the
-    normalisation), WEIGHTS, and the params transfer, model (arch, width, layers),
-    augment.resolution, data.voc07_root and data.transfer_folders. Writes
+    normalisation), WEIGHTS, and the params transfer, machine, model (arch, width,
+    layers), augment.resolution, data.voc07_root and data.transfer_folders. Writes
     LIVE/metrics.json (transfer/NAME/linear/EMBEDDING/top1_best, ...,
     transfer/NAME/svm/EMBEDDING/map) and LIVE/plots/ (per-epoch curves). Exit 2: bad
     params, data or weights."""
     with run_stage("transfer"), contextlib.ExitStack() as stack:
         cfg = load_section(TransferConfig, "transfer", params)
-        run_in_workers("stages.transfer", cfg.nproc_per_node)
-        env = stack.enter_context(dist.process_group(cfg.collective_timeout_s))
+        shape = machine_shape(params)
+        run_in_workers("stages.transfer", shape.devices)
+        env = stack.enter_context(dist.process_group(shape.collective_timeout_s))
         model = load_section(ModelConfig, "model", params)
         resolution = load_section(AugmentConfig, "augment", params).resolution
         data = load_section(DataConfig, "data", params)
@@ -96,7 +97,7 @@ def main(params: str, data_dir: Path, pretrain_dir: Path, weights: Path, live_di
             # Whole images (crop_ratio 1 keeps 8 px digits whole) resized to the model's
             # input; sequential order, so rows line up across embeddings; this rank's share.
             train_loader, test_loader = (
-                eval_loader(str(beton), cfg.extract_batch_size, cfg.workers, resolution, mean,
+                eval_loader(str(beton), cfg.extract_batch_size, shape.threads, resolution, mean,
                             std, train_aug=False, crop_ratio=cfg.crop_ratio, device=device,
                             indices=dist.shard(size, env))
                 for beton, size in zip(betons, sizes[dataset]))
@@ -122,7 +123,7 @@ def main(params: str, data_dir: Path, pretrain_dir: Path, weights: Path, live_di
                               f" {result['best_epoch']}), ")
                 svm = voc07_svm_map(*train, *test, costs=cfg.svm_costs, folds=cfg.svm_folds,
                                     seed=cfg.seed, max_iter=cfg.svm_max_iter,
-                                    n_jobs=cfg.svm_jobs,
+                                    n_jobs=shape.threads,
                                     label=f"transfer/{dataset}/svm/{name}")
                 live.log_metric(f"transfer/{dataset}/svm/{name}/map", svm["map"], plot=False)
                 if env.is_main:

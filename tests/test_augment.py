@@ -142,6 +142,7 @@ def test_crop_boxes_lie_inside_and_in_range_and_match_torchvision_in_distributio
         assert ks < 1.95 * math.sqrt(2 / n)  # α = 0.001
 
 
+@pytest.mark.slow
 def test_crop_box_compiled_equals_python():
     @numba.njit(fastmath=True)
     def all_boxes(height, width, u):
@@ -252,6 +253,7 @@ def test_hue_alone_matches_torchvision():
         assert_close(result, to_uint8_hwc(TF.adjust_hue(to_float_chw(image), h)), atol=1)
 
 
+@pytest.mark.slow
 def test_compiled_jitter_and_blur_equal_the_python_formulas():
     """ffcv's compiler flags vectorise the pixel loops (the hue's division becomes a
     reciprocal estimate): allowed ±1 after rounding, as fastmath permits elsewhere."""

@@ -21,7 +21,7 @@ from PIL import Image
 from barlow.data import sources
 from barlow.data.convert import FfcvSettings, read_manifest, write_beton
 from barlow.data.sources import DataError
-from conftest import REPO, repo_params
+from conftest import REPO, machine, repo_params
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -223,17 +223,19 @@ def test_transfer_sources_are_stratified_and_disjoint():
 def run_convert(tmp_path: Path, params: dict, *args: str) -> subprocess.CompletedProcess:
     import yaml
 
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(repo_params(**params)))
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump(repo_params(**{"machine": machine(1), **params})))
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     return subprocess.run([sys.executable, "-m", "stages.convert", *args, "--params",
                            str(tmp_path / "params.yaml")], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data, message", [
     ({"sourc": "fashion_mnist"}, "data.sourc: unknown key"),
     ({"source": "cifar"}, "data.source: 'cifar' is not one of"),
-    ({"workers": "two"}, "data.workers: expected an integer"),
+    ({"seed": "zero"}, "data.seed: expected an integer"),
     ({"transfer_test_fraction": "0.25"}, "write numbers unquoted"),
     ({"ffcv": {"compress_probability": 1.5}}, "data.ffcv.compress_probability: 1.5 is not a"),
     ({"source": "imagefolder"}, "data.imagefolder_root: must be set"),
@@ -248,13 +250,14 @@ def test_stage_rejects_bad_params_before_work(tmp_path, data, message):
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.slow
 def test_stage_converts_an_imagefolder_tree(tree, tmp_path):
     (tree.parent / "val" / "cat").mkdir(parents=True)
     (tree.parent / "val" / "dög").mkdir()
     Image.fromarray(_rgb(7)).save(tree.parent / "val" / "cat" / "v.png")
     Image.fromarray(_rgb(8)).save(tree.parent / "val" / "dög" / "w.png")
     (tree / "cat" / "broken.png").write_bytes(b"")
-    data = {"source": "imagefolder", "imagefolder_root": str(tree.parent), "workers": 1}
+    data = {"source": "imagefolder", "imagefolder_root": str(tree.parent)}
     out = tmp_path / "ffcv"
     result = run_convert(tmp_path, {"data": data}, "dataset", "--out", str(out))
     assert result.returncode == 2 and "broken.png: empty file" in result.stderr
@@ -267,6 +270,7 @@ def test_stage_converts_an_imagefolder_tree(tree, tmp_path):
     assert json.loads((out / "test.json").read_text())["class_counts"] == [1, 1]
 
 
+@pytest.mark.slow
 def test_stage_stops_on_the_first_of_many_bad_images(tree, tmp_path):
     """The writer's workers report one error, not one per bad file: hundreds of
     messages would fill the queue's pipe and block a worker, and the writer would wait
@@ -276,9 +280,10 @@ def test_stage_stops_on_the_first_of_many_bad_images(tree, tmp_path):
     for split in ("cat", "dög"):
         (tree.parent / "val" / split).mkdir(parents=True)
         Image.fromarray(_rgb(7)).save(tree.parent / "val" / split / "v.png")
-    data = {"source": "imagefolder", "imagefolder_root": str(tree.parent), "workers": 2}
+    data = {"source": "imagefolder", "imagefolder_root": str(tree.parent)}
     out = tmp_path / "ffcv"
-    result = run_convert(tmp_path, {"data": data}, "dataset", "--out", str(out))
+    result = run_convert(tmp_path, {"data": data, "machine": machine(1, cores=2)}, "dataset",
+                         "--out", str(out))
     assert result.returncode == 2, result.stderr
     assert re.search(r"cat/bad\d{3}\.png: not an image file", result.stderr)
     assert not (out / "train.beton").exists()
@@ -429,7 +434,8 @@ def convert_transfer(tmp_path, monkeypatch):
                             replace(tiny_source(split, 8, 0), name=name))
 
     def run(data: dict, out: Path):
-        (tmp_path / "params.yaml").write_text(yaml.safe_dump(repo_params(data=data)))
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(repo_params(data=data,
+                                                                         machine=machine(1))))
         args = ["transfer", "--params", str(tmp_path / "params.yaml"), "--out", str(out)]
         return CliRunner().invoke(convert.cli, args)
 
@@ -439,11 +445,11 @@ def convert_transfer(tmp_path, monkeypatch):
 def test_stage_converts_voc07_when_its_root_is_set(devkit, tmp_path, convert_transfer):
     root, truth = devkit
     run = convert_transfer
-    result = run({"workers": 1}, tmp_path / "offline")
+    result = run({}, tmp_path / "offline")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "offline").glob("*.beton")) == [
         "digits_test.beton", "digits_train.beton", "elpv_test.beton", "elpv_train.beton"]
-    result = run({"voc07_root": str(root), "voc07_resolution": 24, "workers": 1},
+    result = run({"voc07_root": str(root), "voc07_resolution": 24},
                  tmp_path / "with_voc")
     assert result.exit_code == 0, result.output
     assert "convert_transfer: voc07 test: 40 images, 20 classes, 0 skipped" in result.output
@@ -453,7 +459,7 @@ def test_stage_converts_voc07_when_its_root_is_set(devkit, tmp_path, convert_tra
         assert read_manifest(beton)["ffcv"]["max_resolution"] == 24
     # A broken test split stops the stage before anything is written.
     (root / "ImageSets" / "Main" / "cat_test.txt").unlink()
-    result = run({"voc07_root": str(root), "workers": 1}, tmp_path / "broken")
+    result = run({"voc07_root": str(root)}, tmp_path / "broken")
     assert result.exit_code == 2 and "cat_test.txt: class file not found" in result.stderr
     assert not (tmp_path / "broken").exists()
 
@@ -481,8 +487,7 @@ def scene_tree(root: Path, per_class: dict[str, int] | None = None) -> Path:
 
 def test_stage_converts_transfer_folders(tmp_path, convert_transfer):
     root = scene_tree(tmp_path / "scenes")
-    data = {"transfer_folders": {"scenes": str(root)}, "workers": 1,
-            "ffcv": {"jpeg_quality": 80}}
+    data = {"transfer_folders": {"scenes": str(root)}, "ffcv": {"jpeg_quality": 80}}
     result = convert_transfer(data, tmp_path / "out")
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert "convert_transfer: scenes test: 6 images, 3 classes, 0 skipped" in result.output
@@ -502,7 +507,7 @@ def test_stage_converts_transfer_folders(tmp_path, convert_transfer):
         np.testing.assert_array_equal(images.mean(axis=(1, 2)).argmax(axis=1), labels)
     # Byte-identical on a rerun (one writer), and the offline sets as without folders.
     convert_transfer(data, tmp_path / "again")
-    convert_transfer({"workers": 1}, tmp_path / "offline")
+    convert_transfer({}, tmp_path / "offline")
     for name in ("scenes_train.beton", "scenes_test.json"):
         assert (out / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
     for name in ("digits_train.beton", "digits_test.json", "elpv_train.beton"):
@@ -537,7 +542,7 @@ def test_transfer_folder_errors_name_key_and_folder(tmp_path, convert_transfer, 
 
     if isinstance(folders, dict):
         folders = {name: fill(path) for name, path in folders.items()}
-    result = convert_transfer({"transfer_folders": folders, "workers": 1}, tmp_path / "out")
+    result = convert_transfer({"transfer_folders": folders}, tmp_path / "out")
     assert result.exit_code == 2, result.output
     assert fill(message) in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()  # every tree is read before anything is written

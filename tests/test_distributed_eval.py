@@ -26,6 +26,9 @@ from barlow import distributed as bdist
 from barlow.evaluate import finetune, linear_head, train_linear_head
 from barlow.models import small_resnet
 
+# Every test reads the results of one spawn of gloo worker processes.
+pytestmark = pytest.mark.slow
+
 WORLD = 2
 BATCH = 8             # global; each rank takes a contiguous half of every batch
 N_TRAIN = 24          # 3 batches per epoch

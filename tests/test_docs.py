@@ -7,7 +7,7 @@ The convention for fenced blocks in README.md and docs/*.md:
 - ```bash: commands a user runs as written, here or on the embedded default. Every
   command in one is either run by this module (cheap ones: `make -n <target>`,
   `python scripts/params_args.py <profile>`, `python -m stages.<stage> --help`, the flags
-  of `dvc exp show`), or named in RUN_BY_TESTS with the test that runs it; that test must
+  of `dvc exp show`, `python scripts/dvc_deps.py --check`), or named in RUN_BY_TESTS with the test that runs it; that test must
   exist and its source must hold the command as the test spells it.
 - ```console: illustrative, not run: commands that need what the machine may lack
   (ImageNet, GPUs, a cluster, a finished queue) and printed output. Their `-S key=value`
@@ -240,6 +240,8 @@ def cheap_check(cmd: str) -> str | None:
         return "help"
     if cmd.startswith("dvc exp show"):
         return "exp show"
+    if cmd == "python scripts/dvc_deps.py":
+        return "dvc_deps"
     return None
 
 
@@ -302,6 +304,16 @@ def test_stage_help_commands_run(cmd):
     result = subprocess.run([PY, *words[1:]], cwd=REPO, capture_output=True, text=True,
                             timeout=120, env={**os.environ, "PYTHONPATH": "src"})
     assert result.returncode == 0 and "Usage" in result.stdout, f"`{cmd}`: {result.stderr}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cmd", cheap_commands("dvc_deps"))
+def test_dvc_deps_command_runs(cmd):
+    """Run with --check, which writes nothing: exit 0 says the command has nothing to
+    rewrite in the committed dvc.yaml."""
+    result = subprocess.run([PY, *cmd.split()[1:], "--check"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "PYTHONPATH": "src"})
+    assert result.returncode == 0, f"`{cmd} --check`: {result.stdout}{result.stderr}"
 
 
 def dvc(*args: str) -> str:

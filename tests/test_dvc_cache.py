@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+# Every test runs DVC in a subprocess.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 
 # A stage whose output is persisted and rewritten on every run the way

@@ -1,98 +1,43 @@
-"""dvc.yaml's code deps are the stages' import closures, no more and no less.
-
-DVC reruns a stage when one of its deps changes. A library file a stage imports but
-does not list would let a change to it go unnoticed (the committed metrics would no
-longer be what the code computes); a listed file it never imports reruns it for
-nothing. The closure is computed from the source (every import statement, those inside
-functions included), starting at the stage's module and following ``barlow.*``.
-"""
+"""dvc.yaml's code deps are the stages' import closures, as scripts/dvc_deps.py writes
+them; the closure itself follows every import a stage can run."""
 
 from __future__ import annotations
 
-import ast
-import re
 from pathlib import Path
 
 import pytest
-import yaml
+from click.testing import CliRunner
 
 from conftest import REPO
-
-SRC = REPO / "src"
-
-
-def module_file(name: str) -> Path | None:
-    """The file of module ``name`` (dotted) under src/ or the repository, if it is ours."""
-    for root in (SRC, REPO):
-        base = root.joinpath(*name.split("."))
-        for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-            if candidate.is_file():
-                return candidate
-    return None
+from scripts.dvc_deps import closure, code_deps, main, rewrite, stage_modules
 
 
-def imports_of(path: Path) -> set[str]:
-    """Dotted names of every project module ``path`` imports (barlow.*, stages.*)."""
-    names = set()
-    tree = ast.parse(path.read_text())
-    # Imports for type checkers only never run.
-    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
-                   and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"
-                   for n in ast.walk(block)}
-    for node in ast.walk(tree):
-        if id(node) in typing_only:
-            continue
-        if isinstance(node, ast.Import):
-            names |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            # `from barlow import distributed`: the names may be modules themselves.
-            names |= {f"{node.module}.{alias.name}" for alias in node.names}
-    ours = set()
-    for name in names:
-        if name.split(".")[0] in ("barlow", "stages") and module_file(name):
-            parts = name.split(".")
-            # A package's __init__ runs on import of any of its modules.
-            ours |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)
-                     if module_file(".".join(parts[:i]))}
-    return ours
+def test_code_deps_are_the_import_closure():
+    result = CliRunner().invoke(main, ["--check"])
+    assert result.exit_code == 0, result.output
 
 
-def closure(module: str) -> set[Path]:
-    """Files of ``module`` and of everything it imports, transitively; empty package
-    __init__ files left out (they hold no code a change could alter)."""
-    seen, todo = set(), [module]
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        todo += imports_of(module_file(name))
-    files = {module_file(name) for name in seen}
-    return {f.relative_to(REPO) for f in files if f.read_text().strip()}
+def test_check_names_the_stale_stages_and_the_fix(tmp_path):
+    text = (REPO / "dvc.yaml").read_text()
+    stale = text.replace("      - src/barlow/loss.py\n", "", 1).replace(
+        "      - stages/convert.py\n", "      - stages/convert.py\n      - src/barlow/loss.py\n", 1)
+    (tmp_path / "dvc.yaml").write_text(stale)
+    result = CliRunner().invoke(main, ["--check", "--dvc-yaml", str(tmp_path / "dvc.yaml")])
+    assert result.exit_code == 1
+    assert result.output.startswith("dvc.yaml: the code deps of convert, pretrain are not")
+    assert result.output.rstrip().endswith("run: python scripts/dvc_deps.py")
+    assert (tmp_path / "dvc.yaml").read_text() == stale   # --check writes nothing
 
 
-def stages() -> dict[str, tuple[str, set[Path]]]:
-    """Stage name → (its entry module, the .py files dvc.yaml lists as its deps)."""
-    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    out = {}
-    for name, stage in spec.items():
-        match = re.search(r"python -m (stages\.\w+)", stage["cmd"])
-        assert match, f"dvc.yaml: stage {name}: no `python -m stages.<module>` in its cmd"
-        listed = {Path(d) for d in stage.get("deps", []) if str(d).endswith(".py")}
-        out[name] = (match.group(1), listed)
-    return out
-
-
-@pytest.mark.parametrize("stage", sorted(stages()))
-def test_code_deps_are_the_import_closure(stage):
-    module, listed = stages()[stage]
-    needed = closure(module)
-    missing = sorted(map(str, needed - listed))
-    extra = sorted(map(str, listed - needed))
-    assert not missing and not extra, (
-        f"dvc.yaml stage {stage}: deps miss {missing} (imported by {module}), "
-        f"list {extra} (not imported)")
+def test_rewrite_restores_the_closure_and_leaves_everything_else():
+    """Only the code entries change: comments, data deps, params and outs stay byte for
+    byte, so rewriting the committed file from a damaged copy gives it back."""
+    text = (REPO / "dvc.yaml").read_text()
+    wanted = {name: code_deps(module) for name, module in stage_modules(REPO / "dvc.yaml").items()}
+    damaged = text.replace("      - src/barlow/train.py\n", "", 1)
+    assert damaged != text
+    assert rewrite(damaged, wanted) == (text, ["pretrain"])
+    assert rewrite(text, wanted) == (text, [])
 
 
 def test_the_closure_follows_lazy_and_package_imports():

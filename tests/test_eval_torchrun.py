@@ -35,8 +35,11 @@ from barlow.data.sources import Source
 from barlow.distributed import DistEnv
 from barlow.models import build_backbone
 from barlow.stage import open_live
-from conftest import repo_params, REPO
+from conftest import REPO, machine, repo_params
 from stages import linear, semisup
+
+# Every test starts the stages under torchrun or opens dvclive in worker processes.
+pytestmark = pytest.mark.slow
 
 N_TRAIN, N_TEST, N_VAL = 70, 33, 15
 #: Largest gap in test top-1 (points) allowed between 2 processes and 1 in the augmenting
@@ -75,29 +78,30 @@ def setup(tmp_path_factory) -> dict:
     return {"root": root, "data": data, "subsets": subsets, "weights": root / "backbone.pt"}
 
 
-def params(setup: dict, section: str, **overrides) -> dict:
+def params(setup: dict, section: str, devices: int = 1, **overrides) -> dict:
     sections = {
         "linear": {"mode": "features", "epochs": 4, "batch_size": 16, "lr": 0.3,
-                   "crop_ratio": 1.0, "extract_batch_size": 16, "workers": 1},
+                   "crop_ratio": 1.0, "extract_batch_size": 16},
         "semisup": {"subsets": ["10percent"], "epochs": [8], "batch_size": 8,
                     "eval_batch_size": 16, "resolution": 16, "eval_crop_ratio": 1.0,
                     "train_crop_scale": [0.8, 1.0], "lr_backbone": 0.05,
                     "scratch_lr_backbone": 0.05, "scratch_lr_head": 0.5,
-                    "workers": 1, "channels_last": False},
+                    "channels_last": False},
     }
     return repo_params(data={"subsets_dir": str(setup["subsets"])}, model=MODEL,
-                       augment={"resolution": 16}, **{section: {**sections[section], **overrides}})
+                       augment={"resolution": 16}, machine=machine(devices),
+                       **{section: {**sections[section], **overrides}})
 
 
 def run(setup: dict, tmp: Path, stage, nproc: int, **overrides) -> dict:
     """The stage in one process (in-process, no torchrun variables) or, as dvc.yaml
-    runs it, ``python -m stages.<name>`` with ``<name>.nproc_per_node: nproc``, which
+    runs it, ``python -m stages.<name>`` with ``machine.devices: nproc``, which
     starts ``nproc`` gloo workers through torchrun's launcher; returns its metrics,
     files and console output."""
     name = stage.__name__.rsplit(".", 1)[1]
     tmp.mkdir()
     (tmp / "params.yaml").write_text(yaml.safe_dump(
-        params(setup, name, nproc_per_node=nproc, **overrides)))
+        params(setup, name, devices=nproc, **overrides)))
     args = ["--params", str(tmp / "params.yaml"), "--data", str(setup["data"]),
             "--weights", str(setup["weights"]), "--live", str(tmp / "live")]
     if nproc == 1:

@@ -28,18 +28,17 @@ from imagenet_tree import make_tree, sample_synsets
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = 2
 VAL_IMAGES = 4          # per class in val/ (the test split)
-# Only sizes change: resolution, epochs, batches, processes, workers, projector width,
-# bank and report sizes. Everything else is configs/paper.yaml's.
+# Only sizes change: resolution, epochs, batches, projector width, bank and report
+# sizes. Everything else is configs/paper.yaml's, and the one override of a one-GPU
+# machine (one process per stage; on this CPU the same as machine.devices: auto).
 SIZE_OVERRIDES = {
-    "data.workers": 2,
+    "machine.devices": 1,
     "model.projector": "64-64-64",
     # 32 px, not less: at 16 px ResNet-50's layer4 sees 1x1 maps, where PyTorch's bf16
     # CPU convolution gives Inf weight gradients (the paper's precision is bf16).
     "augment.resolution": 32,
     "pretrain.epochs": 1,
     "pretrain.warmup_epochs": 1.0,
-    "pretrain.nproc_per_node": 2,
-    "pretrain.workers": 1,
     "pretrain.checkpoint_every_steps": 1,
     "pretrain.log_every_steps": 1,
     "pretrain.knn_every_epochs": 1,
@@ -48,18 +47,15 @@ SIZE_OVERRIDES = {
     "linear.epochs": 1,
     "linear.batch_size": 64,
     "linear.extract_batch_size": 128,
-    "linear.workers": 1,
     "semisup.epochs": "[1,1]",
     "semisup.batch_size": 64,
     "semisup.eval_batch_size": 128,
     "semisup.resolution": 32,
-    "semisup.workers": 1,
     "transfer.epochs": 1,
     "transfer.extract_batch_size": 256,
     "transfer.svm_costs": "[0.1,1.0]",
     "transfer.svm_folds": 2,
     "transfer.svm_max_iter": 50,
-    "transfer.workers": 1,
     "report.cc_images": 8,
     "report.cc_batch_size": 8,
     "report.cc_block": 8,
@@ -107,7 +103,7 @@ def test_paper_switch_runs_every_stage_through_dvc(tmp_path):
     switch = run([sys.executable, "scripts/params_args.py", "configs/paper.yaml"], repo,
                  env).split()
     sizes = {**SIZE_OVERRIDES, "data.imagefolder_root": str(tree),
-             # Two steps of one epoch, each rank a half of the global batch.
+             # Two steps of one epoch.
              "pretrain.batch_size": images // 4 * 2}
     args = switch + [f"--set-param={k}={v}" for k, v in sizes.items()]
     run(["dvc", "exp", "run", "-n", "paper-tiny", *args], repo, env, timeout=1800)

@@ -21,7 +21,7 @@ from barlow.features import extract_features
 from barlow.models import build_backbone
 from barlow.probe import SUMMARY_KEYS, Recipe, embedding, fit_and_test, probe_augmented
 from barlow.data.convert import normalisation
-from conftest import REPO, repo_params
+from conftest import REPO, machine, repo_params
 from stages import linear
 
 EMBEDDINGS = ("barlow", "random_init", "raw_pixels")
@@ -32,8 +32,9 @@ MODEL = {"arch": "small_resnet", "width": 4, "layers": [1, 1, 1, 1]}
 def tiny_params(subsets_dir: Path, **linear_overrides) -> dict:
     return repo_params(
         data={"subsets_dir": str(subsets_dir)}, model=MODEL, augment={"resolution": 16},
+        machine=machine(1),
         linear={"mode": "features", "epochs": EPOCHS, "batch_size": 16, "lr": 0.3,
-                "crop_ratio": 1.0, "extract_batch_size": 32, "workers": 1, **linear_overrides})
+                "crop_ratio": 1.0, "extract_batch_size": 32, **linear_overrides})
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,7 @@ def finished(request, setup, tmp_path_factory) -> dict:
             "metrics": json.loads((live / "metrics.json").read_text())["linear"]}
 
 
+@pytest.mark.slow
 def test_every_metric_is_reported_and_sane(finished):
     metrics = finished["metrics"]
     assert set(metrics) == set(EMBEDDINGS)
@@ -83,6 +85,7 @@ def test_every_metric_is_reported_and_sane(finished):
     assert "linear: raw_pixels: test top-1" in finished["result"].output
 
 
+@pytest.mark.slow
 def test_pretrained_backbone_beats_its_random_init(finished):
     """The probe on the pretrained backbone's features beats the same architecture at
     random init (the weights pretraining started from) by 2 or more of the 32 test
@@ -97,6 +100,7 @@ def test_pretrained_backbone_beats_its_random_init(finished):
     assert metrics["barlow"]["top1_best"] >= metrics["random_init"]["top1_best"] + 6.25
 
 
+@pytest.mark.slow
 def test_curves_and_confusion_matrix(finished, tiny_ffcv):
     plots = finished["live"] / "plots"
     for name in EMBEDDINGS:
@@ -143,6 +147,7 @@ def test_test_figures_come_from_the_epochs_val_chose():
     assert out["test_pred_best"].tolist() == [1, 2, 0, 1, 2, 0]
 
 
+@pytest.mark.slow
 def test_augmented_probe_leaves_the_backbone_unchanged(setup, tiny_ffcv):
     """BN running statistics would move if the backbone ran in train mode; its weights
     would move if the head's optimiser reached them."""
@@ -169,6 +174,7 @@ def test_augmented_probe_leaves_the_backbone_unchanged(setup, tiny_ffcv):
     assert all(torch.equal(after[k], v) for k, v in file.items())
 
 
+@pytest.mark.slow
 def test_mismatching_weights_give_one_line_error(setup, tmp_path):
     wide, _ = build_backbone("small_resnet", 8, (1, 1, 1, 1))
     torch.save(wide.state_dict(), tmp_path / "wide.pt")
@@ -181,6 +187,7 @@ def test_mismatching_weights_give_one_line_error(setup, tmp_path):
     assert not (tmp_path / "live").exists()  # failed before any work
 
 
+@pytest.mark.slow
 def test_non_finite_weights_are_refused(setup, tmp_path):
     """A diverged run's backbone (NaN weights) used to evaluate to chance with exit 0."""
     state = torch.load(setup["weights"])
@@ -194,6 +201,7 @@ def test_non_finite_weights_are_refused(setup, tmp_path):
     assert not (tmp_path / "live").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, message", [
     ("checkpoint", "a torch file holding objects other than tensors (a training checkpoint"
                    " such as checkpoint.pt?)"),
@@ -214,6 +222,7 @@ def test_weights_that_are_no_state_dict_are_named(setup, tmp_path, kind, message
     assert not (tmp_path / "live").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, message", [
     ({"lrr": 0.1}, "params: linear.lrr: unknown key"),
     ({"mode": "finetune"}, "linear.mode: 'finetune' is not one of"),
@@ -225,6 +234,7 @@ def test_bad_params_are_named(setup, tmp_path, overrides, message):
     assert result.exit_code == 2 and message in result.stderr, result.stderr
 
 
+@pytest.mark.slow
 def test_missing_val_subset_is_named(setup, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(tiny_params(tmp_path / "nowhere")))

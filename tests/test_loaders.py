@@ -124,6 +124,7 @@ def paper_epochs(square):
     return [collect(loader), collect(loader)]
 
 
+@pytest.mark.slow
 def test_compiled_two_views_match_python_and_change_every_epoch(square, paper_epochs):
     """Complete paper augmentation, seeded crop and flip included: numba output = Python
     output (so the compiled crop boxes and coins are the documented draws)."""
@@ -165,6 +166,7 @@ def assert_same_batches(got, want):
             assert torch.equal(x, y)
 
 
+@pytest.mark.slow
 def test_same_seed_is_bit_identical_and_resumes_at_any_epoch_and_step(square, paper_epochs):
     """A second loader with the same seed (as a resumed run builds it) reproduces every
     batch exactly, whichever epoch or step it starts at; another seed differs."""

@@ -47,8 +47,9 @@ def dvc_applied(profile: str, tmp: Path) -> tuple[Path, str]:
     configs/<profile>)` leaves it in the queued experiment, and DVC's console output.
 
     The scratch repository holds what the command reads (params.yaml, the profile, the
-    script) and a one-stage dvc.yaml: queueing stashes the workspace with DVC's -S edits
-    applied and runs nothing."""
+    script; the library that reads them comes from this checkout's src/) and a one-stage
+    dvc.yaml: queueing stashes the workspace with DVC's -S edits applied and runs
+    nothing."""
     repo = tmp / "repo"
     (repo / "configs").mkdir(parents=True)
     (repo / "scripts").mkdir()
@@ -60,7 +61,7 @@ def dvc_applied(profile: str, tmp: Path) -> tuple[Path, str]:
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(tmp / "site"),
            "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost",
-           "PY": sys.executable, "PROFILE": profile}
+           "PY": sys.executable, "PROFILE": profile, "PYTHONPATH": str(REPO / "src")}
     script = """set -e
         git init -q && git config user.name test && git config user.email test@localhost
         "$PY" -m dvc init -q && git add -A && git commit -qm baseline
@@ -91,6 +92,7 @@ def applied(request, switched) -> dict:
     return switched(request.param)
 
 
+@pytest.mark.slow
 def test_every_profile_key_lands_with_its_value_and_type(applied):
     """The stages see exactly the profile's values and types (an int where the profile
     says 10.0 would be a different params hash and, for some keys, a refused type), and
@@ -105,6 +107,7 @@ def test_every_profile_key_lands_with_its_value_and_type(applied):
     assert "Queued experiment 'profile'" in applied["output"]
 
 
+@pytest.mark.slow
 def test_every_section_loads_after_the_switch(applied):
     for name, cls in SECTIONS.items():
         load_section(cls, name, applied["path"])
@@ -120,6 +123,7 @@ def section(params: dict, cls, name):
     return from_mapping(cls, params[name], name)
 
 
+@pytest.mark.slow
 def test_pretraining_recipe(paper):
     model, loss = section(paper, ModelConfig, "model"), section(paper, LossConfig, "loss")
     assert (model.arch, model.projector, model.projector_bn) == ("resnet50", "8192-8192-8192",
@@ -134,6 +138,7 @@ def test_pretraining_recipe(paper):
     assert p.weight_decay == 1.5e-6 and p.final_lr_ratio == 0.001
 
 
+@pytest.mark.slow
 def test_augmentations(paper):
     a = section(paper, AugmentConfig, "augment")
     assert (a.resolution, a.crop_scale, a.flip_p) == (224, (0.08, 1.0), 0.5)
@@ -143,6 +148,7 @@ def test_augmentations(paper):
     assert a.colour_ops_on == "device"  # not the paper's: where the same draws are applied
 
 
+@pytest.mark.slow
 def test_evaluation_recipes(paper):
     lin = section(paper, LinearConfig, "linear")
     assert (lin.mode, lin.epochs, lin.batch_size, lin.lr, lin.momentum, lin.weight_decay,
@@ -155,6 +161,7 @@ def test_evaluation_recipes(paper):
     assert (tr.epochs, tr.lr, tr.weight_decay, tr.schedule) == (14, 0.01, 5e-4, "step")
 
 
+@pytest.mark.slow
 def test_ffcv_and_data_settings(paper):
     data = section(paper, DataConfig, "data")
     assert dataclasses.asdict(data.ffcv) == {"write_mode": "proportion", "max_resolution": 500,

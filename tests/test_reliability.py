@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,8 +32,12 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import REPO, TINY_PARAMS, repo_params
+from barlow.stage import PREEMPTED
+from conftest import REPO, TINY_PARAMS, machine, repo_params
 from stages import convert, pretrain
+
+# Every test runs a stage as a subprocess, most of them killing it part-way.
+pytestmark = pytest.mark.slow
 
 SEED = int(os.environ.get("RELIABILITY_SEED", "0"))
 ENV = {**os.environ, "PYTHONPATH": str(REPO / "src"), "NUMBA_DISABLE_JIT": "1",
@@ -42,10 +47,11 @@ HANG_S = 300  # a bound for runs that should have progressed or ended long befor
 # 4 epochs × 4 steps, checkpoints every 3 steps and at each epoch's end.
 PARAMS = {**TINY_PARAMS, "pretrain": {**TINY_PARAMS["pretrain"], "epochs": 4}}
 # What users run, less numba's JIT (minutes of compiling per process): precision auto
-# (bf16 on a CPU with native bf16), 2 FFCV threads and 2 torch threads per process;
-# 2 epochs × 4 steps, the cost of two processes on a 2-core CI runner.
-USER_PARAMS = {**PARAMS, "pretrain": {**PARAMS["pretrain"], "precision": "auto", "workers": 2,
-                                      "epochs": 2}}
+# (bf16 on a CPU with native bf16), 2 cores shared by the processes' FFCV threads, 2
+# torch threads per process; 2 epochs × 4 steps, the cost of two processes on a 2-core
+# CI runner.
+USER_PARAMS = {**PARAMS, "pretrain": {**PARAMS["pretrain"], "precision": "auto", "epochs": 2},
+               "machine": machine(1, cores=2)}
 USER_ENV = {**ENV, "OMP_NUM_THREADS": "2"}
 
 
@@ -290,6 +296,158 @@ def test_a_killed_rank_ends_the_run_then_repro_resumes(params_file, tiny_ffcv, t
     assert logged_step(tmp_path) == 16  # global batch 16 = 2 × 8: 4 steps × 4 epochs
 
 
+# ---------------------------------------------------------------- pre-emption
+
+def with_processes(params: dict, n: int) -> dict:
+    """``params`` run in ``n`` processes through the stage's own torchrun launch."""
+    return {**params, "machine": machine(n)}
+
+
+# 2 epochs × 4 steps, a log line at every step: the stop step is then known to one step.
+STOP_PARAMS = {**PARAMS, "pretrain": {**PARAMS["pretrain"], "epochs": 2, "log_every_steps": 1}}
+
+
+def stop_mid_run(launcher: subprocess.Popen, workers: list[psutil.Process], run: Path,
+                 target: int, sig: signal.Signals) -> int:
+    """Once ``run`` has logged step ``target``, freeze the run (SIGSTOP), read its last
+    logged step L, send ``sig`` to ``launcher`` (the stage's command), and thaw the
+    launcher, then its workers: the signal lands with rank 0 between the log of step L
+    and that of L + 1. Returns L."""
+    while True:
+        wait_until(launcher, lambda: logged_step(run) >= target, f"step {target}")
+        frozen = [psutil.Process(launcher.pid), *workers]
+        for proc in frozen:
+            proc.suspend()
+        last = logged_step(run)
+        if last >= target:  # else metrics.json was caught half-written
+            break
+        for proc in frozen:
+            proc.resume()
+    launcher.send_signal(sig)
+    for proc in frozen:
+        proc.resume()
+    return last
+
+
+def assert_stopped_at(proc: subprocess.Popen, run: Path, last: int) -> None:
+    """Exit 4, one line from rank 0, the checkpoint at the step the signal interrupted
+    (last or last + 1), logged up to it."""
+    assert proc.wait(timeout=HANG_S) == PREEMPTED, proc.outputs[1].read_text()[-3000:]
+    step = torch.load(run / "out" / "checkpoint.pt", weights_only=False)["step"]
+    assert last <= step <= last + 1, (last, step)
+    assert logged_step(run) == step
+    lines = [line for line in proc.outputs[1].read_text().splitlines() if "stopped" in line]
+    assert lines == [f"pretrain: stopped on request at step {step}/8 (epoch {step / 4:.2f});"
+                     f" {run / 'out' / 'checkpoint.pt'} holds it, the next run resumes there"]
+    assert not (run / "out" / "backbone.pt").exists()
+
+
+@pytest.mark.parametrize("nproc, sig", [(1, signal.SIGTERM), (2, signal.SIGTERM),
+                                       (2, signal.SIGUSR1)],
+                         ids=["1p-SIGTERM", "2p-SIGTERM", "2p-SIGUSR1"])
+def test_a_stop_signal_checkpoints_the_step_and_the_rerun_equals_uninterrupted(
+        nproc, sig, tiny_ffcv, tmp_path_factory, spawn):
+    """SIGTERM (pre-emption) or SIGUSR1 (SLURM's time-limit warning) to the stage's
+    command mid-epoch: with 2 gloo processes it reaches the launcher alone, which passes
+    it on. The run stops after the step under way, checkpointed; the rerun resumes and
+    ends with the weights, curves (each step once) and metrics of an uninterrupted
+    run."""
+    params = write_params(tmp_path_factory.mktemp("params"), with_processes(STOP_PARAMS, nproc))
+    reference = tmp_path_factory.mktemp("reference")
+    finish(stage_cmd(params, tiny_ffcv, reference))
+    run = tmp_path_factory.mktemp("stopped")
+    cmd = stage_cmd(params, tiny_ffcv, run)
+    proc = spawn(cmd)
+    (target,) = kill_points(f"{sig.name}_{nproc}p", range(1, 6), 1)
+    workers = []
+    if nproc > 1:
+        wait_until(proc, lambda: len(workers_of(proc)) == nproc, "the workers")
+        workers = workers_of(proc)
+        spawn.adopt(workers)
+    last = stop_mid_run(proc, workers, run, target, sig)
+    assert_stopped_at(proc, run, last)
+    assert_all_end(workers, "the stopped workers")
+    result = finish(cmd)
+    assert "pretrain: resumed from" in result.stdout
+    assert_same_result(reference, run)
+
+
+# ---------------------------------------------------------------- two launcher nodes
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def node_cmds(params: Path, data: Path, runs: list[Path], script: list[str]) -> list[list[str]]:
+    """One torchrun per "node" on this machine (static rendezvous, 1 gloo process
+    each), as docs/multi-gpu.md starts several nodes; node i writes under runs[i]
+    (nodes without a shared file system). ``script``: what torchrun runs."""
+    port = free_port()
+    return [[sys.executable, "-m", "torch.distributed.run", f"--nnodes={len(runs)}",
+             f"--node_rank={i}", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+             f"--master_port={port}", *script, "--params", str(params), "--data", str(data),
+             "--out", str(run / "out"), "--live", str(run / "live")]
+            for i, run in enumerate(runs)]
+
+
+def test_a_rank_that_cannot_read_rank_0s_checkpoint_stops_every_rank(
+        params_file, tiny_ffcv, tmp_path, spawn):
+    """Rank 0 resumes; the other node has no copy of the checkpoint. Starting that rank
+    afresh would train two ranks at different steps: every rank stops with one line."""
+    shared = tmp_path / "shared"
+    for proc in [spawn(cmd, name=f"first{i}") for i, cmd in
+                 enumerate(node_cmds(params_file, tiny_ffcv, [shared, shared],
+                                     ["-m", "stages.pretrain"]))]:
+        assert proc.wait(timeout=HANG_S) == 0, proc.outputs[1].read_text()[-3000:]
+    lone = tmp_path / "lone"
+    procs = [spawn(cmd, name=f"node{i}") for i, cmd in
+             enumerate(node_cmds(params_file, tiny_ffcv, [shared, lone],
+                                 ["-m", "stages.pretrain"]))]
+    line = (f"pretrain: error: rank 1 cannot read the checkpoint rank 0 resumes from (step"
+            f" 16): {lone / 'out' / 'checkpoint.pt'}: not found; every rank must see the"
+            " same file (a shared file system, or a copy on every node)")
+    for proc in procs:
+        assert proc.wait(timeout=HANG_S) != 0
+        assert line in proc.outputs[1].read_text().splitlines()
+    assert not (lone / "out").exists()
+
+
+# The pretrain stage with rank 0's check of its weights before a checkpoint failing:
+# an error that rank 0 alone sees, while the other ranks go on into the next step.
+FAIL_ON_RANK_0 = """
+import os, runpy, sys
+sys.path.insert(0, os.getcwd())  # the repository, for stages.*: torchrun runs a script
+from barlow import train
+if os.environ["RANK"] == "0":
+    train.non_finite_keys = lambda weights: ["layer1.0.conv1.weight"]
+sys.argv = ["stages.pretrain", *sys.argv[1:]]
+runpy.run_module("stages.pretrain", run_name="__main__")
+"""
+
+
+def test_a_fault_rank_0_alone_sees_stops_every_node_with_its_line(tiny_ffcv, tmp_path, spawn):
+    """Rank 0's check of the weights before a checkpoint fails there alone. With a
+    collective timeout far beyond the test's bound, the other node's rank must stop
+    with the same line at the same point, not wait in the next step's collectives (or
+    die of a torn connection, as gloo's do when the peer's process ends)."""
+    params = write_params(tmp_path, {**PARAMS, "machine": {**PARAMS["machine"],
+                                                           "collective_timeout_s": 3600.0}})
+    script = tmp_path / "fail_on_rank_0.py"
+    script.write_text(FAIL_ON_RANK_0)
+    procs = [spawn(cmd, name=f"node{i}") for i, cmd in enumerate(
+        node_cmds(params, tiny_ffcv, [tmp_path / "run"] * 2, [str(script)]))]
+    line = ("pretrain: error: pretrain: non-finite weights (NaN/Inf) in 1 tensors, first"
+            " layer1.0.conv1.weight, after step 3; the last good checkpoint"
+            f" {tmp_path / 'run' / 'out' / 'checkpoint.pt'} is untouched")
+    for proc in procs:
+        assert proc.wait(timeout=HANG_S) != 0
+        stderr = proc.outputs[1].read_text()
+        assert line in stderr.splitlines() and "Connection closed" not in stderr, stderr[-3000:]
+    assert not (tmp_path / "run" / "out").exists()
+
+
 # ---------------------------------------------------------------- kills of convert
 
 def image_tree(root: Path, per_class: dict[str, int], size: int = 12) -> Path:
@@ -303,9 +461,10 @@ def image_tree(root: Path, per_class: dict[str, int], size: int = 12) -> Path:
     return root
 
 
-def convert_params(folder: Path, tree: Path, **data) -> Path:
+def convert_params(folder: Path, tree: Path, cores: int = 2, **data) -> Path:
     return write_params(folder, repo_params(data={
-        "source": "imagefolder", "imagefolder_root": str(tree), "workers": 2, **data}))
+        "source": "imagefolder", "imagefolder_root": str(tree), **data},
+        machine=machine(1, cores=cores)))
 
 
 # The convert stage with FFCV's writer blocking on one image: a kill that lands
@@ -364,7 +523,7 @@ def test_every_file_convert_writes_is_a_dvc_output(tmp_path):
     out_arg = stage["cmd"].split("--out ")[1].split()[0]
     tree = image_tree(tmp_path / "tree", {"a": 3, "b": 3})
     result = CliRunner().invoke(convert.cli, ["dataset", "--params",
-                                              str(convert_params(tmp_path, tree, workers=1)),
+                                              str(convert_params(tmp_path, tree, cores=1)),
                                               "--out", str(tmp_path / "repo" / out_arg)])
     assert result.exit_code == 0, result.output + result.stderr
     written = [p.relative_to(tmp_path / "repo").as_posix()
@@ -430,7 +589,7 @@ def test_an_unknown_section_is_refused(tmp_path, tiny_ffcv):
                                      "los": PARAMS["loss"]})
     assert_refused(run_pretrain(params, tiny_ffcv, tmp_path), tmp_path,
                    f"params: los: unknown section in {params} (known sections: data, loss,"
-                   " model, augment, pretrain, semisup, linear, transfer, report)")
+                   " model, augment, pretrain, semisup, linear, transfer, machine, report)")
 
 
 def test_a_missing_key_is_refused_not_defaulted(tmp_path, tiny_ffcv):
@@ -488,7 +647,7 @@ def test_a_class_left_empty_by_skip_bad_is_refused(tmp_path):
     """data.skip_bad drops a class's only image: the class would be kept with none."""
     tree = image_tree(tmp_path / "tree", {"a": 3, "b": 1})
     (tree / "train" / "b" / "0.png").write_bytes(b"not a png")
-    params = convert_params(tmp_path, tree, skip_bad=True, workers=1)
+    params = convert_params(tmp_path, tree, skip_bad=True, cores=1)
     result = CliRunner().invoke(convert.cli, ["dataset", "--params", str(params),
                                               "--out", str(tmp_path / "ffcv")])
     assert (result.exit_code, result.stderr) == (2, (

@@ -189,6 +189,64 @@ def test_ablations_grouped_with_seeds(fabricated: Path) -> None:
     assert "pretrain.epochs=2" in md
 
 
+def test_ablation_figure_grid_log_axes_paper_and_seeds() -> None:
+    """The figure a reader reads: studies on a grid, λ and batch size on log axes with
+    the values as ticks, each seed a dot, the paper's points (every batch size it
+    reports, 128..4096) and λ range on the right-hand axis of the same scale, and no
+    panel zoomed to a few tenths of a point."""
+    import yaml
+
+    from barlow.report.claims import paper_ablations
+    from barlow.report.figures import MIN_SPAN, ablation_plot
+
+    runs = [(params(seed=s), top1(80.0 + 0.1 * s)) for s in (0, 1, 2)]
+    runs += [(params("invariance", seed=s), top1(78.0 + 0.2 * s)) for s in (0, 1)]
+    runs += [(params(lambd=lambd, seed=s), top1(79.5 + 0.1 * s))
+             for lambd in (0.002, 0.02) for s in (0, 1)]
+    runs += [({**params(seed=s), "pretrain": {"seed": s, "epochs": 5, "batch_size": b}},
+              top1(79.0 + b / 512)) for b in (128, 512) for s in (0, 1)]
+    cfg = load_section(ReportConfig, "report", REPO / "params.yaml")
+    abl = group_ablations(parse_exp_show(exp_show(runs, params())), cfg.ablation_params,
+                          cfg.seed_param, cfg.ablation_metrics, cfg.ablation_budget)
+    metric = "linear/barlow/top1_best"
+    paper = paper_ablations(yaml.safe_load((REPO / "data/paper_results.yaml").read_text())
+                            ["results"], metric)
+    assert paper["pretrain.batch_size"].points == {
+        "128": 69.7, "256": 70.7, "512": 71.4, "1024": 71.7, "2048": 71.4, "4096": 70.7}
+    assert paper["loss.variant"].points["full"] == 71.4
+    assert list(paper["loss.lambd"].ranges.values()) == [(70.8, 71.6)]
+    fig = ablation_plot(abl, metric, paper)
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    assert list(panels) == ["loss.lambd", "loss.variant", "pretrain.batch_size"]
+    # 3 studies and the key: one row of 4.
+    assert len({round(ax.get_position().y0, 3) for ax in panels.values()}) == 1
+    lam, variant, batch = panels.values()
+    assert lam.get_xscale() == batch.get_xscale() == "log"
+    assert variant.get_xscale() == "linear"
+    assert [t.get_text() for t in batch.get_xticklabels()] == [
+        "128", "256", "512", "1024", "2048", "4096"]
+    assert [t.get_text() for t in lam.get_xticklabels()] == ["0.002", "0.0051", "0.02"]
+    # Each seed a dot: 3 baseline seeds + 2 + 2 in the λ panel.
+    from matplotlib.collections import PathCollection
+    assert sum(len(c.get_offsets()) for c in lam.collections
+               if isinstance(c, PathCollection)) == 7
+    for ax in panels.values():
+        low, high = ax.get_ylim()
+        assert high - low >= MIN_SPAN
+        twin = next(t for t in fig.axes if t is not ax and t.get_position().bounds
+                    == ax.get_position().bounds)
+        assert twin.get_ylim()[1] - twin.get_ylim()[0] == pytest.approx(high - low)
+    twin = next(t for t in fig.axes if t is not batch
+                and t.get_position().bounds == batch.get_position().bounds)
+    assert list(twin.lines[0].get_ydata()) == [69.7, 70.7, 71.4, 71.7, 71.4, 70.7]
+    # All seven studies of params.yaml: two rows of four (three studies stay one row).
+    seven = {s: abl.studies["loss.lambd"] for s in cfg.ablation_params}
+    from barlow.report.ablations import Ablations
+    big = ablation_plot(Ablations(studies=seven), metric, paper)
+    rows = {round(ax.get_position().y0, 3) for ax in big.axes if ax.get_title()}
+    assert len(rows) == 2
+
+
 def test_each_study_judged_at_its_largest_budget(fabricated: Path) -> None:
     """loss.variant ran at 2 and 9 epochs: the claims use 9, the table shows both; λ ran
     two values besides the baseline at 2 epochs and one at 9, so it is judged at 2 (a
@@ -337,7 +395,7 @@ def test_profile_snapshot_set_beside_this_run(fabricated: Path, tmp_path: Path) 
     long_params = yaml.safe_load((REPO / "params.yaml").read_text())
     quick_epochs = long_params["pretrain"]["epochs"]
     long_params["pretrain"]["epochs"] = 50
-    long_params["pretrain"]["workers"] = 7           # not a difference worth a row
+    long_params["machine"]["cores"] = 7              # not a difference worth a row
     (other / "params.yaml").write_text(yaml.safe_dump(long_params))
     profiles = tmp_path / "profiles"
     cmd = ["profile", "--name", "long", "--rev", "abc1234", "--params",
@@ -353,7 +411,7 @@ def test_profile_snapshot_set_beside_this_run(fabricated: Path, tmp_path: Path) 
     assert "| quantity | this run | long (abc1234) |" in md
     assert f"| pretrain.epochs | {quick_epochs} | 50 |" in md
     assert "| linear/barlow/top1_best | 85.0 | 91.2 |" in md
-    assert "pretrain.workers" not in md
+    assert "machine.cores" not in md
 
     # An unfinished run (a stage without metrics) is refused, and nothing is written.
     (other / "semisup" / "metrics.json").unlink()
@@ -375,6 +433,8 @@ def test_seed_replicas_are_told_apart_from_profiles() -> None:
     elsewhere = {"pretrain": {"seed": 2, "epochs": 16, "workers": 8, "nproc_per_node": 4},
                  "linear": {"seed": 2}}
     assert is_seed_replica(params, snap(elsewhere))
+    on_a_node = {**other_seed, "machine": {"devices": 4, "cores": 32}}
+    assert is_seed_replica(params, snap(on_a_node))
     assert not is_seed_replica(params, snap({**params, "pretrain": {**params["pretrain"],
                                                                      "workers": 8}}))
 

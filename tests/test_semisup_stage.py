@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from barlow.data.subsets import balanced_subsets, check_class_counts, read_subset
 from barlow.models import build_backbone
-from conftest import REPO, repo_params
+from conftest import REPO, machine, repo_params
 from stages import semisup
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -31,7 +31,8 @@ def tiny_params(subsets_dir: Path, **semisup_overrides) -> dict:
         model={"arch": "small_resnet", "width": 4, "layers": [1, 1, 1, 1]},
         semisup={"subsets": ["1percent", "10percent"], "epochs": EPOCHS, "batch_size": 8,
                  "eval_batch_size": 32, "resolution": 16, "eval_crop_ratio": 1.0,
-                 "workers": 1, "channels_last": False, **semisup_overrides})
+                 "channels_last": False, **semisup_overrides},
+        machine=machine(1))
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +74,7 @@ def finished(setup) -> dict:
             "metrics": json.loads((live / "metrics.json").read_text())}
 
 
+@pytest.mark.slow
 def test_end_to_end_metrics(finished):
     metrics = finished["metrics"]["semisup"]
     assert set(metrics) == {"1percent", "10percent"}
@@ -96,6 +98,7 @@ def test_end_to_end_metrics(finished):
     assert "semisup: 10percent scratch" in finished["result"].output
 
 
+@pytest.mark.slow
 def test_per_epoch_curves(finished):
     plots = finished["live"] / "plots" / "metrics" / "semisup"
     for subset, epochs in zip(("1percent", "10percent"), EPOCHS):
@@ -108,6 +111,7 @@ def test_per_epoch_curves(finished):
     assert float(lr[0].split("\t")[-1]) == pytest.approx(0.5)  # the paper's head lr
 
 
+@pytest.mark.slow
 def test_weights_file_is_left_alone(finished, setup):
     after = torch.load(setup["weights"])
     assert all(torch.equal(after[k], v) for k, v in finished["before"].items())

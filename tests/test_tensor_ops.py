@@ -89,7 +89,8 @@ def assert_agree(got, want, exact):
 
 
 @pytest.mark.parametrize("name", ["jitter", "grayscale", "blur", "solarize", "view"])
-@pytest.mark.parametrize("compiled", [False, True], ids=["python", "numba"])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["python", "numba"])
 def test_tensor_ops_equal_the_kernels_on_the_same_draws(name, compiled):
     """Each operation alone (the others at p = 0) and all four as in a view: the tensor
     ops with ColourParams' parameters = the host operations on the same batch."""
@@ -184,6 +185,7 @@ def test_loader_views_are_the_same_whichever_side_runs_the_colour_ops(tiny_ffcv)
     assert (a - b).abs().amax(dim=(1, 2, 3)).min() > 0.1  # the two views differ
 
 
+@pytest.mark.slow
 def test_compiled_device_loader_gives_the_python_host_views(tiny_ffcv):
     """ColourParams compiles inside a Loader (numba, ≈ 30 s here) and its views equal
     the host pipeline's (as plain Python)."""

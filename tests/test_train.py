@@ -20,7 +20,7 @@ from barlow.config import (AugmentConfig, LossConfig, ModelConfig, PretrainConfi
                            from_mapping)
 from barlow.models import small_resnet
 from barlow.train import NonFiniteLossError, PretrainSetup, export, pretrain
-from conftest import REPO, TINY_PARAMS
+from conftest import REPO, TINY_PARAMS, machine
 
 TIMING = {"pairs_per_s", "epoch_time_s"}
 PARAMS = TINY_PARAMS
@@ -55,7 +55,7 @@ ENV = dist.DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"
 def run(setup: PretrainSetup, data_dir: Path, out: Path, **kwargs) -> dict:
     logged = []
     result = pretrain(setup, data_dir / "train.beton", data_dir / "test.beton", out, ENV,
-                      lambda step, m: logged.append((step, m)), **kwargs)
+                      lambda step, m: logged.append((step, m)), num_workers=1, **kwargs)
     result["logged"] = logged
     return result
 
@@ -70,6 +70,7 @@ def uninterrupted(data_dir, tmp_path_factory):
     return run(setup_from(PARAMS), data_dir, out), out
 
 
+@pytest.mark.slow
 def test_runs_logs_and_exports(uninterrupted):
     result, out = uninterrupted
     assert result["step"] == 8  # 64 images / batch 16 × 2 epochs
@@ -94,6 +95,7 @@ def test_runs_logs_and_exports(uninterrupted):
     assert {"model", "optimizer", "scaler", "rng", "config", "fingerprint"} <= set(ckpt)
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(uninterrupted, data_dir, tmp_path):
     full, _ = uninterrupted
     setup = setup_from(PARAMS)
@@ -115,6 +117,7 @@ def with_other_code(path: Path, **changes) -> None:
     torch.save(ckpt, path)
 
 
+@pytest.mark.slow
 def test_a_finished_run_of_other_code_starts_over(uninterrupted, data_dir, tmp_path, capsys):
     """The checkpoint is a persistent DVC output: after a code change DVC reruns the
     stage, which must train with the new code, not re-export the old run's weights."""
@@ -133,6 +136,7 @@ def test_a_finished_run_of_other_code_starts_over(uninterrupted, data_dir, tmp_p
     assert torch.load(ckpt_path, weights_only=False)["code"]["barlow.loss"] != "0" * 16
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_of_other_code_resumes_and_says_so(uninterrupted, data_dir,
                                                                tmp_path, capsys):
     full, _ = uninterrupted
@@ -147,6 +151,7 @@ def test_an_interrupted_run_of_other_code_resumes_and_says_so(uninterrupted, dat
         assert torch.equal(value, resumed["model"].state_dict()[key]), key
 
 
+@pytest.mark.slow
 def test_checkpoint_from_another_config_is_refused(data_dir, tmp_path):
     run(setup_from(PARAMS), data_dir, tmp_path, stop_after_steps=3)
     other = setup_from({**PARAMS, "loss": {**PARAMS["loss"], "lambd": 0.01}})
@@ -154,6 +159,7 @@ def test_checkpoint_from_another_config_is_refused(data_dir, tmp_path):
         run(other, data_dir, tmp_path)
 
 
+@pytest.mark.slow
 def test_loss_ablation_params_reach_the_model_and_the_loss(data_dir, tmp_path, monkeypatch):
     """The paper's "no BN in the MLP, no normalisation" row: the projector is built
     without batch norm and every step's loss gets the normalization."""
@@ -176,6 +182,7 @@ def test_loss_ablation_params_reach_the_model_and_the_loss(data_dir, tmp_path, m
                    for m in projector.modules())
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkeypatch):
     setup = setup_from(PARAMS)
     run(setup, data_dir, tmp_path, stop_after_steps=3)
@@ -200,6 +207,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkey
     assert run(setup, data_dir, tmp_path)["step"] == 8  # and the run goes on from there
 
 
+@pytest.mark.slow
 def test_nan_weights_after_an_update_are_never_checkpointed(data_dir, tmp_path, monkeypatch):
     """A finite loss whose update writes NaN (the last step's, say) stops the run
     before that state is saved: the checkpoint stays the last good one."""
@@ -239,11 +247,12 @@ def test_batch_must_split_over_processes():
         cfg.check_world(4)
 
 
+@pytest.mark.slow
 def test_stage_under_torchrun_with_two_processes(data_dir, tmp_path):
     """The dvc.yaml launch path: the stage starts its 2 gloo workers through torchrun's
     launcher; global BN and the sharded loss; rank 0 alone writes."""
-    params = {**PARAMS, "pretrain": {**PARAMS["pretrain"], "knn_every_epochs": 0,
-                                     "nproc_per_node": 2}}
+    params = {**PARAMS, "pretrain": {**PARAMS["pretrain"], "knn_every_epochs": 0},
+              "machine": machine(2)}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "stages.pretrain", "--params", str(tmp_path / "params.yaml"),
@@ -257,6 +266,7 @@ def test_stage_under_torchrun_with_two_processes(data_dir, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["backbone.pt", "checkpoint.pt"]
 
 
+@pytest.mark.slow
 def test_fp16_overflow_is_absorbed_by_the_grad_scaler(data_dir, tmp_path, monkeypatch):
     """A loss scale far too large for fp16 makes the first backward passes overflow:
     the scaler skips those steps and lowers its scale; training goes on, weights finite."""
@@ -300,6 +310,7 @@ def test_auto_precision_follows_the_cpu(monkeypatch):
     assert precision.resolve_precision("auto", cpu) == "fp32"
 
 
+@pytest.mark.slow
 def test_bf16_autocast_run_trains_and_matches_fp32_closely(data_dir, tmp_path, monkeypatch):
     """precision auto on a CPU with native bf16: the run trains in bf16 (fp32 loss), its
     losses stay within a few per cent of the fp32 run's over the same steps."""

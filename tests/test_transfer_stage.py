@@ -28,7 +28,7 @@ from barlow.data.sources import Source
 from barlow.voc07 import voc07_svm_map, voc_devkit_targets
 from barlow.models import build_backbone
 from barlow.probe import SUMMARY_KEYS
-from conftest import REPO, repo_params
+from conftest import REPO, machine, repo_params
 from stages import transfer
 EMBEDDINGS = ("barlow", "random_init", "raw_pixels")
 EPOCHS = 6
@@ -62,14 +62,14 @@ def setup(tiny_ffcv, tmp_path_factory) -> dict:
 
 
 def stage_args(setup: dict, tmp: Path, weights: Path | None = None, data: dict | None = None,
-               **transfer_overrides) -> list[str]:
+               devices: int = 1, **transfer_overrides) -> list[str]:
     """The stage's command-line arguments, after writing its params file into ``tmp``."""
     params = tmp / "params.yaml"
     params.write_text(yaml.safe_dump(repo_params(
-        model=MODEL, augment={"resolution": 16}, data=data or {},
+        model=MODEL, augment={"resolution": 16}, data=data or {}, machine=machine(devices),
         transfer={"datasets": ["small", "large"], "epochs": EPOCHS, "batch_size": 16,
                   "lr": 0.05, "crop_ratio": 1.0, "svm_costs": [0.1, 10.0], "svm_folds": 2,
-                  "extract_batch_size": 32, "workers": 1, **transfer_overrides})))
+                  "extract_batch_size": 32, **transfer_overrides})))
     args = ["--params", str(params), "--data", str(setup["root"] / "data"),
             "--pretrain-data", str(setup["pretrain"]),
             "--weights", str(weights or setup["weights"]), "--live", str(tmp / "live")]
@@ -91,6 +91,7 @@ def finished(setup, tmp_path_factory) -> dict:
             "metrics": json.loads((tmp / "live" / "metrics.json").read_text())["transfer"]}
 
 
+@pytest.mark.slow
 def test_every_metric_is_reported_and_sane(finished):
     metrics = finished["metrics"]
     assert set(metrics) == {"small", "large"}
@@ -116,13 +117,14 @@ def test_every_metric_is_reported_and_sane(finished):
     assert "transfer: large raw_pixels: linear top-1" in finished["result"].output
 
 
+@pytest.mark.slow
 def test_two_processes_under_torchrun_give_the_same_metrics(setup, finished, tmp_path):
-    """transfer.nproc_per_node: 2 gloo ranks extract a share of every split each, gather
+    """Two gloo ranks (torchrun started directly, as on several nodes) extract a share of every split each, gather
     the features in one-process order and fit the same heads and SVMs on them: every
     metric equals the one-process run's, and rank 0 alone prints."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "stages.transfer", *stage_args(setup, tmp_path)]
+           "-m", "stages.transfer", *stage_args(setup, tmp_path, devices=2)]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())["transfer"]
@@ -130,6 +132,7 @@ def test_two_processes_under_torchrun_give_the_same_metrics(setup, finished, tmp
     assert result.stdout.count("transfer: large raw_pixels: linear top-1") == 1
 
 
+@pytest.mark.slow
 def test_curves_per_dataset_and_embedding(finished):
     plots = finished["live"] / "plots" / "metrics" / "transfer"
     for dataset in ("small", "large"):
@@ -189,13 +192,14 @@ def scenes(setup, tmp_path_factory) -> dict:
             path = tree / folder / source.class_names[source.labels[i]] / f"{i}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(source.load(i)).save(path)
-    cfg = replace(load_section(DataConfig, "data", REPO / "params.yaml"), workers=1)
-    for source in image_folder_splits(tree, cfg):
+    cfg = load_section(DataConfig, "data", REPO / "params.yaml")
+    for source in image_folder_splits(tree, cfg, 1):
         write_beton(source, setup["root"] / "data" / f"scenes_{source.split}.beton",
                     FfcvSettings(**vars(cfg.ffcv)), 1)
     return {"transfer_folders": {"scenes": str(tree)}}
 
 
+@pytest.mark.slow
 def test_folder_sets_run_last_with_their_own_epochs(setup, scenes, tmp_path):
     result = invoke(setup, tmp_path, data=scenes, datasets=["small"],
                     epochs_per_dataset={"scenes": FOLDER_EPOCHS})
@@ -251,6 +255,7 @@ def voc(setup, tmp_path_factory) -> dict:
     return {"voc07_root": str(root)}
 
 
+@pytest.mark.slow
 def test_voc07_gets_the_svm_protocol_only(setup, voc, tmp_path):
     result = invoke(setup, tmp_path, data=voc, datasets=["small"])
     assert result.exit_code == 0, result.output + result.stderr + repr(result.exception)

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from barlow.progress import Progress, duration
-from conftest import REPO, TINY_PARAMS
+from conftest import REPO, TINY_PARAMS, machine
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO / "src"), "NUMBA_DISABLE_JIT": "1",
        "OMP_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1"}
@@ -108,18 +108,20 @@ def run_pretrain(params: dict, data: Path, tmp: Path) -> subprocess.CompletedPro
     return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_bad_params_for_two_processes_stop_in_one_line_before_any_process(tmp_path):
     params = {**TINY_PARAMS, "loss": {**TINY_PARAMS["loss"], "lambd": -0.1},
-              "pretrain": {**TINY_PARAMS["pretrain"], "nproc_per_node": 2}}
+              "machine": machine(2)}
     result = run_pretrain(params, tmp_path / "nodata", tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == "pretrain: error: params: loss.lambd: -0.1 is negative"
 
 
+@pytest.mark.slow
 def test_a_workers_known_error_is_one_line_and_status_2(tmp_path):
     """Both workers meet the missing dataset: the launcher prints the first one's line
     once, without torchrun's failure report, and exits 2."""
-    params = {**TINY_PARAMS, "pretrain": {**TINY_PARAMS["pretrain"], "nproc_per_node": 2}}
+    params = {**TINY_PARAMS, "machine": machine(2)}
     result = run_pretrain(params, tmp_path / "nodata", tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.strip()]
@@ -127,6 +129,7 @@ def test_a_workers_known_error_is_one_line_and_status_2(tmp_path):
                       " found (run the convert stage)"], result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_pretraining_prints_a_line_per_epoch(tiny_ffcv, tmp_path):
     params = {**TINY_PARAMS, "pretrain": {**TINY_PARAMS["pretrain"], "knn_every_epochs": 0}}
     result = run_pretrain(params, tiny_ffcv, tmp_path)
@@ -151,6 +154,7 @@ def git(*args: str, cwd: Path) -> None:
     subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
 
 
+@pytest.mark.slow
 def test_push_fresh_clone_pull_and_nothing_to_reproduce(tmp_path):
     """The project's .dvc/config (its default remote under ~, HOME moved to tmp), the
     convert stage of its dvc.yaml on a tiny ImageFolder tree: repro, push; a fresh git
@@ -167,7 +171,8 @@ def test_push_fresh_clone_pull_and_nothing_to_reproduce(tmp_path):
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"convert": stages["convert"]}}))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"].update(source="imagefolder", imagefolder_root=str(images), workers=1)
+    params["data"].update(source="imagefolder", imagefolder_root=str(images))
+    params["machine"]["cores"] = 1
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     git("init", "-q", cwd=repo)
     dvc("init", "-q", cwd=repo, env=env)
@@ -191,6 +196,7 @@ def test_push_fresh_clone_pull_and_nothing_to_reproduce(tmp_path):
 
 
 # ------------------------------------------------------------------------------- sweeps
+@pytest.mark.slow
 def test_make_ablations_queues_studies_in_dvcs_grammar(tmp_path):
     """The Makefile's `dvc exp run --queue` lines, run by bash with the real DVC in a
     copy of the project's pipeline: the baseline, the λ study and the loss-term rows

@@ -1,8 +1,5 @@
 """Typed, validated views of params.yaml.
 
-(Over ~400 lines: one dataclass per params.yaml section, in the file's order, each
-with its checks; they read best side by side, and the generic part is barlow.params.)
-
 Every params.yaml section loads into a frozen dataclass at a stage's edge, before any
 work starts. `dvc exp run -S key=value` edits params.yaml and nothing else, so this is
 the one place where a mistyped key, a wrong type or an impossible value can be caught:
@@ -71,7 +68,6 @@ class DataConfig:
     imagefolder_root: str
     subsets_dir: str
     skip_bad: bool
-    workers: int
     seed: int
     ffcv: FfcvConfig
     transfer_test_fraction: float
@@ -86,7 +82,6 @@ class DataConfig:
         if self.source == "imagefolder":
             require(bool(self.imagefolder_root), f"{section}.imagefolder_root",
                     "must be set when data.source is imagefolder")
-        require(self.workers >= 1, f"{section}.workers", "must be >= 1")
         require(0.0 < self.transfer_test_fraction < 1.0, f"{section}.transfer_test_fraction",
                 "must be in (0, 1)")
         require(self.elpv_resolution >= 8, f"{section}.elpv_resolution", "must be >= 8")
@@ -212,15 +207,12 @@ class PretrainConfig:
     channels_last: bool
     compile: bool
     seed: int
-    nproc_per_node: int
-    workers: int  # FFCV decoding threads per process
     checkpoint_every_steps: int
     log_every_steps: int
     knn_every_epochs: int  # 0: no kNN monitor
     knn_k: int
     knn_temperature: float
     knn_bank_size: int  # training images in the kNN memory bank
-    collective_timeout_s: float
 
     def check(self, section: str) -> None:
         require(self.epochs >= 1, f"{section}.epochs", "must be >= 1")
@@ -230,13 +222,10 @@ class PretrainConfig:
         require(self.warmup_epochs <= self.epochs, f"{section}.warmup_epochs",
                 f"{self.warmup_epochs} exceeds epochs ({self.epochs})")
         require(0.0 <= self.final_lr_ratio <= 1.0, f"{section}.final_lr_ratio", "must be in [0, 1]")
-        require(self.nproc_per_node >= 1, f"{section}.nproc_per_node", "must be >= 1")
-        require(self.workers >= 1, f"{section}.workers", "must be >= 1")
         for name in ("checkpoint_every_steps", "log_every_steps", "knn_k", "knn_bank_size"):
             require(getattr(self, name) >= 1, f"{section}.{name}", "must be >= 1")
         require(self.knn_every_epochs >= 0, f"{section}.knn_every_epochs", "must be >= 0")
         require(self.knn_temperature > 0, f"{section}.knn_temperature", "must be > 0")
-        require(self.collective_timeout_s > 0, f"{section}.collective_timeout_s", "must be > 0")
 
     def check_world(self, world_size: int, section: str = "pretrain") -> None:
         """The global batch must split evenly over the processes."""
@@ -261,7 +250,7 @@ def _check_crop_scale(scale: tuple[float, float], key: str) -> None:
 
 def _check_probe(cfg: Any, section: str) -> None:
     """Checks shared by the linear and transfer probes (fields of the same names)."""
-    for name in ("epochs", "batch_size", "extract_batch_size", "workers"):
+    for name in ("epochs", "batch_size", "extract_batch_size"):
         require(getattr(cfg, name) >= 1, f"{section}.{name}", "must be >= 1")
     for name in ("lr", "momentum", "weight_decay"):
         require(getattr(cfg, name) >= 0.0, f"{section}.{name}", "must be >= 0")
@@ -273,7 +262,7 @@ def _check_probe(cfg: Any, section: str) -> None:
 @dataclass(frozen=True)
 class LinearConfig:
     """`linear:` — linear evaluation of the frozen backbone and its baselines
-    (stages/linear.py). The paper's recipe is configs/paper.yaml's (recipe.md)."""
+    (stages/linear.py). The paper's recipe is configs/paper.yaml's."""
 
     mode: typing.Literal["features", "augment"]  # features: cached, no aug
     epochs: int
@@ -287,14 +276,11 @@ class LinearConfig:
     baselines: tuple[ProbeBaseline, ...]
     precision: typing.Literal["fp32", "bf16", "fp16"]
     extract_batch_size: int  # feature extraction only; no effect on results
-    workers: int
     seed: int  # head init, batch order, augmentations, random init
-    nproc_per_node: int  # processes (GPUs) per node; docs/multi-gpu.md
 
     def check(self, section: str) -> None:
         _check_probe(self, section)
         _check_crop_scale(self.train_crop_scale, f"{section}.train_crop_scale")
-        require(self.nproc_per_node >= 1, f"{section}.nproc_per_node", "must be >= 1")
 
     def check_world(self, world_size: int, section: str = "linear") -> None:
         """augment mode: the global batch splits evenly over the processes (features
@@ -306,7 +292,7 @@ class LinearConfig:
 @dataclass(frozen=True)
 class TransferConfig:
     """`transfer:` — frozen-feature transfer to the offline sets (stages/transfer.py):
-    linear heads with the Places-205 recipe (recipe.md, Transfer) and VOC07-style SVMs."""
+    linear heads with the paper's Places-205 recipe and VOC07-style SVMs."""
 
     datasets: tuple[str, ...]  # <data>/<name>_{train,test}.beton
     val_fraction: float  # stratified share of each train set for epoch choice
@@ -324,29 +310,19 @@ class TransferConfig:
     svm_costs: tuple[float, ...]
     svm_folds: int
     svm_max_iter: int
-    svm_jobs: int  # processes for the cross-validation folds
     precision: typing.Literal["fp32", "bf16", "fp16"]
     extract_batch_size: int
-    workers: int
     seed: int
-    nproc_per_node: int  # processes (GPUs) per node; docs/multi-gpu.md
-    # Every rank fits the SVMs alike, then waits in the next set's feature gather for
-    # the slowest: minutes apart at VOC07 scale, so far above pretrain's 60 s.
-    collective_timeout_s: float
 
     def check(self, section: str) -> None:
         _check_probe(self, section)
-        require(self.nproc_per_node >= 1, f"{section}.nproc_per_node", "must be >= 1")
-        require(self.collective_timeout_s > 0, f"{section}.collective_timeout_s",
-                "must be > 0")
         require(len(self.datasets) >= 1 and len(set(self.datasets)) == len(self.datasets),
                 f"{section}.datasets", "must list at least one data set, each once")
         require(0.0 < self.val_fraction < 1.0, f"{section}.val_fraction", "must be in (0, 1)")
         require(len(self.svm_costs) >= 1 and min(self.svm_costs) > 0, f"{section}.svm_costs",
                 "must list at least one cost > 0")
         require(self.svm_folds >= 2, f"{section}.svm_folds", "must be >= 2")
-        for name in ("svm_max_iter", "svm_jobs"):
-            require(getattr(self, name) >= 1, f"{section}.{name}", "must be >= 1")
+        require(self.svm_max_iter >= 1, f"{section}.svm_max_iter", "must be >= 1")
         for name, epochs in self.epochs_per_dataset.items():
             require(epochs >= 1, f"{section}.epochs_per_dataset.{name}", "must be >= 1")
 
@@ -390,8 +366,6 @@ class SemisupConfig:
     precision: typing.Literal["fp32", "bf16", "fp16"]
     channels_last: bool
     seed: int  # scratch init, head init, sample order, augmentations
-    workers: int  # FFCV decoding threads
-    nproc_per_node: int  # processes (GPUs) per node; docs/multi-gpu.md
 
     def check(self, section: str) -> None:
         require(len(self.subsets) >= 1, f"{section}.subsets", "must name at least one subset")
@@ -402,7 +376,7 @@ class SemisupConfig:
         require(len(self.epochs) == len(self.subsets), f"{section}.epochs",
                 f"{list(self.epochs)} needs one value per subset ({list(self.subsets)})")
         require(all(e >= 1 for e in self.epochs), f"{section}.epochs", "must all be >= 1")
-        for name in ("batch_size", "eval_batch_size", "workers", "nproc_per_node"):
+        for name in ("batch_size", "eval_batch_size"):
             require(getattr(self, name) >= 1, f"{section}.{name}", "must be >= 1")
         for name in ("lr_backbone", "lr_head", "scratch_lr_backbone", "scratch_lr_head",
                      "weight_decay", "momentum"):
@@ -426,7 +400,6 @@ class ReportConfig:
     cc_views: typing.Literal["augmented", "identical"]
     cc_block: int  # top-left block of c drawn (D can be 8192)
     cc_seed: int  # the augmentations of the held-out views
-    workers: int
     # Ablation tables: the studies `make ablations` queues (one param, or "a+b" for a row
     # that changes both), the seed param averaged
     # over, and the metrics tabulated (the first one present is plotted).
@@ -442,18 +415,42 @@ class ReportConfig:
     profile_metrics: tuple[str, ...]
 
     def check(self, section: str) -> None:
-        for name in ("cc_images", "cc_batch_size", "cc_block", "workers"):
+        for name in ("cc_images", "cc_batch_size", "cc_block"):
             require(getattr(self, name) >= 1, f"{section}.{name}", "must be >= 1")
         require(self.cc_images >= 2, f"{section}.cc_images", "needs at least 2 images")
         require(len(self.ablation_metrics) >= 1, f"{section}.ablation_metrics",
                 "must name at least one metric")
 
 
+@dataclass(frozen=True)
+class MachineConfig:
+    """`machine:` — this node's shape, set once for every stage (barlow.machine).
+
+    devices: processes per node, one per GPU; "auto" = the GPUs visible, 1 without one.
+    cores: host cores the run may use; "auto" = the CPUs this process may run on.
+    Each process decodes with max(1, cores // devices) loader threads; the conversion
+    runs ``cores`` processes. collective_timeout_s bounds every collective of every
+    stage: a rank that waits longer for its peers (a dead one, or rank 0 writing a
+    large checkpoint to a slow file system) raises instead of hanging."""
+
+    devices: int | typing.Literal["auto"]
+    cores: int | typing.Literal["auto"]
+    collective_timeout_s: float
+
+    def check(self, section: str) -> None:
+        for name in ("devices", "cores"):
+            value = getattr(self, name)
+            require(value == "auto" or value >= 1, f"{section}.{name}",
+                    f"{value} must be >= 1 or auto")
+        require(self.collective_timeout_s > 0, f"{section}.collective_timeout_s",
+                "must be > 0")
+
+
 #: params.yaml's top-level sections and their dataclasses.
 SECTIONS: dict[str, type] = {
     "data": DataConfig, "loss": LossConfig, "model": ModelConfig, "augment": AugmentConfig,
     "pretrain": PretrainConfig, "semisup": SemisupConfig, "linear": LinearConfig,
-    "transfer": TransferConfig, "report": ReportConfig}
+    "transfer": TransferConfig, "machine": MachineConfig, "report": ReportConfig}
 
 
 def load_section(cls: type[T], section: str, path: str | Path = "params.yaml") -> T:

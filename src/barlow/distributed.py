@@ -1,9 +1,6 @@
 """Everything that touches torch.distributed, so the rest of the library stays testable
 in one CPU process.
 
-Over ~400 lines on purpose: the one module allowed to call torch.distributed (style
-rule 4); split, the rule would have two homes to police instead of one.
-
 One code path serves 1 CPU process, N CPU processes (gloo) and N GPUs (nccl): `init`
 reads torchrun's environment and every helper here is the identity when no process
 group exists. Cross-rank reductions that feed the loss go through the functional
@@ -50,14 +47,15 @@ class DistEnv:
         return self.rank == 0
 
 
-def init(backend: str | None = None, timeout_s: float = 60.0) -> DistEnv:
+def init(timeout_s: float, backend: str | None = None) -> DistEnv:
     """Join the process group that torchrun describes, or run alone without one.
 
     Without torchrun's RANK/WORLD_SIZE variables: one process, no process group,
     device cuda:0 when CUDA is available, else cpu. With them: ``backend`` defaults
     to nccl when CUDA is available (device cuda:LOCAL_RANK) and gloo otherwise;
     passing "gloo" explicitly keeps the process on the CPU even where GPUs exist.
-    ``timeout_s`` bounds every collective, so a dead peer raises instead of hanging.
+    ``timeout_s`` (machine.collective_timeout_s) bounds every collective, so a dead
+    peer raises instead of hanging.
     """
     if not under_torchrun():
         device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
@@ -83,7 +81,7 @@ def init(backend: str | None = None, timeout_s: float = 60.0) -> DistEnv:
 
 
 @contextlib.contextmanager
-def process_group(timeout_s: float = 60.0) -> Iterator[DistEnv]:
+def process_group(timeout_s: float) -> Iterator[DistEnv]:
     """`init` on entry and `shutdown` on exit, whatever ends the block: a stage's body
     under torchrun (or alone, without its variables)."""
     env = init(timeout_s=timeout_s)
@@ -144,32 +142,6 @@ def distributed_barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float,
     return sharded_barlow_twins_loss(z1, z2, lambd, variant, normalization)
 
 
-def gathered_barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float,
-                               variant: Variant = "full",
-                               normalization: Normalization = "batch") -> LossTerms:
-    """`barlow_twins_loss` of the global batch: both views all-gathered over the ranks.
-
-    Every rank computes the same global loss L(z_1, ..., z_W) of all ranks' slices z_r
-    (equal per-rank batches). The gather's backward sums the W identical contributions
-    ∂L/∂z_r, so rank r back-propagates W·∂L/∂z_r and obtains W·∂L/∂θ|_r, the part of
-    the gradient that flows through its own slice. DDP averages over the W ranks:
-    (1/W)·Σ_r W·∂L/∂θ|_r = Σ_r ∂L/∂θ|_r = ∂L/∂θ, the exact gradient of the single-process
-    loss on the concatenated batch. Batch norms in the model must compute global
-    statistics the same autograd-visible way (`convert_sync_batchnorm`).
-
-    The reference code instead all-reduces c without autograd: each rank then obtains
-    only ∂L/∂θ|_r and DDP's average divides the true gradient by W.
-
-    Sends 2·(W−1)/W·B·D elements forward (B the global batch) and as many backward:
-    fewer bytes than `sharded_barlow_twins_loss` only once the global B exceeds
-    D·(W−1)/W, and every rank then computes the whole loss. The training path uses the
-    sharded loss; this one stays as the simple form to compare with (tests,
-    benchmarks/bench_comm.py) and for such large-batch, small-D settings.
-    """
-    return barlow_twins_loss(gather_with_grad(z1), gather_with_grad(z2), lambd, variant,
-                             normalization)
-
-
 def sharded_barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float,
                               variant: Variant = "full",
                               normalization: Normalization = "batch") -> LossTerms:
@@ -199,8 +171,9 @@ def sharded_barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float,
     Gradients: every collective is autograd-visible (all-to-all ↔ the reverse
     all-to-all, reduce-scatter ↔ all-gather, all-reduce ↔ all-reduce), so backward
     differentiates what all ranks back-propagate together, Σ_r L = W·L: rank r's
-    slice receives W·∂L/∂z_r and its parameters W·∂L/∂θ|_r, exactly as in
-    `gathered_barlow_twins_loss`, and DDP's average over W ranks yields ∂L/∂θ. (Summing
+    slice receives W·∂L/∂z_r and its parameters W·∂L/∂θ|_r, as with a loss of the
+    all-gathered views (`gather_with_grad`), and DDP's average over W ranks yields
+    ∂L/∂θ. (Summing
     the partials outside autograd would leave each rank ∂L/∂θ|_r alone, W times too
     small after DDP's average, as in the reference code.)
 
@@ -347,6 +320,26 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_objects(obj: Any) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order, on every rank; ``[obj]`` alone."""
+    if not _initialized():
+        return [obj]
+    box: list[Any] = [None] * world_size()
+    dist.all_gather_object(box, obj)
+    return box
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank, the same answer on every rank: one
+    all-reduce (max) of one integer. A loop that asks it at the same point of every
+    iteration stops at the same iteration on all ranks, whichever rank saw the reason."""
+    if world_size() == 1:
+        return flag
+    seen = torch.tensor([int(flag)], dtype=torch.int32, device=_collective_device())
+    dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+    return bool(seen.item())
 
 
 class GlobalBatchNorm(_BatchNorm):

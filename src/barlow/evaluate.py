@@ -1,10 +1,7 @@
 """The supervised trainers that evaluate learned representations: linear probe and
 fine-tuning, with their top-k metrics.
 
-(Over ~400 lines: the trainers are thin callers of one shared loop, ``_fit``, and its
-helpers; split, the loop would live apart from every function that uses it.)
-
-The protocols (recipe.md, paper Tables 1-3):
+The protocols (the paper's Tables 1-3):
 
 - linear probe: frozen backbone in eval mode (BN statistics frozen), a linear head with
   weight ~ N(0, 0.01²) and zero bias, SGD momentum 0.9, cosine schedule, cross-entropy.

@@ -6,6 +6,11 @@ fixed hidden name beside the target, then renamed onto it. The name holds no pro
 id, so a run killed mid-write (kill -9 runs no cleanup) leaves at most one partial file
 per target, and the next run of the stage writes over that same name and removes it.
 
+A pre-empted run loses nothing: ``stop_requests`` turns the scheduler's warning signals
+(SIGTERM, and SIGUSR1 that SLURM's ``--signal`` sends before the time limit) into a
+flag the training loop reads at the end of each step, where it checkpoints and stops
+(barlow.train).
+
 Processes die with their parent: ``die_with_parent`` asks Linux (prctl
 PR_SET_PDEATHSIG) to SIGKILL the calling process when its parent dies, however it dies
 (SIGKILL included, which no handler in the parent can forward). The torchrun workers
@@ -17,11 +22,17 @@ tracks, once the last process holding its pipe has gone.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
 import sys
 from pathlib import Path
+from typing import Callable, Iterator
+
+#: The signals a scheduler sends to ask a job to stop: SIGTERM (pre-emption, scancel,
+#: SLURM's time limit, Kubernetes) and SIGUSR1 (SLURM's `--signal=USR1@<seconds>`).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _hooked = False
@@ -63,3 +74,21 @@ def children_die_with_parent() -> None:
         _prctl()
         os.register_at_fork(after_in_child=die_with_parent)
         _hooked = True
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[Callable[[], bool]]:
+    """Within the block, `STOP_SIGNALS` only set a flag; yields the function that reads
+    it. The previous handlers are restored on exit. Call from the main thread (Python
+    runs signal handlers there)."""
+    received: list[int] = []
+
+    def note(signum: int, frame: object) -> None:
+        received.append(signum)
+
+    previous = {sig: signal.signal(sig, note) for sig in STOP_SIGNALS}
+    try:
+        yield lambda: bool(received)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

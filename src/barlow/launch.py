@@ -8,12 +8,18 @@ loss and the training code that barlow.distributed holds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from typing import Collection, Sequence
+
+import psutil
+
+from barlow.interrupt import STOP_SIGNALS
 
 
 #: Set by `launch` in its workers' environment (see `report_to_launcher`).
@@ -40,7 +46,14 @@ def launch(module: str, args: Sequence[str], nproc_per_node: int,
     When the first process to fail exited with a status in ``reported_exits`` (an error
     it reported itself, in one line), return that status, without torchrun's failure
     report and its traceback. Any other failure (a crash, a kill) raises torchrun's
-    ChildFailedError, whose report names the rank, the exit code or signal."""
+    ChildFailedError, whose report names the rank, the exit code or signal.
+
+    `STOP_SIGNALS` sent to this process are passed on to the workers, and nothing
+    more: they checkpoint and exit with their own status (barlow.train), which comes
+    back as above. torchrun's agent would instead stop the workers itself, and SIGKILL
+    any still writing after its shutdown timeout (30 s); SIGUSR1, which it does not
+    handle by default, would end it at once, and its workers with it
+    (barlow.interrupt.die_with_parent)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -51,8 +64,12 @@ def launch(module: str, args: Sequence[str], nproc_per_node: int,
     # torchrun's own default for several processes, set here so that it does not print
     # a four-line notice saying so.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _pass_to_workers)
+    # torchrun's default list, less SIGTERM: the handler above keeps it.
     parsed = get_args_parser().parse_args(
-        ["--standalone", f"--nproc_per_node={nproc_per_node}", "-m", module, *args])
+        ["--standalone", f"--nproc_per_node={nproc_per_node}",
+         "--signals_to_handle=SIGINT,SIGHUP,SIGQUIT", "-m", module, *args])
     try:
         run(parsed)
     except ChildFailedError as err:
@@ -64,6 +81,20 @@ def launch(module: str, args: Sequence[str], nproc_per_node: int,
             print(reported["message"], file=sys.stderr, flush=True)
         return first.exitcode
     return 0
+
+
+def _pass_to_workers(signum: int, frame: object) -> None:
+    """Send ``signum`` on to this launcher's workers: its child processes (torchrun
+    starts each in a session of its own, so a signal to the launcher's group misses
+    them). Before they exist nothing has trained: the signal then ends the launcher,
+    as it would without this handler."""
+    workers = psutil.Process().children()
+    if not workers:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    for worker in workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.send_signal(signum)
 
 
 def report_to_launcher(line: str) -> bool:

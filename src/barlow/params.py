@@ -3,7 +3,7 @@ coercion and checks that turn a mapping into a frozen dataclass (``from_mapping`
 the helpers over plain-dict configs (merge, fingerprint, diff). Generic: nothing here
 knows a section; barlow.config holds the sections and re-exports these names.
 
-Why hand-written rather than pydantic v2 or OmegaConf structured configs (issue #15):
+Why hand-written rather than pydantic v2 or OmegaConf structured configs:
 the coercion is ~100 lines and strict where both libraries are lax or silent: no
 defaults, bool never an int, no string-to-number casts, non-finite numbers refused,
 Literal and typed tuples (OmegaConf has neither), one-line errors naming the dotted key

@@ -3,7 +3,9 @@ errors turned into one clear line and a non-zero exit instead of a traceback.
 
 Exit statuses: 0 done; 2 bad input (params, data, a checkpoint from other params),
 reported in one line; 3 a fault mid-run the stage reported in one line (a non-finite
-loss); anything else is a crash, with its traceback."""
+loss); 4 pre-empted: stopped on SIGTERM or SIGUSR1 after writing its checkpoint, in one
+line, and the next run resumes (pretrain); anything else is a crash, with its
+traceback."""
 
 from __future__ import annotations
 
@@ -16,10 +18,11 @@ from typing import TYPE_CHECKING, Any, Iterator, NoReturn
 import click
 
 from barlow import launch
-from barlow.errors import BadInput
+from barlow.errors import BadInput, Preempted
 
 if TYPE_CHECKING:
     from barlow.distributed import DistEnv
+    from barlow.machine import Shape
 
 
 params_option = click.option("--params", default="params.yaml", show_default=True,
@@ -37,8 +40,9 @@ live_option = click.option("--live", "live_dir", required=True, type=click.Path(
 
 BAD_INPUT = 2
 FAULT = 3
-#: Statuses of errors the stage reported itself: a launcher passes them on unchanged.
-REPORTED_EXITS = (BAD_INPUT, FAULT)
+PREEMPTED = 4
+#: Statuses the stage reported itself: a launcher passes them on unchanged.
+REPORTED_EXITS = (BAD_INPUT, FAULT, PREEMPTED)
 
 
 class NonFiniteMetric(RuntimeError):
@@ -49,13 +53,18 @@ class NonFiniteMetric(RuntimeError):
 @contextlib.contextmanager
 def run_stage(name: str) -> Iterator[None]:
     """Run a stage body; a BadInput (ConfigError, DataError, CheckpointError) exits with
-    status 2 and its message, a NonFiniteMetric with status 3 (a fault mid-run)."""
+    status 2 and its message, a NonFiniteMetric with status 3 (a fault mid-run), a
+    Preempted with status 4 and its message from rank 0 (every rank stops alike)."""
     try:
         yield
     except BadInput as err:
         fail(name, err, BAD_INPUT)
     except NonFiniteMetric as err:
         fail(name, err, FAULT)
+    except Preempted as stop:
+        if launch.launched_rank() == 0:
+            print(f"{name}: {stop}", file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED)
 
 
 def fail(name: str, err: object, status: int) -> NoReturn:
@@ -66,6 +75,15 @@ def fail(name: str, err: object, status: int) -> NoReturn:
     if not launch.report_to_launcher(line):
         print(line, file=sys.stderr, flush=True)
     sys.exit(status)
+
+
+def machine_shape(params: str | Path) -> Shape:
+    """The params' ``machine:`` section resolved on this node (barlow.machine): checked
+    before any process starts, so a value the node cannot honour is one line."""
+    from barlow.config import MachineConfig, load_section
+    from barlow.machine import node_shape
+
+    return node_shape(load_section(MachineConfig, "machine", params))
 
 
 def run_in_workers(module: str, nproc_per_node: int) -> None:

@@ -12,7 +12,13 @@ Resuming: the checkpoint holds model, optimiser, scaler, RNG and the logged hist
 the loader is rebuilt with the same seed and seeks to the checkpoint's epoch and batch.
 Order and augmentations are functions of (seed, epoch, batch) (barlow.data.loaders), so
 the resumed run sees exactly the batches the uninterrupted one would have, and ends
-with the same weights.
+with the same weights. Rank 0 decides whether to resume and every rank follows
+(`resume_point`).
+
+Pre-emption: asked to stop (``stop_requested``: SIGTERM or SIGUSR1 on any rank,
+barlow.interrupt), the ranks agree at the end of the step (barlow.distributed.any_rank),
+rank 0 checkpoints that step, and `pretrain` raises barlow.errors.Preempted: one step
+and one checkpoint write after the signal, nothing is lost.
 """
 
 from __future__ import annotations
@@ -28,12 +34,13 @@ import numpy as np
 import torch
 
 from barlow import distributed as dist
-from barlow.checkpoint import (code_hashes, load_resumable, non_finite_keys, rng_state,
-                               save_atomic, set_rng_state)
+from barlow.checkpoint import (CheckpointError, code_hashes, load_resumable, non_finite_keys,
+                               rng_state, save_atomic, set_rng_state)
 from barlow.config import (AugmentConfig, LossConfig, ModelConfig, PretrainConfig, as_dict,
                            fingerprint)
 from barlow.data.convert import normalisation, read_manifest
 from barlow.data.loaders import config_views, eval_loader, pretrain_loader
+from barlow.errors import Preempted
 from barlow.features import extract_features, knn_top1
 from barlow.models import BarlowTwins, Projector, backbone_state_dict, build_backbone
 from barlow.optim import build_optimizer, param_groups, scale_lr, warmup_cosine
@@ -56,13 +63,12 @@ class PretrainSetup:
 
     def resume_config(self, data: dict[str, Any], world_size: int) -> dict[str, Any]:
         """What a checkpoint must match to be resumed: everything that changes the
-        weights (operational knobs such as workers or checkpoint interval excluded).
+        weights (operational knobs such as the checkpoint interval excluded).
         The world size is part of it: ffcv deals each epoch's order out by rank, so a
-        resume on another process count (nodes × nproc_per_node) would see other
+        resume on another process count (nodes × machine.devices) would see other
         batches than the interrupted run."""
         pretrain = as_dict(self.pretrain)
-        for key in ("workers", "checkpoint_every_steps", "collective_timeout_s"):
-            pretrain.pop(key)
+        pretrain.pop("checkpoint_every_steps")
         # Where the colour ops run changes no draw, only a rare last rounding (±1 grey
         # level, as compiled vs uncompiled): a run may resume on the other side.
         augment = as_dict(self.augment)
@@ -104,15 +110,61 @@ def knn_monitor(backbone: torch.nn.Module, loaders: tuple | None, num_classes: i
     return dist.broadcast_object(top1)
 
 
+def resume_point(path: Path, config: dict[str, Any], code: dict[str, str],
+                 env: dist.DistEnv) -> dict[str, Any] | None:
+    """The checkpoint every rank resumes from, or None to start: rank 0's decision
+    (`load_resumable` on its ``path``), which every rank follows.
+
+    A rank other than 0 reads its own ``path`` (a shared file system, or a copy on each
+    node) only when rank 0 resumes, and must find the same step there. If it cannot,
+    starting it afresh would train ranks at different steps side by side, so every rank
+    raises the same CheckpointError naming the first rank that failed: a one-line error
+    on every node instead of a run that drifts or hangs."""
+    ckpt, problem = None, None
+    if env.is_main:
+        try:
+            ckpt = load_resumable(path, config, code,
+                                  log=lambda line: print(f"pretrain: {line}", flush=True))
+        except CheckpointError as err:
+            problem = str(err)
+    # Rank 0's refusal (a checkpoint of other params) ends every rank alike.
+    step, refused = dist.broadcast_object((None if ckpt is None else ckpt["step"], problem))
+    if refused:
+        raise CheckpointError(refused)
+    if not env.is_main and step is not None:
+        try:
+            ckpt = load_resumable(path, config, code, log=lambda line: None)
+        except CheckpointError as err:
+            problem = str(err)
+        else:
+            if ckpt is None or ckpt["step"] != step:
+                problem = (f"{path}: not found" if not path.is_file() else
+                           f"{path}: holds step {ckpt['step']}" if ckpt else
+                           f"{path}: a finished run of other params or code")
+    problems = [(rank, p) for rank, p in enumerate(dist.all_objects(problem)) if p]
+    if problems:
+        rank, problem = problems[0]
+        raise CheckpointError(
+            f"rank {rank} cannot read the checkpoint rank 0 resumes from (step {step}):"
+            f" {problem}; every rank must see the same file (a shared file system, or a"
+            " copy on every node)")
+    return ckpt
+
+
 def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir: Path,
-             env: dist.DistEnv, log: Callable[[int, dict[str, float]], None],
-             stop_after_steps: int | None = None) -> dict[str, Any]:
+             env: dist.DistEnv, log: Callable[[int, dict[str, float]], None], *,
+             num_workers: int, stop_after_steps: int | None = None,
+             stop_requested: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Train, checkpointing to ``out_dir/checkpoint.pt`` (rank 0); return the history.
+    ``num_workers``: FFCV loader threads of this process (barlow.machine).
 
     ``log(step, metrics)`` is called on every rank with the same values (the caller
     logs on rank 0); on resume it is first replayed with the checkpoint's history, so
     the logs of an interrupted run equal those of an uninterrupted one.
-    ``stop_after_steps`` ends the run early (tests of resume)."""
+    ``stop_after_steps`` ends the run early (tests of resume). ``stop_requested()``
+    true on any rank at the end of a step (the ranks agree through one all-reduce per
+    step): that step is checkpointed and Preempted raised on every rank once it is
+    written."""
     cfg = setup.pretrain
     cfg.check_world(env.world_size)
     manifest = read_manifest(train_beton)
@@ -144,8 +196,8 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
 
     local_batch = cfg.batch_size // env.world_size
-    loader = pretrain_loader(str(train_beton), local_batch, cfg.workers, config_views(setup.augment),
-                             mean, std, seed=cfg.seed, distributed=env.world_size > 1,
+    loader = pretrain_loader(str(train_beton), local_batch, num_workers,
+                             config_views(setup.augment), mean, std, seed=cfg.seed, distributed=env.world_size > 1,
                              device=env.device, channels_last=cfg.channels_last,
                              colour_ops_on=setup.augment.colour_ops_on)
     steps_per_epoch = len(loader)
@@ -157,8 +209,7 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
     # `window`: sums of the loss terms since the last log line; checkpointed with the
     # rest so a resumed run logs the same averages as an uninterrupted one.
     step, history, window, window_steps = 0, [], {}, 0
-    ckpt = load_resumable(ckpt_path, resume_config, code,
-                          log=lambda line: env.is_main and print(f"pretrain: {line}", flush=True))
+    ckpt = resume_point(ckpt_path, resume_config, code, env)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -171,17 +222,20 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
         print(f"pretrain: resumed from {ckpt_path} at step {step}/{total_steps}", flush=True)
 
     def save(path: Path) -> None:
+        # The loss is checked before each update, so the update itself can still
+        # write NaN (bf16 convolutions on 1x1 maps gave Inf gradients on the CPU):
+        # no checkpoint, and so no exported backbone, ever holds one. Every rank checks
+        # its own copy (DDP keeps them equal) and they pool the verdict, so all stop
+        # here together: a rank stopping alone would leave the others in the next
+        # step's collectives until the collective timeout (NCCL notices no dead peer).
+        weights = model.state_dict()
+        broken = next((keys for keys in dist.all_objects(non_finite_keys(weights)) if keys), [])
+        if broken:
+            raise NonFiniteLossError(
+                f"pretrain: non-finite weights (NaN/Inf) in {len(broken)} tensors, first"
+                f" {broken[0]}, after step {step}; the last good checkpoint {ckpt_path}"
+                " is untouched")
         if env.is_main:
-            # The loss is checked before each update, so the update itself can still
-            # write NaN (bf16 convolutions on 1x1 maps gave Inf gradients on the CPU):
-            # no checkpoint, and so no exported backbone, ever holds one.
-            weights = model.state_dict()
-            broken = non_finite_keys(weights)
-            if broken:
-                raise NonFiniteLossError(
-                    f"pretrain: non-finite weights (NaN/Inf) in {len(broken)} tensors, first"
-                    f" {broken[0]}, after step {step}; the last good checkpoint {ckpt_path}"
-                    " is untouched")
             save_atomic({"model": weights, "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "rng": rng_state(), "step": step,
                          "history": history, "window": window,
@@ -200,7 +254,7 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
         ratio = 1.0 if stored <= res else 224 / 256
         bank = np.linspace(0, manifest["num_images"] - 1,
                            min(cfg.knn_bank_size, manifest["num_images"])).astype(np.int64)
-        common = dict(batch_size=256, num_workers=cfg.workers, resolution=res, mean=mean,
+        common = dict(batch_size=256, num_workers=num_workers, resolution=res, mean=mean,
                       std=std, train_aug=False, crop_ratio=ratio, device=env.device,
                       channels_last=cfg.channels_last)
         knn_loaders = (eval_loader(str(train_beton), indices=np.unique(bank), **common),
@@ -267,10 +321,19 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
                 (progress.line if epoch_done else progress.update)(step, **shown)
                 window, window_steps = {}, 0
                 window_start = time.perf_counter()
-            if epoch_done or step % cfg.checkpoint_every_steps == 0 or step == total_steps:
+            saved = epoch_done or step % cfg.checkpoint_every_steps == 0 or step == total_steps
+            if saved:
                 save(ckpt_path)
             if stop_after_steps is not None and step >= stop_after_steps:
                 return {"step": step, "history": history, "model": model}
+            if (stop_requested is not None and step < total_steps
+                    and dist.any_rank(stop_requested())):
+                if not saved:
+                    save(ckpt_path)
+                dist.barrier()  # no rank leaves (and no launcher reaps it) before the file exists
+                raise Preempted(f"stopped on request at step {step}/{total_steps} (epoch"
+                                f" {step / steps_per_epoch:.2f}); {ckpt_path} holds it, the"
+                                " next run resumes there")
         epoch_start = time.perf_counter()
     return {"step": step, "history": history, "model": model}
 

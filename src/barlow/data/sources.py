@@ -1,8 +1,5 @@
 """Image sources that the convert stage turns into FFCV datasets.
 
-(404 lines: one short reader per data set and the decoding/hashing they share; a split
-would separate the readers from helpers only they use.)
-
 Each source yields a `Source`: an indexable list of (HxWx3 uint8 image, int label)
 samples plus class names and the provenance the manifest records; a multi-label source
 (PASCAL VOC2007) adds an (N, C) ``targets`` matrix, its label being the row index.

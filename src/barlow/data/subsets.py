@@ -70,6 +70,23 @@ def balanced_subsets(labels: np.ndarray, seed: int) -> dict[str, np.ndarray]:
     return {k: np.sort(np.asarray(v, dtype=np.int64)) for k, v in out.items()}
 
 
+def proportional_subsets(labels: np.ndarray, seed: int,
+                         fractions: Mapping[str, float] = SUBSET_FRACTIONS
+                         ) -> dict[str, np.ndarray]:
+    """Nested, deterministic training subsets of a dataset with unequal classes: per
+    class c with n_c members, in one seeded permutation, the first max(1, ⌊f·n_c + ½⌋)
+    form subset f (a class never goes missing; smaller subsets are prefixes of larger
+    ones). Proportional to the class sizes within rounding, as check_class_counts
+    accepts (or uniform, where every class gets 1). Sorted index arrays."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[int]] = {k: [] for k in fractions}
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        for name, fraction in fractions.items():
+            out[name].extend(members[:max(1, int(np.floor(fraction * len(members) + 0.5)))])
+    return {k: np.sort(np.asarray(v, dtype=np.int64)) for k, v in out.items()}
+
+
 def hashed_val_split(names: Sequence[str], labels: np.ndarray, excluded: set[int],
                      per_class: int = VAL_PER_CLASS, key: str = VAL_KEY) -> np.ndarray:
     """The ImageFolder validation rule (module docstring): per class, the ``per_class``
@@ -285,10 +302,16 @@ def write_subset(path: Path, indices: Sequence, header: str) -> None:
               type=click.Path(path_type=Path),
               help="fashion_mnist: folder written; imagefolder: the subsets folder read"
                    " (its training subsets) and written (val.txt)")
-@click.option("--seed", default=0, show_default=True, help="fashion_mnist only")
-def main(dataset: str, source_dir: str, data_dir: Path, out_dir: Path, seed: int) -> None:
+@click.option("--seed", default=0, show_default=True,
+              help="fashion_mnist; imagefolder with --make-subsets")
+@click.option("--make-subsets", is_flag=True,
+              help="imagefolder: first write 1percent.txt and 10percent.txt (file names,"
+                   " proportional_subsets) into --out, replacing any there")
+def main(dataset: str, source_dir: str, data_dir: Path, out_dir: Path, seed: int,
+         make_subsets: bool) -> None:
     """Make subset files: Fashion-MNIST's three, or an ImageFolder dataset's val.txt by
-    the hashed rule (module docstring). The pipeline only reads them."""
+    the hashed rule (module docstring), with --make-subsets after its own 1percent.txt
+    and 10percent.txt. The pipeline only reads them."""
     if dataset == "fashion_mnist":
         from barlow.data.sources import fashion_mnist
 
@@ -306,7 +329,16 @@ def main(dataset: str, source_dir: str, data_dir: Path, out_dir: Path, seed: int
         files = manifest_files(beton, manifest)
         if files is None:
             raise DataError(f"{beton}: not an ImageFolder conversion (no file list)")
-        val = rule_split(out_dir, name_index(files), beton_labels(beton))
+        labels = beton_labels(beton)
+        if make_subsets:
+            for name, idx in proportional_subsets(labels, seed).items():
+                write_subset(out_dir / f"{name}.txt", [Path(files[i]).name for i in idx],
+                             f"{name} of {manifest['source']}: max(1, round(f·n)) per class"
+                             f" (f = {SUBSET_FRACTIONS[name]}), seed {seed}; made by"
+                             " `python -m barlow.data.subsets --dataset imagefolder"
+                             " --make-subsets`")
+                click.echo(f"{out_dir / name}.txt: {len(idx)} images")
+        val = rule_split(out_dir, name_index(files), labels)
     except DataError as err:
         raise click.ClickException(str(err)) from None
     write_subset(out_dir / f"{VAL_NAME}.txt", [Path(files[i]).name for i in val],

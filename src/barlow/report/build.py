@@ -8,7 +8,7 @@ from typing import Any
 
 from barlow.report.ablations import (Ablations, ablation_metrics, format_value,
                                      group_ablations, mean_curve, sorted_values)
-from barlow.report.claims import evaluate_claim, resolve_ours
+from barlow.report.claims import evaluate_claim, paper_ablations, resolve_ours
 from barlow.report.document import Document
 from barlow.report.figures import (ablation_curves_figure, ablation_figure, bars_figure,
                                    cc_figure, pretrain_figure)
@@ -64,7 +64,8 @@ def _scale_rows(inp: ReportInputs) -> list[list[str]]:
 
 
 def build_document(inp: ReportInputs, report_cfg: Any) -> tuple[Document, dict[str, Any]]:
-    """The report's content; also returns the claims' verdicts and the cc stats."""
+    """The report's content, one function per section in the report's order; also
+    returns the claims' verdicts and the cc stats."""
     abl = (group_ablations(inp.runs, report_cfg.ablation_params, report_cfg.seed_param,
                            report_cfg.ablation_metrics, report_cfg.ablation_budget)
            if inp.runs else Ablations())
@@ -74,12 +75,33 @@ def build_document(inp: ReportInputs, report_cfg: Any) -> tuple[Document, dict[s
         for name in ("before", "after"):
             for key, value in inp.cc[name]["stats"].items():
                 metrics[f"report/cc/{name}/{key}"] = value
+    # Snapshots of this very run with other seeds, and the other (longer) profiles.
+    replicas = [p for p in inp.profiles if is_seed_replica(inp.params, p)]
+    others = [p for p in inp.profiles if p not in replicas]
 
     doc = Document("Barlow Twins reproduction report")
     doc.para(f"Paper: {inp.paper.get('paper', '')}. Built by the `report` stage from the "
              "dvclive metrics of the pipeline, data/paper_results.yaml and params.yaml.")
+    _scale_section(doc, inp)
+    _stages_section(doc, inp)
+    verdicts = _claims_section(doc, inp, metrics, abl)
+    _paper_section(doc, inp, metrics, abl, report_cfg)
+    if replicas:
+        _seeds_section(doc, replicas, metrics, report_cfg)
+    if others:
+        _profiles_section(doc, inp, others, metrics, report_cfg)
+    _pretraining_section(doc, inp)
+    _cc_section(doc, inp)
+    _evaluations_section(doc, metrics)
+    _ablations_section(doc, inp, abl, report_cfg)
+    _determinism_section(doc)
+    summary = {"claims": {k: {"status": v.status, "detail": v.detail} for k, v in verdicts.items()},
+               "cc": {n: inp.cc[n]["stats"] for n in ("before", "after")} if inp.cc else None,
+               "stages": inp.status}
+    return doc, summary
 
-    # -- scale
+
+def _scale_section(doc: Document, inp: ReportInputs) -> None:
     doc.heading("Scale: this run is not the paper's experiment")
     doc.table(["", "paper", "this run"], _scale_rows(inp))
     doc.para("Every number below comes from a run far smaller than the paper's: a 28 px "
@@ -89,11 +111,15 @@ def build_document(inp: ReportInputs, report_cfg: Any) -> tuple[Document, dict[s
              "compared is each claim's direction, tested in the claims table against "
              "baselines run with the same recipe.")
 
-    # -- stages
+
+def _stages_section(doc: Document, inp: ReportInputs) -> None:
     doc.heading("Stages")
     doc.table(["stage", "metrics"], [[s, inp.status.get(s, NOT_RUN)] for s in STAGES])
 
-    # -- claims
+
+def _claims_section(doc: Document, inp: ReportInputs, metrics: dict[str, float],
+                    abl: Ablations) -> dict[str, Any]:
+    """The claims table; returns each claim's verdict by id."""
     verdicts = {}
     rows = []
     for claim in inp.paper.get("claims", []):
@@ -103,8 +129,11 @@ def build_document(inp: ReportInputs, report_cfg: Any) -> tuple[Document, dict[s
                      verdict.detail])
     doc.heading("Claims of the paper, tested at this scale")
     doc.table(["claim", "paper", "this run", "evidence"], rows)
+    return verdicts
 
-    # -- paper vs ours
+
+def _paper_section(doc: Document, inp: ReportInputs, metrics: dict[str, float],
+                   abl: Ablations, report_cfg: Any) -> None:
     doc.heading("Paper vs this run")
     rows = []
     for entry in inp.paper.get("results", []):
@@ -117,30 +146,31 @@ def build_document(inp: ReportInputs, report_cfg: Any) -> tuple[Document, dict[s
     doc.table(["source", "quantity", "paper", "this run", "not the same experiment because"],
               rows)
 
-    # -- seeds: snapshots of this very run with other seeds
-    replicas = [p for p in inp.profiles if is_seed_replica(inp.params, p)]
-    if replicas:
-        doc.heading("Seeds: this run's figures as mean ± std")
-        doc.para(f"This run and {len(replicas)} snapshot(s) of it that differ only in their "
-                 "seeds (reports/profiles/: "
-                 + ", ".join(f"{p['name']} at {str(p['rev'])[:10]}" for p in replicas)
-                 + "). Sample standard deviation; each seed's value follows, this run first.")
-        doc.table(["metric", "mean ± std", "this run"] + [p["name"] for p in replicas],
-                  seed_rows(metrics, replicas, report_cfg.profile_metrics))
-    others = [p for p in inp.profiles if p not in replicas]
 
-    # -- other profiles
-    if others:
-        doc.heading("Profiles: this run beside the committed longer runs")
-        doc.para("Each profile column is a snapshot of a finished run (reports/profiles/); "
-                 "its dvc.lock and metrics are at the git revision named, so "
-                 "`dvc metrics diff <rev>` compares it with the workspace. Params listed "
-                 "are those on which a profile differs from this run.")
-        doc.table(["quantity", "this run"] + [f"{p['name']} ({str(p['rev'])[:10]})"
-                                              for p in others],
-                  profile_rows(inp.params, metrics, others, report_cfg.profile_metrics))
+def _seeds_section(doc: Document, replicas: list[dict[str, Any]], metrics: dict[str, float],
+                   report_cfg: Any) -> None:
+    doc.heading("Seeds: this run's figures as mean ± std")
+    doc.para(f"This run and {len(replicas)} snapshot(s) of it that differ only in their "
+             "seeds (reports/profiles/: "
+             + ", ".join(f"{p['name']} at {str(p['rev'])[:10]}" for p in replicas)
+             + "). Sample standard deviation; each seed's value follows, this run first.")
+    doc.table(["metric", "mean ± std", "this run"] + [p["name"] for p in replicas],
+              seed_rows(metrics, replicas, report_cfg.profile_metrics))
 
-    # -- pretraining
+
+def _profiles_section(doc: Document, inp: ReportInputs, others: list[dict[str, Any]],
+                      metrics: dict[str, float], report_cfg: Any) -> None:
+    doc.heading("Profiles: this run beside the committed longer runs")
+    doc.para("Each profile column is a snapshot of a finished run (reports/profiles/); "
+             "its dvc.lock and metrics are at the git revision named, so "
+             "`dvc metrics diff <rev>` compares it with the workspace. Params listed "
+             "are those on which a profile differs from this run.")
+    doc.table(["quantity", "this run"] + [f"{p['name']} ({str(p['rev'])[:10]})"
+                                          for p in others],
+              profile_rows(inp.params, metrics, others, report_cfg.profile_metrics))
+
+
+def _pretraining_section(doc: Document, inp: ReportInputs) -> None:
     doc.heading("Pretraining")
     fig = pretrain_figure(inp.curves)
     if fig:
@@ -148,7 +178,8 @@ def build_document(inp: ReportInputs, report_cfg: Any) -> tuple[Document, dict[s
     else:
         doc.para(f"Pretraining curves: {NOT_RUN} (no dvclive/pretrain/plots).")
 
-    # -- cross-correlation
+
+def _cc_section(doc: Document, inp: ReportInputs) -> None:
     doc.heading("Cross-correlation matrix of held-out images")
     if inp.cc:
         doc.para(inp.cc_note)
@@ -160,7 +191,8 @@ def build_document(inp: ReportInputs, report_cfg: Any) -> tuple[Document, dict[s
     else:
         doc.para(f"{NOT_RUN}: {inp.cc_note or 'no pretraining checkpoint'}.")
 
-    # -- evaluations
+
+def _evaluations_section(doc: Document, metrics: dict[str, float]) -> None:
     doc.heading("Evaluations and their baselines")
     linear = {"linear": {e: metrics[f"linear/{e}/top1_best"]
                          for e in ("barlow", "random_init", "raw_pixels")
@@ -190,7 +222,9 @@ def build_document(inp: ReportInputs, report_cfg: Any) -> tuple[Document, dict[s
         else:
             doc.para(f"{name}: {NOT_RUN}.")
 
-    # -- ablations
+
+def _ablations_section(doc: Document, inp: ReportInputs, abl: Ablations,
+                       report_cfg: Any) -> None:
     doc.heading("Ablations")
     if inp.runs is None or not inp.runs:
         doc.para(f"{NOT_RUN}: no experiments in the snapshot (reports/ablations.json). "
@@ -199,8 +233,11 @@ def build_document(inp: ReportInputs, report_cfg: Any) -> tuple[Document, dict[s
                  "PYTHONPATH=src python -m stages.report ablations --keep --out reports/ablations.json\n"
                  "dvc repro report")
     else:
-        _ablation_section(doc, abl, report_cfg)
-    # -- determinism (what tests/test_reliability.py checks, and where it stops holding)
+        _ablation_studies(doc, abl, report_cfg, inp.paper.get("results", []))
+
+
+def _determinism_section(doc: Document) -> None:
+    """What tests/test_reliability.py checks, and where it stops holding."""
     doc.heading("Determinism")
     doc.para("On CPU the same seed gives bit-identical weights and metrics, also after kill -9 "
              "and resume (tests/test_reliability.py): order, crops and every augmentation are "
@@ -213,13 +250,10 @@ def build_document(inp: ReportInputs, report_cfg: Any) -> tuple[Document, dict[s
              "(serial vs parallel numba code; untested), torch.compile (fused kernels "
              "round differently), and bf16/fp16 autocast across hardware. Such runs agree in "
              "distribution, not bit for bit.")
-    summary = {"claims": {k: {"status": v.status, "detail": v.detail} for k, v in verdicts.items()},
-               "cc": {n: inp.cc[n]["stats"] for n in ("before", "after")} if inp.cc else None,
-               "stages": inp.status}
-    return doc, summary
 
 
-def _ablation_section(doc: Document, abl: Ablations, report_cfg: Any) -> None:
+def _ablation_studies(doc: Document, abl: Ablations, report_cfg: Any,
+                      paper_results: Any) -> None:
     """Per study: its groups at every budget it ran (group_ablations says which one is
     judged), the per-epoch curves at that budget, and the figure."""
     budget = report_cfg.ablation_budget
@@ -265,7 +299,7 @@ def _ablation_section(doc: Document, abl: Ablations, report_cfg: Any) -> None:
                               for x in steps]
                        for v in sorted_values(means)])
     for metric in metrics:
-        fig = ablation_figure(abl, metric)
+        fig = ablation_figure(abl, metric, paper_ablations(paper_results, metric))
         if fig:
             doc.figure(fig)
             break

@@ -155,3 +155,39 @@ def resolve_ours(entry: Mapping[str, Any], metrics: Mapping[str, float],
         for key, bound in found:
             texts.append(f"{bound}: {_fmt(metrics[key])}" if bound else _fmt(metrics[key]))
     return "; ".join(texts)
+
+
+@dataclass
+class PaperAblation:
+    """The paper's figures for one ablation study, as the ablation figure draws them:
+    points (value → top-1) and ranges (what → (low, high)) over the whole study."""
+
+    points: dict[str, float]
+    ranges: dict[str, tuple[float, float]]
+
+
+def paper_ablations(results: Sequence[Mapping[str, Any]], metric: str
+                    ) -> dict[str, PaperAblation]:
+    """Study → PaperAblation from data/paper_results.yaml's results: an entry whose
+    ``ours`` (or one of its ``ablation_point`` keys) is
+    ablation/<study>=<value>/<metric> with a numeric ``paper`` is a point; one whose
+    ``ours`` is ablation_spread/<study> with a "low–high" ``paper`` is a range."""
+    out: dict[str, PaperAblation] = {}
+    for entry in results:
+        paper = entry.get("paper")
+        points = entry.get("ablation_point") or []
+        for key in [entry.get("ours"), *([points] if isinstance(points, str) else points)]:
+            if not isinstance(key, str):
+                continue
+            if key.startswith("ablation/") and isinstance(paper, (int, float)):
+                param_value, which = key[len("ablation/"):].split("/", 1)
+                study, value = param_value.split("=", 1)
+                if which == metric:
+                    out.setdefault(study, PaperAblation({}, {})).points[value] = float(paper)
+            elif key.startswith("ablation_spread/") and isinstance(paper, str):
+                bounds = re.fullmatch(r"\s*([\d.]+)\s*[–-]\s*([\d.]+)\s*", paper)
+                if bounds:
+                    study = key.split("/", 1)[1]
+                    out.setdefault(study, PaperAblation({}, {})).ranges[entry["what"]] = (
+                        float(bounds.group(1)), float(bounds.group(2)))
+    return out

@@ -126,12 +126,12 @@ def cc_before_after(info: CheckpointInfo, pairs: list[tuple[Tensor, Tensor]], bl
 
 
 def cc_section(checkpoint: Path, data_dir: Path, cfg: Any, skip_cc: bool,
-               colour_ops_on: str) -> dict[str, Any]:
+               colour_ops_on: str, workers: int) -> dict[str, Any]:
     """The report's inputs about the checkpoint (barlow.report.build.ReportInputs
     fields): its config, step and size, c before and after training on held-out pairs
     (``cfg``: the report params), and the note saying how c was computed or why not.
     ``colour_ops_on``: where the held-out views' colour ops run (params.yaml
-    augment.colour_ops_on; held_out_pairs)."""
+    augment.colour_ops_on; held_out_pairs); ``workers``: FFCV loader threads."""
     if not checkpoint.is_file():
         return {"cc_note": f"{checkpoint} does not exist (pretraining not run)"}
     info = checkpoint_models(checkpoint)
@@ -144,7 +144,7 @@ def cc_section(checkpoint: Path, data_dir: Path, cfg: Any, skip_cc: bool,
         return {**fields, "cc_note": f"{data_dir / 'test.beton'} does not exist"}
     pairs = held_out_pairs(data_dir / "test.beton", data_dir / "train.beton",
                            info.config["augment"], cfg.cc_images, cfg.cc_batch_size,
-                           cfg.cc_views, cfg.cc_seed, cfg.workers, colour_ops_on)
+                           cfg.cc_views, cfg.cc_seed, workers, colour_ops_on)
     cc = cc_before_after(info, pairs, cfg.cc_block)
     views = ("two augmented views (view A, view B of the pretraining "
              f"augmentations, seed {cfg.cc_seed})" if cfg.cc_views == "augmented"

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from typing import Any, Mapping, Sequence
 
 from barlow.report.ablations import Ablations, mean_curve, sorted_values
+from barlow.report.claims import PaperAblation
 from barlow.report.document import Figure
 from barlow.report.inputs import Curve
 
@@ -99,24 +101,133 @@ def cc_figure(cc: Mapping[str, Any]) -> Figure:
                   f"{cc['before']['dim']}×{cc['before']['dim']}; target: identity")
 
 
-def ablation_figure(ablations: Ablations, metric: str) -> Figure | None:
+#: Columns of the ablation figure's grid; one spare cell, where there is one, holds the key.
+ABLATION_COLUMNS = 4
+#: Smallest y-span of an ablation panel, in points: differences of a few tenths between
+#: groups stay a few tenths tall instead of filling the panel.
+MIN_SPAN = 2.0
+
+
+def _numeric_axis(values: Sequence[str]) -> list[float] | None:
+    """x positions of a study whose values are numbers (λ) or start with one (batch
+    sizes, projector widths "512-512-512"), all positive: those are drawn on a log axis,
+    as the paper does; None for categories (loss variants, switches)."""
+    xs = []
+    for v in values:
+        match = re.fullmatch(r"(\d+(?:\.\d*)?(?:e-?\d+)?)(?:-\d+)*", v)
+        if not match or float(match.group(1)) <= 0:
+            return None
+        xs.append(float(match.group(1)))
+    return xs
+
+
+def _span(lows: Sequence[float], highs: Sequence[float]) -> tuple[float, float]:
+    """(centre, span) of what a panel's axis must show."""
+    lo, hi = min(lows), max(highs)
+    return (lo + hi) / 2, hi - lo
+
+
+def ablation_figure(ablations: Ablations, metric: str,
+                    paper: Mapping[str, PaperAblation] | None = None) -> Figure | None:
+    """ablation_plot as the report's PNG."""
+    fig = ablation_plot(ablations, metric, paper)
+    if fig is None:
+        return None
+    return Figure("ablations", _png(fig),
+                  f"Ablations: {metric}, mean ± std over seeds with each seed's value, and "
+                  "the paper's figures on a right-hand axis of the same scale")
+
+
+def ablation_plot(ablations: Ablations, metric: str,
+                  paper: Mapping[str, PaperAblation] | None = None):
+    """The matplotlib figure: one panel per study on a grid, our group means ± sample
+    std over seeds with each seed's value as a dot, and the paper's figures (``paper``:
+    claims.paper_ablations) on a right-hand axis of the same scale (points per inch),
+    shifted to sit beside ours: the paper's level is ImageNet's, its differences are
+    comparable. λ, batch size and projector width are on log axes with the values as
+    ticks; a panel spans at least MIN_SPAN points."""
     studies = {p: g for p, g in ablations.studies.items()
                if sum(metric in s for s in g.values()) >= 2}
     if not studies:
         return None
+    paper = paper or {}
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(studies), figsize=(3.6 * len(studies), 3.0), squeeze=False)
-    for ax, (param, groups) in zip(axes[0], studies.items()):
+    cols = min(ABLATION_COLUMNS, len(studies) + 1)
+    rows = math.ceil((len(studies) + 1) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.7 * cols, 3.1 * rows), squeeze=False)
+    cells = [ax for row in axes for ax in row]
+    handles = {}
+    for ax, (param, groups) in zip(cells, studies.items()):
         values = sorted_values(v for v in groups if metric in groups[v])
-        xs = range(len(values))
-        ax.errorbar(xs, [groups[v][metric].mean for v in values],
-                    yerr=[groups[v][metric].std for v in values], marker="o", capsize=3)
-        ax.set_xticks(list(xs), values, rotation=30, fontsize=7)
-        ax.set_title(param, fontsize=10)
+        stats = [groups[v][metric] for v in values]
+        ref = paper.get(param, PaperAblation({}, {}))
+        numeric = _numeric_axis(values + list(ref.points))
+        where = dict(zip(values + list(ref.points), numeric or range(len(values))))
+        if numeric is None:  # categories: the paper's points only at values we ran
+            ref = PaperAblation({v: y for v, y in ref.points.items() if v in where},
+                                ref.ranges)
+        xs = [where[v] for v in values]
+        means = [s.mean for s in stats]
+        stds = [s.std if math.isfinite(s.std) else 0.0 for s in stats]
+        handles["ours"] = ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3,
+                                      color="C0", zorder=3)
+        for x, s in zip(xs, stats):
+            if len(s.values) > 1:
+                handles["seed"] = ax.scatter([x] * len(s.values), s.values, s=9,
+                                             color="C0", alpha=0.45, zorder=2)
+        lows = [m - d for m, d in zip(means, stds)] + [v for s in stats for v in s.values]
+        highs = [m + d for m, d in zip(means, stds)] + [v for s in stats for v in s.values]
+        finite = [x for x in lows + highs if math.isfinite(x)]
+        centre, span = _span(finite, finite) if finite else (0.0, 0.0)
+        paper_ys = list(ref.points.values()) + [b for r in ref.ranges.values() for b in r]
+        if paper_ys:
+            p_centre, p_span = _span(paper_ys, paper_ys)
+            span = max(span, p_span)
+        span = max(span, MIN_SPAN) * 1.2
+        # A top-1 axis stops at 100 where ours still fits; the paper's axis moves with
+        # ours (same scale) as far as its own points stay in view.
+        pad = 0.04 * span  # a marker at the edge stays whole
+        shift = max(0.0, centre + span / 2 - 100.0)
+        centre -= min(shift, centre + span / 2 - max(finite, default=centre) - pad)
+        if paper_ys:
+            p_centre = min(max(p_centre - shift, max(paper_ys) - span / 2 + pad),
+                           min(paper_ys) + span / 2 - pad)
+        ax.set_ylim(centre - span / 2, centre + span / 2)
+        if paper_ys:
+            twin = ax.twinx()
+            twin.set_ylim(p_centre - span / 2, p_centre + span / 2)
+            if ref.points:
+                pv = sorted(ref.points, key=where.__getitem__)
+                handles["paper"], = twin.plot([where[v] for v in pv],
+                                              [ref.points[v] for v in pv], marker="s",
+                                              ls="--", color="C3", ms=4, zorder=1)
+            for low, high in ref.ranges.values():
+                handles["paper range"] = twin.axhspan(low, high, color="C3", alpha=0.15)
+            twin.tick_params(axis="y", colors="C3", labelsize=7)
+        if numeric is not None:
+            ax.set_xscale("log")
+            shown = sorted(set(where.values()))
+            ax.set_xticks(shown, [f"{x:g}" for x in shown], fontsize=7)
+            ax.minorticks_off()
+            ax.set_xlim(min(shown) / 1.5, max(shown) * 1.5)
+        else:
+            ax.set_xticks(xs, values, rotation=20, fontsize=7)
+            ax.set_xlim(-0.5, len(values) - 0.5)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_title(param, fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(metric, fontsize=8)
+    for ax in cells[len(studies):]:
+        ax.axis("off")
+    labels = {"ours": "ours: mean ± std over seeds (left axis)", "seed": "ours: each seed",
+              "paper": "paper, ImageNet 300 epochs (right axis,\nsame scale)",
+              "paper range": "paper: its range over the study"}
+    cells[len(studies)].legend([handles[k] for k in labels if k in handles],
+                               [labels[k] for k in labels if k in handles],
+                               loc="center", fontsize=8, frameon=False)
+    for row in axes:
+        row[0].set_ylabel(metric, fontsize=8)
     fig.tight_layout()
-    return Figure("ablations", _png(fig), f"Ablations: {metric}, mean ± std over seeds")
+    return fig
 
 
 def ablation_curves_figure(ablations: Ablations, name: str) -> Figure | None:

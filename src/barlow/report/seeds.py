@@ -18,6 +18,7 @@ class Stat:
     mean: float
     std: float
     n: int
+    values: tuple[float, ...] = ()   # one per seed, in run order (the figure's points)
 
     @classmethod
     def of(cls, values: Sequence[float]) -> Stat:
@@ -30,7 +31,7 @@ class Stat:
             std = statistics.stdev(values)
         else:
             std = math.nan
-        return cls(statistics.fmean(values), std, len(values))
+        return cls(statistics.fmean(values), std, len(values), tuple(values))
 
     def text(self, digits: int = 1) -> str:
         if self.n == 1:
@@ -46,10 +47,15 @@ BASELINES = ("random_init", "raw_pixels", "scratch")
 #: not what it computes (data paths: the inputs' hashes are in the manifests).
 #: colour_ops_on (augment): where the colour ops run, host or device, with the same
 #: draws (within ±1 grey level in a rare pixel); snapshots made before the key existed
-#: lack it, and ran them on the host.
+#: lack it, and ran them on the host. workers, nproc_per_node, svm_jobs and
+#: collective_timeout_s: the per-stage keys of snapshots made before the machine
+#: section held them.
 OPERATIONAL = ("workers", "dir", "root", "nproc_per_node", "log_every_steps",
                "checkpoint_every_steps", "extract_batch_size", "eval_batch_size",
-               "colour_ops_on")
+               "colour_ops_on", "svm_jobs", "collective_timeout_s")
+
+#: Params sections that say on what a run executes (the node's processes and cores).
+EXECUTION = ("machine",)
 
 
 #: Params sections that only say how results are presented, never what a run computes
@@ -60,9 +66,9 @@ PRESENTATION = ("report",)
 
 def is_operational(key: str) -> bool:
     """Whether the dotted params key ``key`` does not change what a run computes: one
-    of the OPERATIONAL kind, or in a PRESENTATION section."""
+    of the OPERATIONAL kind, or in an EXECUTION or PRESENTATION section."""
     return (key.rsplit(".", 1)[-1].endswith(OPERATIONAL)
-            or key.split(".", 1)[0] in PRESENTATION)
+            or key.split(".", 1)[0] in EXECUTION + PRESENTATION)
 
 
 def is_seed_replica(this_params: Mapping[str, Any], profile: Mapping[str, Any]) -> bool:
