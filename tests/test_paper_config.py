@@ -117,7 +117,7 @@ def test_every_section_loads_after_the_switch(applied):
 def test_the_batch_jobs_params_file_is_dvcs(applied, tmp_path):
     """`params_args.py --write`, the SLURM script's way to apply a profile, writes the
     params.yaml that DVC writes for the profile's -S arguments: every value and type, so
-    a job's checkpoint has the experiment's fingerprint (docs/multi-gpu.md, SLURM)."""
+    a job trains with what the experiment would record (docs/multi-gpu.md, SLURM)."""
     out = tmp_path / "params.yaml"
     subprocess.run([sys.executable, "scripts/params_args.py", "--write", str(out),
                     f"configs/{applied['profile']}"], cwd=REPO, check=True)
