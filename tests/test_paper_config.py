@@ -113,6 +113,40 @@ def test_every_section_loads_after_the_switch(applied):
         load_section(cls, name, applied["path"])
 
 
+@pytest.mark.slow
+def test_the_batch_jobs_params_file_is_dvcs(applied, tmp_path):
+    """`params_args.py --write`, the SLURM script's way to apply a profile, writes the
+    params.yaml that DVC writes for the profile's -S arguments: every value and type, so
+    a job trains with what the experiment would record (docs/multi-gpu.md, SLURM)."""
+    out = tmp_path / "params.yaml"
+    subprocess.run([sys.executable, "scripts/params_args.py", "--write", str(out),
+                    f"configs/{applied['profile']}"], cwd=REPO, check=True)
+    got, want = flatten(read_params(out)), flatten(applied["params"])
+    assert {k: typed(v) for k, v in got.items()} == {k: typed(v) for k, v in want.items()}
+
+
+def test_write_applies_profiles_then_overrides_in_order(tmp_path):
+    """Later items win; values are read as YAML (as -S reads them); +key adds a key;
+    an unknown key is refused naming it, and nothing is written."""
+    out = tmp_path / "params.yaml"
+
+    def write(*items: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "scripts/params_args.py", "--write", str(out),
+                               *items], cwd=REPO, capture_output=True, text=True)
+
+    assert write("configs/paper.yaml", "pretrain.epochs=3", "loss.lambd=1e-3",
+                 "+transfer.epochs_per_dataset.places205=14").returncode == 0
+    params = read_params(out)
+    assert (params["model"]["arch"], params["pretrain"]["epochs"]) == ("resnet50", 3)
+    assert typed(params["loss"]["lambd"]) == ("float", 1e-3)
+    assert params["transfer"]["epochs_per_dataset"] == {"places205": 14}
+    out.unlink()
+    refused = write("pretrain.epoch=3")
+    assert (refused.returncode, refused.stderr) == (
+        1, "pretrain.epoch=3: keys not in params.yaml: pretrain.epoch\n")
+    assert not out.exists()
+
+
 @pytest.fixture
 def paper(switched) -> dict:
     """params.yaml after the paper switch, read as the stages read it."""

@@ -37,11 +37,21 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def joins_nodes() -> bool:
+    """Whether this node's `launch` joins a run of several nodes: PET_NNODES is set, with
+    PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT, torchrun's own environment form
+    of its static rendezvous options (each option reads PET_<NAME>), as
+    scripts/slurm/pretrain.sbatch sets them from SLURM's variables. Otherwise the
+    node is a run of its own (torchrun's --standalone)."""
+    return "PET_NNODES" in os.environ
+
+
 def launch(module: str, args: Sequence[str], nproc_per_node: int,
            reported_exits: Collection[int]) -> int:
     """Run ``python -m module *args`` in ``nproc_per_node`` processes on this node, as
     ``torchrun --standalone --nproc_per_node=N -m module *args`` does; return 0 when
-    every process succeeds.
+    every process succeeds. With `joins_nodes`, the processes are this node's share of
+    a run of several nodes, whose rendezvous torchrun reads from PET_* instead.
 
     When the first process to fail exited with a status in ``reported_exits`` (an error
     it reported itself, in one line), return that status, without torchrun's failure
@@ -68,7 +78,7 @@ def launch(module: str, args: Sequence[str], nproc_per_node: int,
         signal.signal(sig, _pass_to_workers)
     # torchrun's default list, less SIGTERM: the handler above keeps it.
     parsed = get_args_parser().parse_args(
-        ["--standalone", f"--nproc_per_node={nproc_per_node}",
+        [*([] if joins_nodes() else ["--standalone"]), f"--nproc_per_node={nproc_per_node}",
          "--signals_to_handle=SIGINT,SIGHUP,SIGQUIT", "-m", module, *args])
     try:
         run(parsed)

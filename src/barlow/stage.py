@@ -107,9 +107,10 @@ def run_in_workers(module: str, nproc_per_node: int) -> None:
     same command, with the same options, in that many processes through torchrun's
     launcher (barlow.launch.launch), and exit with their status: a worker's
     reported error comes back as its one line and its status (2 or 3), a crash with
-    torchrun's report. Otherwise return at once: this process is the (only) worker.
-    Started by torchrun directly (several nodes), every process is a worker."""
-    if nproc_per_node <= 1 or launch.under_torchrun():
+    torchrun's report; on a node of several (`barlow.launch.joins_nodes`, the SLURM
+    script's), with 1 process too. Otherwise return at once: this process is the (only)
+    worker. Started by torchrun directly (several nodes), every process is a worker."""
+    if (nproc_per_node <= 1 and not launch.joins_nodes()) or launch.under_torchrun():
         return
     ctx = click.get_current_context()
     args = []
