@@ -4,9 +4,9 @@
 
 Started by hand or by DVC, the command checks the params, then trains in this process
 (one device) or starts the processes itself through torchrun's launcher; a
-worker's reported error (exit 2 or 3) is passed on as the same status and one line,
-without torchrun's failure report. Started by torchrun directly (several nodes, see
-docs/scale.md), it is one worker. Only rank 0 writes (checkpoints, the exported
+worker's reported error or stop (exit 2, 3, 4 or 5) is passed on as the same status
+and one line, without torchrun's failure report. On several nodes (docs/multi-gpu.md)
+each node's launcher joins the others. Only rank 0 writes (checkpoints, the exported
 backbone, dvclive metrics and plots) and prints progress.
 
 SIGTERM or SIGUSR1 (a scheduler's pre-emption or time-limit warning) to the command, to
