@@ -28,14 +28,17 @@ test-fast: setup
 # The paper's ablation studies as DVC experiments (docs/experiments.md): the committed
 # params (every study's baseline) and each study's other values, each with the seeds
 # SEEDS, reproducing pretrain + linear (its random-init and raw-pixel probes do not
-# depend on the ablated settings); then the queue runs one experiment at a time.
+# depend on the ablated settings); then the queue runs JOBS experiments at a time.
 # The loss-term study is the paper's six rows: the baseline, loss.variant (two rows),
 # loss.normalization=feature, and a grid of one point per line's -S lists: the last
 # line gives no BN in the projector (with batch normalisation) and no BN with none.
 # ABLATION_SET adds settings to every run, e.g. a budget:
 #   make ablations ABLATION_SET="-S pretrain.epochs=1 -S pretrain.knn_every_epochs=0"
 # `make -n ablations` prints the commands. Commit first: queued runs see tracked files.
+# JOBS experiments run at once: on an N-GPU node, JOBS=N with BARLOW_DEVICE_POOL naming
+# the GPUs, one each (docs/experiments.md); on 2 shared cores 1, as more only thrash.
 SEEDS ?= 0,1,2
+JOBS ?= 1
 ABLATION_SET ?=
 ablate = dvc exp run --queue -S 'pretrain.seed=$(SEEDS)' -S 'linear.baselines=[]' $(ABLATION_SET)
 
@@ -48,4 +51,4 @@ ablations: setup
 	$(ablate) -S 'loss.variant=invariance,redundancy' linear
 	$(ablate) -S 'loss.normalization=feature' linear
 	$(ablate) -S 'model.projector_bn=false' -S 'loss.normalization=batch,none' linear
-	dvc queue start -j 1
+	dvc queue start -j $(JOBS)

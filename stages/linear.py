@@ -49,7 +49,7 @@ def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
     (per-epoch curves, the confusion matrix). Exit 2: bad params, data or weights."""
     with run_stage("linear"), contextlib.ExitStack() as stack:
         cfg = load_section(LinearConfig, "linear", params)
-        shape = machine_shape(params)
+        shape = machine_shape(params, device="linear")
         cfg.check_world(shape.devices)  # before any process is started
         run_in_workers("stages.linear", shape.devices)
         env = stack.enter_context(dist.process_group(shape.collective_timeout_s))

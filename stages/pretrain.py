@@ -50,7 +50,7 @@ def main(params: str, data_dir: Path, out_dir: Path, live_dir: Path) -> None:
                               augment=load_section(AugmentConfig, "augment", params),
                               pretrain=load_section(PretrainConfig, "pretrain", params))
         # Checked before any process is started: a bad value is one line.
-        shape = machine_shape(params)
+        shape = machine_shape(params, device="pretrain")
         setup.pretrain.check_world(shape.devices)
         run_in_workers("stages.pretrain", shape.devices)
         # Until the process group is gone: a worker that stopped is not killed by

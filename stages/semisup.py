@@ -57,7 +57,7 @@ def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
     Exit 2: bad params, data, subsets or weights."""
     with run_stage("semisup"), contextlib.ExitStack() as stack:
         cfg = load_section(SemisupConfig, "semisup", params)
-        shape = machine_shape(params)
+        shape = machine_shape(params, device="semisup")
         cfg.check_world(shape.devices)  # before any process is started
         run_in_workers("stages.semisup", shape.devices)
         env = stack.enter_context(dist.process_group(shape.collective_timeout_s))

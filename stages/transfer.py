@@ -68,7 +68,7 @@ def main(params: str, data_dir: Path, pretrain_dir: Path, weights: Path, live_di
     params, data or weights."""
     with run_stage("transfer"), contextlib.ExitStack() as stack:
         cfg = load_section(TransferConfig, "transfer", params)
-        shape = machine_shape(params)
+        shape = machine_shape(params, device="transfer")
         run_in_workers("stages.transfer", shape.devices)
         env = stack.enter_context(dist.process_group(shape.collective_timeout_s))
         model = load_section(ModelConfig, "model", params)

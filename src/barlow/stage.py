@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import math
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, NoReturn
@@ -93,13 +94,25 @@ def fail(name: str, err: object, status: int) -> NoReturn:
     sys.exit(status)
 
 
-def machine_shape(params: str | Path) -> Shape:
+def machine_shape(params: str | Path, device: str | None = None) -> Shape:
     """The params' ``machine:`` section resolved on this node (barlow.machine): checked
-    before any process starts, so a value the node cannot honour is one line."""
+    before any process starts, so a value the node cannot honour is one line.
+
+    ``device``: the name of a stage that computes on a device. Under a device pool
+    (barlow.device_pool) it first claims one, before anything touches CUDA, for this
+    process and the workers it starts; torchrun's workers use their launcher's."""
     from barlow.config import MachineConfig, load_section
     from barlow.machine import node_shape
 
-    return node_shape(load_section(MachineConfig, "machine", params))
+    cfg = load_section(MachineConfig, "machine", params)
+    if device is not None and not launch.under_torchrun():
+        from barlow import device_pool
+        from barlow.params import require
+
+        if device_pool.claim(device) is not None:
+            require(cfg.devices in ("auto", 1), "machine.devices",
+                    f"{cfg.devices}, but {device_pool.POOL} gives each run one device")
+    return node_shape(cfg)
 
 
 def run_in_workers(module: str, nproc_per_node: int) -> None:
@@ -158,5 +171,11 @@ def open_live(live_dir: Path, env: DistEnv) -> Any:
         return _Silent()
     from dvclive import Live
 
-    return _FiniteLive(Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False,
-                            report=None))
+    from barlow.device_pool import CLAIMED
+
+    live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+    if CLAIMED in os.environ:
+        # The pool's device this run claimed, a name (an index or a UUID), written with
+        # the metrics so that `dvc exp show` lists each experiment's.
+        live.summary["device"] = os.environ[CLAIMED]
+    return _FiniteLive(live)
