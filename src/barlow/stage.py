@@ -101,13 +101,12 @@ def machine_shape(params: str | Path, device: str | None = None) -> Shape:
     ``device``: the name of a stage that computes on a device. Under a device pool
     (barlow.device_pool) it first claims one, before anything touches CUDA, for this
     process and the workers it starts; torchrun's workers use their launcher's."""
-    from barlow.config import MachineConfig, load_section
+    from barlow.config import MachineConfig, load_section, require
     from barlow.machine import node_shape
 
     cfg = load_section(MachineConfig, "machine", params)
     if device is not None and not launch.under_torchrun():
         from barlow import device_pool
-        from barlow.params import require
 
         if device_pool.claim(device) is not None:
             require(cfg.devices in ("auto", 1), "machine.devices",
