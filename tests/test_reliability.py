@@ -306,6 +306,7 @@ def with_processes(params: dict, n: int) -> dict:
 
 # 2 epochs × 4 steps, a log line at every step: the stop step is then known to one step.
 STOP_PARAMS = {**PARAMS, "pretrain": {**PARAMS["pretrain"], "epochs": 2, "log_every_steps": 1}}
+STOP_STEPS = 8  # 2 epochs × 4 steps
 
 
 def stop_mid_run(launcher: subprocess.Popen, workers: list[psutil.Process], run: Path,
@@ -338,7 +339,8 @@ def assert_stopped_at(proc: subprocess.Popen, run: Path, last: int) -> None:
     assert last <= step <= last + 1, (last, step)
     assert logged_step(run) == step
     lines = [line for line in proc.outputs[1].read_text().splitlines() if "stopped" in line]
-    assert lines == [f"pretrain: stopped on request at step {step}/8 (epoch {step / 4:.2f});"
+    assert lines == [f"pretrain: stopped on request at step {step}/{STOP_STEPS}"
+                     f" (epoch {step / 4:.2f});"
                      f" {run / 'out' / 'checkpoint.pt'} holds it, the next run resumes there"]
     assert not (run / "out" / "backbone.pt").exists()
 
@@ -356,16 +358,24 @@ def test_a_stop_signal_checkpoints_the_step_and_the_rerun_equals_uninterrupted(
     params = write_params(tmp_path_factory.mktemp("params"), with_processes(STOP_PARAMS, nproc))
     reference = tmp_path_factory.mktemp("reference")
     finish(stage_cmd(params, tiny_ffcv, reference))
-    run = tmp_path_factory.mktemp("stopped")
-    cmd = stage_cmd(params, tiny_ffcv, run)
-    proc = spawn(cmd)
     (target,) = kill_points(f"{sig.name}_{nproc}p", range(1, 6), 1)
-    workers = []
-    if nproc > 1:
-        wait_until(proc, lambda: len(workers_of(proc)) == nproc, "the workers")
-        workers = workers_of(proc)
-        spawn.adopt(workers)
-    last = stop_mid_run(proc, workers, run, target, sig)
+    for _ in range(3):
+        run = tmp_path_factory.mktemp("stopped")
+        cmd = stage_cmd(params, tiny_ffcv, run)
+        proc = spawn(cmd)
+        workers = []
+        if nproc > 1:
+            wait_until(proc, lambda: len(workers_of(proc)) == nproc, "the workers")
+            workers = workers_of(proc)
+            spawn.adopt(workers)
+        last = stop_mid_run(proc, workers, run, target, sig)
+        if last < STOP_STEPS - 1:
+            break
+        # The poll saw the run only in its last step (a busy machine): a signal there
+        # finds the training done, and the run ends whole. Start again.
+        assert proc.wait(timeout=HANG_S) == 0, proc.outputs[1].read_text()[-3000:]
+    else:
+        pytest.fail(f"three runs passed step {STOP_STEPS - 2} before the test could stop them")
     assert_stopped_at(proc, run, last)
     assert_all_end(workers, "the stopped workers")
     result = finish(cmd)
