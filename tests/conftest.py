@@ -14,6 +14,10 @@ from barlow.data.convert import FfcvSettings, write_beton
 from barlow.data.sources import Source
 
 REPO = Path(__file__).resolve().parents[1]
+#: For the stage processes a test starts: FFCV's pipelines run uncompiled. numba compiles
+#: every pipeline in every process (10-20 s each on 2 cores); test_loaders, test_augment
+#: and test_tensor_ops pin the compiled kernels to the Python code they replace.
+NO_JIT = {"NUMBA_DISABLE_JIT": "1"}
 
 
 def repo_params(**changes: dict[str, Any]) -> dict[str, Any]:

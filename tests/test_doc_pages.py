@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY_PARAMS, machine
+from conftest import NO_JIT, TINY_PARAMS, machine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,8 @@ def run_lines(block: str, cwd: Path) -> list[str]:
         if command.strip() and not command.lstrip().startswith("#"):
             result = subprocess.run(["bash", "-c", command], cwd=cwd, capture_output=True,
                                     text=True, timeout=600,
-                                    env={**os.environ, "PATH": f"{Path(sys.executable).parent}"
+                                    env={**os.environ, **NO_JIT,
+                                         "PATH": f"{Path(sys.executable).parent}"
                                          f":{os.environ['PATH']}"})
             assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
             out.append(result.stdout)

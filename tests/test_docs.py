@@ -507,11 +507,11 @@ def test_the_readme_journey_runs_on_tiny_data(tmp_path):
     `dvc metrics diff` prints its figures against the committed run."""
     from PIL import Image
 
-    from conftest import TINY_PARAMS
+    from conftest import NO_JIT, TINY_PARAMS
     from test_imagenet_paper import fresh_copy, run
 
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "NUMBA_THREADING_LAYER": "workqueue"}
+           "DVC_NO_ANALYTICS": "1", "NUMBA_THREADING_LAYER": "workqueue", **NO_JIT}
     rng = np.random.default_rng(0)
     for split, n in (("train", 16), ("val", 8)):
         for c in range(2):

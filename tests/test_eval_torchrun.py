@@ -35,7 +35,7 @@ from barlow.data.sources import Source
 from barlow.distributed import DistEnv
 from barlow.models import build_backbone
 from barlow.stage import open_live
-from conftest import REPO, machine, repo_params
+from conftest import NO_JIT, REPO, machine, repo_params
 from stages import linear, semisup
 
 # Every test starts the stages under torchrun or opens dvclive in worker processes.
@@ -109,7 +109,7 @@ def run(setup: dict, tmp: Path, stage, nproc: int, **overrides) -> dict:
         assert result.exit_code == 0, result.output + repr(result.exception)
         output = result.output
     else:
-        env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, **NO_JIT, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
         cmd = [sys.executable, "-m", stage.__name__, *args]
         result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                                 timeout=600)

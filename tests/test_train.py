@@ -20,7 +20,7 @@ from barlow.config import (AugmentConfig, LossConfig, ModelConfig, PretrainConfi
                            from_mapping)
 from barlow.models import small_resnet
 from barlow.train import NonFiniteLossError, PretrainSetup, export, pretrain
-from conftest import REPO, TINY_PARAMS, machine
+from conftest import NO_JIT, REPO, TINY_PARAMS, machine
 
 TIMING = {"pairs_per_s", "epoch_time_s"}
 PARAMS = TINY_PARAMS
@@ -254,7 +254,7 @@ def test_stage_under_torchrun_with_two_processes(data_dir, tmp_path):
     params = {**PARAMS, "pretrain": {**PARAMS["pretrain"], "knn_every_epochs": 0},
               "machine": machine(2)}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **NO_JIT, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "stages.pretrain", "--params", str(tmp_path / "params.yaml"),
            "--data", str(data_dir), "--out", str(tmp_path / "out"),
            "--live", str(tmp_path / "live")]

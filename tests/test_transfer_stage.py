@@ -28,7 +28,7 @@ from barlow.data.sources import Source
 from barlow.voc07 import voc07_svm_map, voc_devkit_targets
 from barlow.models import build_backbone
 from barlow.probe import SUMMARY_KEYS
-from conftest import REPO, machine, repo_params
+from conftest import NO_JIT, REPO, machine, repo_params
 from stages import transfer
 EMBEDDINGS = ("barlow", "random_init", "raw_pixels")
 EPOCHS = 6
@@ -122,7 +122,7 @@ def test_two_processes_under_torchrun_give_the_same_metrics(setup, finished, tmp
     """Two gloo ranks (torchrun started directly, as on several nodes) extract a share of every split each, gather
     the features in one-process order and fit the same heads and SVMs on them: every
     metric equals the one-process run's, and rank 0 alone prints."""
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **NO_JIT, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "stages.transfer", *stage_args(setup, tmp_path, devices=2)]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
