@@ -220,7 +220,8 @@ def test_transfer_sources_are_stratified_and_disjoint():
 
 # ---------------------------------------------------------------- the stage itself
 
-def run_convert(tmp_path: Path, params: dict, *args: str) -> subprocess.CompletedProcess:
+def run_convert(tmp_path: Path, params: dict, *args: str,
+                preexec_fn=None) -> subprocess.CompletedProcess:
     import yaml
 
     (tmp_path / "params.yaml").write_text(
@@ -228,7 +229,7 @@ def run_convert(tmp_path: Path, params: dict, *args: str) -> subprocess.Complete
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     return subprocess.run([sys.executable, "-m", "stages.convert", *args, "--params",
                            str(tmp_path / "params.yaml")], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, preexec_fn=preexec_fn)
 
 
 @pytest.mark.slow
@@ -268,6 +269,33 @@ def test_stage_converts_an_imagefolder_tree(tree, tmp_path):
     assert manifest["num_images"] == 6 and manifest["skipped"][0]["file"] == "cat/broken.png"
     assert manifest["ffcv"]["write_mode"] == "proportion"
     assert json.loads((out / "test.json").read_text())["class_counts"] == [1, 1]
+
+
+@pytest.mark.slow
+def test_a_writer_process_the_file_system_refuses_ends_the_stage(tree, tmp_path):
+    """FFCV's writer processes write the .beton's pages, and its writer waits for them
+    blindly. A file-size limit (`ulimit -f`, a batch system's) ends the first page's
+    writer with SIGXFSZ, as a full disk ends it with ENOSPC: the stage stops in one line
+    naming the file, exit 5, instead of waiting forever, and leaves no .beton."""
+    import resource
+
+    for split in ("cat", "dög"):
+        (tree.parent / "val" / split).mkdir(parents=True)
+        Image.fromarray(_rgb(7)).save(tree.parent / "val" / split / "v.png")
+    limit = 256 * 1024  # the header and the samples' metadata fit; a page does not
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = tmp_path / "ffcv"
+    result = run_convert(tmp_path, {"data": {"source": "imagefolder",
+                                             "imagefolder_root": str(tree.parent)}},
+                         "dataset", "--out", str(out), preexec_fn=limited)
+    assert result.returncode == 5, result.stderr[-3000:]
+    assert result.stderr.splitlines()[-1] == (
+        f"convert: error: {out / 'train.beton'}: cannot write: file too large for this"
+        " process or file system")
+    assert [p.name for p in out.iterdir()] == []
 
 
 @pytest.mark.slow

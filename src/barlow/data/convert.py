@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 
 from barlow.data.sources import DataError, Source, hash_file
-from barlow.interrupt import children_die_with_parent, partial_path, written_whole
+from barlow.errors import ChildFailed, WriteRefused
+from barlow.interrupt import (children_die_with_parent, partial_path,
+                              waited_with_children, written_whole)
 
 FIELDS = ("image", "label")
 # Up to this size a stage compares a .beton's sha256 with its manifest's on every
@@ -46,7 +48,8 @@ class _Samples:
     The RNG is reseeded per sample so that proportion mode's raw-or-JPEG draw
     (np.random inside ffcv) is the same for a given image whichever worker writes it:
     conversion is reproducible. A sample that cannot be loaded must not kill its worker:
-    ffcv's writer never notices a dead worker and would wait forever. The first error
+    a dead worker ends the whole conversion (barlow.interrupt.waited_with_children)
+    with no word of which image it was loading. The first error
     is queued for the parent instead (one message, so the queue's pipe never fills
     and blocks a worker), and a 1×1 placeholder is written in its place and in place
     of every later sample, which is then not even loaded (the file is discarded).
@@ -171,7 +174,15 @@ def write_beton(source: Source, out: str | Path, settings: FfcvSettings, workers
     samples = _Samples(source, seed)
     with written_whole(out) as tmp:
         writer = DatasetWriter(str(tmp), fields, num_workers=max(1, workers))
-        writer.from_indexed_dataset(samples, chunksize=256)
+        try:
+            waited_with_children(lambda: writer.from_indexed_dataset(samples, chunksize=256),
+                                 out, writer.page_size)
+        except (WriteRefused, ChildFailed):
+            # The samples' table in shared memory: the writer frees it at an end that,
+            # a writer process dead, never comes.
+            writer.metadata_sm.close()
+            writer.metadata_sm.unlink()
+            raise
         if not samples.errors.empty():
             raise DataError(samples.errors.get())
         beton_sha = hash_file(tmp).hexdigest()
