@@ -17,10 +17,10 @@ outputs are removed (a pretraining checkpoint would resume). Rounds alternate A,
 
 Per variant, medians over the rounds of: each stage's wall time (process start to exit,
 start-up included) and the chain's; pretraining's kNN top-1 (the monitor's last value)
-and pairs/s (its last progress line); the linear probe's best validation top-1 and its test top-1 at that epoch
-(linear/barlow/top1_best). Time to kNN is read from pretraining's own per-epoch lines
-(``... | kNN top-1 74.2 | ...``), each stamped on arrival with the seconds since the
-pretraining process started:
+and pairs/s (its last progress line); the linear probe's best validation top-1 and its
+test top-1 at that epoch (linear/barlow/top1_best). Time to kNN is read from
+pretraining's own per-epoch lines (``... | kNN top-1 74.2 | ...``), each stamped on
+arrival with the seconds since the pretraining process started:
 
     t_knn(target) = min { t_e : kNN_e ≥ target }   (None when no epoch reached it)
 
