@@ -180,10 +180,13 @@ def main() -> None:
     p.add_argument("--b", default="HEAD", help="commit of variant B")
     p.add_argument("-S", "--set", dest="common", action="append", default=[],
                    metavar="KEY=VALUE", help="params override for both variants")
-    p.add_argument("--set-a", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--set-b", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set-a", action="append", default=[], metavar="KEY=VALUE",
+                   help="params override for A, after -S")
+    p.add_argument("--set-b", action="append", default=[], metavar="KEY=VALUE",
+                   help="params override for B, after -S")
     p.add_argument("--stages", nargs="+", default=["pretrain", "linear"],
-                   choices=list(OUTPUTS), help="in the chain's order")
+                   choices=list(OUTPUTS),
+                   help="in the chain's order, from pretrain (the others need its backbone)")
     p.add_argument("--knn-target", type=float, nargs="+", default=[75.0],
                    help="kNN top-1 (%%) values to time")
     p.add_argument("--peer", action="store_true",
@@ -192,8 +195,8 @@ def main() -> None:
                    help="stop the peer's training after this many seconds")
     p.add_argument("--only-a", action="store_true",
                    help="run A alone: its per-stage times, no ratio")
-    p.add_argument("--work", type=Path, help="worktrees and logs here (default: a temp dir,"
-                   " removed at the end)")
+    p.add_argument("--work", type=Path, help="worktrees and stamped logs, kept here;"
+                   " without it a temp dir, removed at the end")
     args = p.parse_args()
     if not (ROOT / "data/ffcv/train.beton").exists():
         sys.exit("data/ffcv/train.beton missing: run `dvc repro convert convert_transfer` first")
