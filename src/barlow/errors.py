@@ -3,7 +3,8 @@ input, named (exit status 2), as opposed to a crash; and a write the machine ref
 (exit status 5). Each module raises its own kind of bad input
 (barlow.config.ConfigError, barlow.data.sources.DataError,
 barlow.checkpoint.CheckpointError); the stage's edge needs to know only the base.
-Beside them, `Preempted`: a run that stopped when asked to, which is no error.
+Beside them, `Preempted`: a run that stopped when asked to, which is no error; and
+`ChildFailed`: a process the stage started died (exit status 3).
 """
 
 
@@ -26,3 +27,8 @@ class WriteRefused(OSError):
 
     def __str__(self) -> str:
         return self.strerror
+
+
+class ChildFailed(RuntimeError):
+    """A process the stage started died before its work was done (killed by the kernel,
+    or its own crash, whose traceback it printed); the message names what it wrote."""

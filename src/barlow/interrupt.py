@@ -14,6 +14,10 @@ A pre-empted run loses nothing: ``stop_requests`` turns the scheduler's warning 
 flag the training loop reads at the end of each step, where it checkpoints and stops
 (barlow.train).
 
+A child that dies does not leave its parent waiting: ``waited_with_children`` runs work
+that forks processes and waits on them blindly (FFCV's writer) while watching the
+children, and turns the first one's death into an error.
+
 Processes die with their parent: ``die_with_parent`` asks Linux (prctl
 PR_SET_PDEATHSIG) to SIGKILL the calling process when its parent dies, however it dies
 (SIGKILL included, which no handler in the parent can forward). The torchrun workers
@@ -30,12 +34,14 @@ import ctypes
 import errno
 import os
 import shutil
+import multiprocessing
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
-from barlow.errors import WriteRefused
+from barlow.errors import ChildFailed, WriteRefused
 
 #: The signals a scheduler sends to ask a job to stop: SIGTERM (pre-emption, scancel,
 #: SLURM's time limit, Kubernetes) and SIGUSR1 (SLURM's `--signal=USR1@<seconds>`).
@@ -111,6 +117,62 @@ def _space(tmp: Path, needed_bytes: Callable[[], int] | None) -> str:
     except OSError:
         free = ""
     return f": {need}{free}"
+
+
+def waited_with_children(work: Callable[[], None], output: Path, page_bytes: int,
+                         poll_s: float = 0.2) -> None:
+    """Run ``work``, which forks processes and waits for them, in a thread, while this
+    one watches every child it forks; return when ``work`` does.
+
+    FFCV's DatasetWriter waits for its writer processes by polling a counter that a dead
+    writer never advances: a writer the file system refuses (a full disk; a file-size
+    limit, whose SIGXFSZ kills it) or the kernel's OOM killer ends would leave the stage
+    waiting forever. Here the first child that ends with a non-zero status before
+    ``work`` returns ends the wait: the other children are killed, and the death is
+    raised as WriteRefused naming ``output`` when it was the file system's refusal
+    (SIGXFSZ, or fewer than ``page_bytes``, the size of the writer's writes, free on
+    ``output``'s file system), else as ChildFailed. The thread, still polling, is a
+    daemon: it ends with the process."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as err:  # noqa: BLE001 — re-raised by the watching thread
+            failure.append(err)
+
+    thread = threading.Thread(target=run, name="watched-work", daemon=True)
+    seen: dict[int, multiprocessing.process.BaseProcess] = {}
+    thread.start()
+    while thread.is_alive():
+        thread.join(poll_s)
+        # active_children forgets a child once it has ended: every one seen is kept.
+        seen.update((child.pid, child) for child in multiprocessing.active_children())
+        dead = [child for child in seen.values() if child.exitcode not in (None, 0)]
+        if dead and thread.is_alive():
+            for child in seen.values():
+                if child.exitcode is None:
+                    child.kill()
+            raise _death(dead[0].exitcode, output, page_bytes)
+    if failure:
+        raise failure[0]
+
+
+def _death(exitcode: int, output: Path, page_bytes: int) -> Exception:
+    """The error for a child of the work writing ``output`` that ended with ``exitcode``
+    (negative: killed by that signal)."""
+    if exitcode == -signal.SIGXFSZ:
+        return WriteRefused(errno.EFBIG, f"{output}: cannot write: {REFUSED_WRITES[errno.EFBIG]}")
+    try:
+        free = shutil.disk_usage(output.parent).free
+    except OSError:
+        free = None
+    if free is not None and free < page_bytes:
+        return WriteRefused(errno.ENOSPC, f"{output}: cannot write: no space left on the device"
+                                          f" ({free:,} bytes free on {output.parent})")
+    how = (f"was killed by {signal.Signals(-exitcode).name}" if exitcode < 0
+           else f"exited with status {exitcode}")
+    return ChildFailed(f"{output}: a writer process {how} (its traceback, if any, is above)")
 
 
 def die_with_parent() -> None:

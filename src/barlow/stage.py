@@ -3,7 +3,7 @@ errors turned into one clear line and a non-zero exit instead of a traceback.
 
 Exit statuses: 0 done; 2 bad input (params, data, a checkpoint from other params),
 reported in one line; 3 a fault mid-run the stage reported in one line (a non-finite
-loss, a run that took no optimisation step); 4 pre-empted: stopped on SIGTERM or SIGUSR1
+loss, a run that took no optimisation step, a process it started that died); 4 pre-empted: stopped on SIGTERM or SIGUSR1
 after writing its checkpoint, in one line, and the next run resumes (pretrain); 5 the
 file system refused an output (no space left, a read-only or vanished folder, a
 file-size limit), reported in one line naming the file, an earlier version of it intact;
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterator, NoReturn
 import click
 
 from barlow import launch
-from barlow.errors import BadInput, Preempted, WriteRefused
+from barlow.errors import BadInput, ChildFailed, Preempted, WriteRefused
 
 if TYPE_CHECKING:
     from barlow.distributed import DistEnv
@@ -69,7 +69,7 @@ def run_stage(name: str) -> Iterator[None]:
         yield
     except BadInput as err:
         fail(name, err, BAD_INPUT)
-    except NonFiniteMetric as err:
+    except (NonFiniteMetric, ChildFailed) as err:
         fail(name, err, FAULT)
     except Preempted as stop:
         if launch.launched_rank() == 0:

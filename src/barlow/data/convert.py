@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from barlow.data.sources import DataError, Source, hash_file
-from barlow.interrupt import children_die_with_parent, partial_path, written_whole
+from barlow.interrupt import (children_die_with_parent, partial_path,
+                              waited_with_children, written_whole)
 
 FIELDS = ("image", "label")
 # Up to this size a stage compares a .beton's sha256 with its manifest's on every
@@ -171,7 +172,8 @@ def write_beton(source: Source, out: str | Path, settings: FfcvSettings, workers
     samples = _Samples(source, seed)
     with written_whole(out) as tmp:
         writer = DatasetWriter(str(tmp), fields, num_workers=max(1, workers))
-        writer.from_indexed_dataset(samples, chunksize=256)
+        waited_with_children(lambda: writer.from_indexed_dataset(samples, chunksize=256),
+                             out, writer.page_size)
         if not samples.errors.empty():
             raise DataError(samples.errors.get())
         beton_sha = hash_file(tmp).hexdigest()
