@@ -21,8 +21,9 @@ transfer protocols use the ImageNet statistics for every set.
 
 In machine.devices = N processes the feature
 extraction, the GPU's part, is split over the ranks and gathered (barlow.probe); every
-rank then fits the same heads and SVMs on all rows (results as one process's), and rank
-0 alone writes (docs/multi-gpu.md).
+rank then fits the same heads on all rows, the ranks share the SVM fits
+(barlow.voc07.svm_share), the results are one process's, and rank 0 alone writes
+(docs/multi-gpu.md).
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def main(params: str, data_dir: Path, pretrain_dir: Path, weights: Path, live_di
                 svm = voc07_svm_map(*train, *test, costs=cfg.svm_costs, folds=cfg.svm_folds,
                                     seed=cfg.seed, max_iter=cfg.svm_max_iter,
                                     n_jobs=shape.threads,
-                                    label=f"transfer/{dataset}/svm/{name}")
+                                    label=f"transfer/{dataset}/svm/{name}", env=env)
                 live.log_metric(f"transfer/{dataset}/svm/{name}/map", svm["map"], plot=False)
                 if env.is_main:
                     click.echo(f"transfer: {dataset} {name}: {linear}SVM mAP"
