@@ -25,6 +25,8 @@ from torch import nn
 
 from barlow import distributed as bdist
 from barlow import voc07
+from barlow.config import ConfigError
+from barlow.footprint import Gathered, check_fits
 from barlow.evaluate import finetune, linear_head, train_linear_head
 from barlow.models import small_resnet
 
@@ -112,6 +114,17 @@ def svm(env=None) -> dict:
     return {"result": result, "fitted": len(fitted)}
 
 
+def refused(rank: int, env) -> str | None:
+    """check_fits where rank 1 alone would gather more than this machine's memory (10⁶
+    rows × 10⁶ float32, 4 TB) and rank 0 4 MB: the line each rank raised, if any."""
+    try:
+        check_fits([Gathered("linear.baselines", "raw_pixels",
+                             {"test": 10**6 if rank == 1 else 1}, 10**6)], env.device)
+    except ConfigError as err:
+        return str(err)
+    return None
+
+
 def worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
@@ -122,7 +135,8 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         share = bdist.shard(5, env)
         out = {"share": share, "gathered": bdist.gather_rows(rows[share]),
                "summed": bdist.reduce_sum(torch.tensor([rank + 1.0], dtype=torch.float64)),
-               "probe": probe(d, rank, env), "tune": tune(d, rank, env), "svm": svm(env)}
+               "probe": probe(d, rank, env), "tune": tune(d, rank, env), "svm": svm(env),
+               "refused": refused(rank, env)}
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -158,6 +172,13 @@ def test_svm_fits_are_shared_and_give_the_one_process_result_exactly(ranks):
     for r in ranks:
         assert r["svm"]["result"] == reference["result"]
     assert len(set(reference["result"]["cost"])) > 1  # the choice is not trivial
+
+
+def test_a_footprint_one_rank_refuses_stops_every_rank_with_its_line(ranks):
+    lines = [r["refused"] for r in ranks]
+    assert lines[0] == lines[1]
+    assert lines[0].startswith("params: linear.baselines: raw_pixels gathers 1,000,000 test"
+                               " rows × 1,000,000 float32 features on every rank: 4,000.0 GB")
 
 
 def assert_same_run(runs: list[dict], reference: dict) -> None:
