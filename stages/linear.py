@@ -27,6 +27,7 @@ from barlow.config import (AugmentConfig, DataConfig, LinearConfig, ModelConfig,
 from barlow.data.convert import normalisation, read_manifest
 from barlow.data.loaders import eval_loader
 from barlow.data.subsets import load_splits
+from barlow.footprint import check_fits, per_embedding
 from barlow.probe import (Recipe, embedding, epoch_logger, gathered_features, log_summary,
                           probe_augmented, probe_features, split_rows)
 from barlow.stage import (data_option, live_option, machine_shape, open_live, params_option,
@@ -71,6 +72,11 @@ def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
         # Every embedding is built (and the weights file checked) before any long work.
         embeds = {name: embedding(name, model, weights, cfg.seed, device)
                   for name in ("barlow", *cfg.baselines)}
+        # And every embedding's gathered splits checked against the memory there is.
+        gathered = {"test": num_test} | (
+            {"train": manifest["num_images"]} if cfg.mode == "features" else {})
+        check_fits(per_embedding(list(embeds), gathered, "linear", ("linear.mode", cfg.mode),
+                                 model, resolution), device)
 
         def loader(beton: Path, batch_size: int = cfg.extract_batch_size, **kwargs):
             return eval_loader(str(beton), batch_size, shape.threads, resolution, mean, std,

@@ -21,8 +21,9 @@ transfer protocols use the ImageNet statistics for every set.
 
 In machine.devices = N processes the feature
 extraction, the GPU's part, is split over the ranks and gathered (barlow.probe); every
-rank then fits the same heads and SVMs on all rows (results as one process's), and rank
-0 alone writes (docs/multi-gpu.md).
+rank then fits the same heads on all rows, the ranks share the SVM fits
+(barlow.voc07.svm_share), the results are one process's, and rank 0 alone writes
+(docs/multi-gpu.md).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from barlow.config import AugmentConfig, DataConfig, ModelConfig, TransferConfig
 from barlow.data.convert import normalisation, read_manifest
 from barlow.data.loaders import eval_loader
 from barlow.data.sources import split_indices
+from barlow.footprint import check_fits, per_embedding
 from barlow.probe import (Recipe, embedding, epoch_logger, gathered_features, log_summary,
                           multilabel_batches, probe_features, split_rows)
 from barlow.stage import (live_option, machine_shape, open_live, params_option, run_in_workers,
@@ -88,6 +90,14 @@ def main(params: str, data_dir: Path, pretrain_dir: Path, weights: Path, live_di
         autocast = AUTOCAST[cfg.precision]
         embeds = {name: embedding(name, model, weights, cfg.seed, device)
                   for name in ("barlow", *cfg.baselines)}
+        # Each set's splits, gathered per embedding, checked against the memory there is
+        # before any set is read; the backbone's features named by the set's key.
+        check_fits([g for name in sets for g in per_embedding(
+            list(embeds), {f"{name} train": sizes[name][0], f"{name} test": sizes[name][1]},
+            "transfer",
+            ("transfer.datasets" if name in cfg.datasets else
+             "data.voc07_root" if name == "voc07" else "data.transfer_folders", name),
+            model, resolution)], device)
 
         live = open_live(live_dir, env)
         for dataset, betons in sets.items():
@@ -124,7 +134,7 @@ def main(params: str, data_dir: Path, pretrain_dir: Path, weights: Path, live_di
                 svm = voc07_svm_map(*train, *test, costs=cfg.svm_costs, folds=cfg.svm_folds,
                                     seed=cfg.seed, max_iter=cfg.svm_max_iter,
                                     n_jobs=shape.threads,
-                                    label=f"transfer/{dataset}/svm/{name}")
+                                    label=f"transfer/{dataset}/svm/{name}", env=env)
                 live.log_metric(f"transfer/{dataset}/svm/{name}/map", svm["map"], plot=False)
                 if env.is_main:
                     click.echo(f"transfer: {dataset} {name}: {linear}SVM mAP"

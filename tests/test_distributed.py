@@ -138,6 +138,13 @@ def worker(rank: int, port: int, payload_path: str, out_dir: str) -> None:
         out["odd"][name] = {"terms": [t.detach() for t in terms], "grads": [z1.grad, z2.grad]}
     out["paths"] = list(paths)
 
+    # pretrain.grad_allreduce: bf16, the paper's loss and model otherwise.
+    model = make_model()
+    model.load_state_dict(payload["state"])
+    model = bdist.wrap_ddp(bdist.convert_sync_batchnorm(model, env), env, "bf16")
+    bdist.distributed_barlow_twins_loss(*model(y1, y2), LAMBD).loss.backward()
+    out["bf16-allreduce"] = {k: p.grad.clone() for k, p in model.module.named_parameters()}
+
     rows = slice(0, BN_SPLIT) if rank == 0 else slice(BN_SPLIT, None)
     out["bn"] = []
     for case in payload["bn_cases"]:
@@ -304,6 +311,21 @@ def test_gradients_equal_single_process_gradients(results, reference, run):
         for name, want in grads.items():
             assert want.abs().max() > 0, name
             assert_close(out[run][name], want, name)
+
+
+@pytest.mark.slow
+def test_bf16_allreduce_rounds_the_gradients_to_bf16(results, reference):
+    """pretrain.grad_allreduce: bf16 sends each rank's gradient in bf16 and sums it
+    there: the result differs from the exact gradient (which the fp32 default gives,
+    above) by bf16's rounding, at least one element far beyond float tolerance, none
+    beyond a few bf16 roundings of the largest gradient of its tensor."""
+    worst = 0.0
+    for out in results:
+        for name, want in reference["exact-full"]["grads"].items():
+            error = (out["bf16-allreduce"][name] - want).abs().max() / want.abs().max()
+            assert error <= 4 * 2.0**-8, name
+            worst = max(worst, float(error))
+    assert worst > 1e-3
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""The evaluation trainers on 2 gloo processes reproduce one process to float tolerance.
+"""The evaluation trainers on 2 gloo processes reproduce one process to float tolerance,
+and the shared VOC07 SVM search reproduces it exactly.
 
 What differs between one process and W under torchrun is only who computes what: each
 rank takes B/W rows of every global batch (contiguous here, as DDP needs equal shares)
@@ -23,6 +24,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from barlow import distributed as bdist
+from barlow import voc07
+from barlow.config import ConfigError
+from barlow.footprint import Gathered, check_fits
 from barlow.evaluate import finetune, linear_head, train_linear_head
 from barlow.models import small_resnet
 
@@ -89,6 +93,38 @@ def tune(d: dict, rank: int | None, env=None) -> dict:
             "global_bn": any(isinstance(m, bdist.GlobalBatchNorm) for m in backbone.modules())}
 
 
+def svm(env=None) -> dict:
+    """The VOC07 SVM protocol on 3 classes, 3 costs, 2 folds (18 searched fits, 3
+    refits), and how many SVMs this process fitted (``n_jobs`` 1: all of them here)."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(60) % CLASSES
+    feats = rng.normal(size=(60, 6)) + 0.8 * np.eye(CLASSES, 6)[labels]
+    fitted, fit = [], voc07._fit_svm
+
+    def counted(*args):
+        fitted.append(args[0])
+        return fit(*args)
+
+    voc07._fit_svm = counted
+    try:
+        result = voc07.voc07_svm_map(feats[:40], labels[:40], feats[40:], labels[40:],
+                                     costs=(1e-3, 0.1, 10.0), folds=2, n_jobs=1, env=env)
+    finally:
+        voc07._fit_svm = fit
+    return {"result": result, "fitted": len(fitted)}
+
+
+def refused(rank: int, env) -> str | None:
+    """check_fits where rank 1 alone would gather more than this machine's memory (10⁶
+    rows × 10⁶ float32, 4 TB) and rank 0 4 MB: the line each rank raised, if any."""
+    try:
+        check_fits([Gathered("linear.baselines", "raw_pixels",
+                             {"test": 10**6 if rank == 1 else 1}, 10**6)], env.device)
+    except ConfigError as err:
+        return str(err)
+    return None
+
+
 def worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
@@ -99,7 +135,8 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         share = bdist.shard(5, env)
         out = {"share": share, "gathered": bdist.gather_rows(rows[share]),
                "summed": bdist.reduce_sum(torch.tensor([rank + 1.0], dtype=torch.float64)),
-               "probe": probe(d, rank, env), "tune": tune(d, rank, env)}
+               "probe": probe(d, rank, env), "tune": tune(d, rank, env), "svm": svm(env),
+               "refused": refused(rank, env)}
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -123,6 +160,25 @@ def test_shares_gather_back_to_the_whole_once(ranks):
         assert r["summed"].item() == 3.0
     with pytest.raises(ValueError, match="3 rows cannot be split over 4 processes"):
         bdist.shard(3, bdist.DistEnv(0, 0, 4, torch.device("cpu")))
+
+
+def test_svm_fits_are_shared_and_give_the_one_process_result_exactly(ranks):
+    """Each rank fits its share (barlow.voc07.svm_share) of the 18 searched fits and 3
+    refits, none twice; the pooled result, chosen costs and APs included, is the
+    single process's to the bit, on every rank."""
+    reference = svm()
+    assert reference["fitted"] == 18 + 3
+    assert sorted(r["svm"]["fitted"] for r in ranks) == [10, 11]  # 9 + 1, 9 + 2
+    for r in ranks:
+        assert r["svm"]["result"] == reference["result"]
+    assert len(set(reference["result"]["cost"])) > 1  # the choice is not trivial
+
+
+def test_a_footprint_one_rank_refuses_stops_every_rank_with_its_line(ranks):
+    lines = [r["refused"] for r in ranks]
+    assert lines[0] == lines[1]
+    assert lines[0].startswith("params: linear.baselines: raw_pixels gathers 1,000,000 test"
+                               " rows × 1,000,000 float32 features on every rank: 4,000.0 GB")
 
 
 def assert_same_run(runs: list[dict], reference: dict) -> None:

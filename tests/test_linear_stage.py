@@ -5,9 +5,11 @@ the errors a wrong weights file or params key must give."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import yaml
@@ -232,6 +234,28 @@ def test_weights_that_are_no_state_dict_are_named(setup, tmp_path, kind, message
 def test_bad_params_are_named(setup, tmp_path, overrides, message):
     result = invoke(setup, tmp_path, **overrides)
     assert result.exit_code == 2 and message in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+def test_a_baseline_this_machine_cannot_hold_is_refused_before_any_work(setup, tmp_path):
+    """raw_pixels at a resolution r whose 32 test rows (augment mode gathers the test
+    split) of 3·r² float32 pixels exceed this machine's whole memory: one line naming
+    linear.baselines, exit 2, before any feature is extracted or output written."""
+    total = psutil.virtual_memory().total
+    r = math.isqrt(total // (32 * 3 * 4)) + 1
+    params = tiny_params(setup["root"] / "subsets", mode="augment", baselines=["raw_pixels"])
+    params["augment"]["resolution"] = r
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = CliRunner().invoke(linear.main, [
+        "--params", str(tmp_path / "params.yaml"), "--data", str(setup["data"]),
+        "--weights", str(setup["weights"]), "--live", str(tmp_path / "live")])
+    assert result.exit_code == 2, result.output + result.stderr
+    assert result.stderr.startswith(
+        f"linear: error: params: linear.baselines: raw_pixels gathers 32 test rows ×"
+        f" {3 * r * r:,} float32 features on every rank: ")
+    assert "of host memory available\n" in result.stderr and result.stderr.count("\n") == 1
+    assert "features" not in result.stdout  # no extraction's progress line
+    assert not (tmp_path / "live").exists()
 
 
 @pytest.mark.slow

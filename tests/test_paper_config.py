@@ -188,11 +188,14 @@ def test_evaluation_recipes(paper):
     assert (lin.mode, lin.epochs, lin.batch_size, lin.lr, lin.momentum, lin.weight_decay,
             lin.schedule, lin.train_crop_scale) == \
            ("augment", 100, 256, 0.3, 0.9, 1e-6, "cosine", (0.08, 1.0))
+    # Not the paper's: no raw-pixel baseline at 224 px (30 GB of test pixels per rank).
+    assert lin.baselines == ("random_init",)
     semi = section(paper, SemisupConfig, "semisup")
     assert (tuple(semi.epochs), semi.lr_backbone, semi.lr_head, semi.weight_decay,
             semi.train_crop_scale) == ((20, 20), 0.005, 0.5, 0.0, (0.08, 1.0))
     tr = section(paper, TransferConfig, "transfer")
     assert (tr.epochs, tr.lr, tr.weight_decay, tr.schedule) == (14, 0.01, 5e-4, "step")
+    assert tr.baselines == ("random_init",)
 
 
 @pytest.mark.slow

@@ -403,15 +403,40 @@ def node_cmds(params: Path, data: Path, runs: list[Path], script: list[str]) -> 
             for i, run in enumerate(runs)]
 
 
+@pytest.fixture(scope="module")
+def two_nodes(params_file, tiny_ffcv, tmp_path_factory) -> Path:
+    """PARAMS trained to the end on 2 launcher nodes × 1 process, sharing one folder."""
+    run = tmp_path_factory.mktemp("two_nodes")
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                              stderr=open(run / f"node{i}.stderr", "w"))  # noqa: SIM115
+             for i, cmd in enumerate(node_cmds(params_file, tiny_ffcv, [run, run],
+                                               ["-m", "stages.pretrain"]))]
+    try:
+        for i, proc in enumerate(procs):
+            assert proc.wait(timeout=HANG_S) == 0, \
+                (run / f"node{i}.stderr").read_text()[-3000:]
+    finally:
+        for proc in procs:
+            proc.kill()
+    return run
+
+
+def test_two_nodes_train_the_weights_of_one_node_of_two_processes(
+        two_nodes, params_file, tiny_ffcv, tmp_path):
+    """The same world size, ranks and shares, launched as 2 nodes × 1 process or as 1
+    node × 2 (torchrun --standalone): the same backbone.pt bit for bit, the same curves
+    and metrics. Only the launch differs (LOCAL_RANK 0 on both nodes, 0 and 1 on one),
+    and no computation reads it on the CPU."""
+    finish(stage_cmd(params_file, tiny_ffcv, tmp_path, nproc=2))
+    assert_same_result(two_nodes, tmp_path)
+
+
 def test_a_rank_that_cannot_read_rank_0s_checkpoint_stops_every_rank(
-        params_file, tiny_ffcv, tmp_path, spawn):
+        two_nodes, params_file, tiny_ffcv, tmp_path, spawn):
     """Rank 0 resumes; the other node has no copy of the checkpoint. Starting that rank
     afresh would train two ranks at different steps: every rank stops with one line."""
     shared = tmp_path / "shared"
-    for proc in [spawn(cmd, name=f"first{i}") for i, cmd in
-                 enumerate(node_cmds(params_file, tiny_ffcv, [shared, shared],
-                                     ["-m", "stages.pretrain"]))]:
-        assert proc.wait(timeout=HANG_S) == 0, proc.outputs[1].read_text()[-3000:]
+    shutil.copytree(two_nodes, shared)
     lone = tmp_path / "lone"
     procs = [spawn(cmd, name=f"node{i}") for i, cmd in
              enumerate(node_cmds(params_file, tiny_ffcv, [shared, lone],

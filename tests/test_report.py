@@ -465,6 +465,24 @@ def test_a_snapshot_from_before_colour_ops_on_is_a_seed_replica() -> None:
         assert is_seed_replica(mine, saved), name
 
 
+def test_a_snapshot_from_before_grad_allreduce_ran_with_fp32() -> None:
+    """pretrain.grad_allreduce changes what a several-process run computes; a snapshot
+    made before the key existed ran with fp32 (seeds.IMPLIED): a seed replica of a run
+    with fp32, not of one with bf16. An experiment queued before it is blocked with its
+    fp32 successors in the ablations likewise (ablations._params_of)."""
+    params = {"pretrain": {"seed": 0, "epochs": 16, "grad_allreduce": "fp32"}}
+    snap = lambda p: profile_snapshot("x", "r", p, {})  # noqa: E731
+    before = {"pretrain": {"seed": 1, "epochs": 16}}
+    assert is_seed_replica(params, snap(before))
+    assert not is_seed_replica({"pretrain": {**params["pretrain"], "grad_allreduce": "bf16"}},
+                               snap(before))
+    exp = lambda p: {"rev": "c", "data": {"params": {"params.yaml": {"data": p}}},  # noqa: E731
+                     "experiments": [{"revs": [{"name": "e", "rev": "r", "data": {
+                         "params": {"params.yaml": {"data": p}}}}]}]}
+    old, new = (parse_exp_show([exp(p)])[0]["params"] for p in (before, params))
+    assert old == {**new, "pretrain.seed": 1}
+
+
 def test_seed_rows_give_mean_and_sample_std_with_baselines() -> None:
     this = {"linear/barlow/top1_best": 88.0, "linear/random_init/top1_best": 66.0,
             "pretrain/knn_top1": 80.0}

@@ -16,8 +16,8 @@ import yaml
 
 from barlow import distributed as dist
 from barlow.checkpoint import CheckpointError
-from barlow.config import (AugmentConfig, LossConfig, ModelConfig, PretrainConfig,
-                           from_mapping)
+from barlow.config import (AugmentConfig, ConfigError, LossConfig, ModelConfig,
+                           PretrainConfig, from_mapping)
 from barlow.models import small_resnet
 from barlow.train import NonFiniteLossError, PretrainSetup, export, pretrain
 from conftest import NO_JIT, REPO, TINY_PARAMS, machine
@@ -160,23 +160,32 @@ def test_checkpoint_from_another_config_is_refused(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_loss_ablation_params_reach_the_model_and_the_loss(data_dir, tmp_path, monkeypatch):
+def test_ablation_and_allreduce_params_reach_the_model_the_loss_and_ddp(data_dir, tmp_path,
+                                                                       monkeypatch):
     """The paper's "no BN in the MLP, no normalisation" row: the projector is built
-    without batch norm and every step's loss gets the normalization."""
+    without batch norm and every step's loss gets the normalization; the gradient
+    all-reduce dtype reaches DDP's wrapper (what it does there: tests/test_distributed.py)."""
     setup = setup_from({**PARAMS, "model": {**PARAMS["model"], "projector_bn": False},
-                        "loss": {**PARAMS["loss"], "normalization": "none"}})
+                        "loss": {**PARAMS["loss"], "normalization": "none"},
+                        "pretrain": {**PARAMS["pretrain"], "grad_allreduce": "bf16"}})
     import barlow.train as train
 
-    real = train.dist.distributed_barlow_twins_loss
-    seen = []
+    real, real_wrap = train.dist.distributed_barlow_twins_loss, train.dist.wrap_ddp
+    seen, wrapped = [], []
 
     def recorded(z1, z2, lambd, variant, normalization):
         seen.append((variant, normalization))
         return real(z1, z2, lambd, variant, normalization)
 
+    def recorded_wrap(model, env, grad_allreduce):
+        wrapped.append(grad_allreduce)
+        return real_wrap(model, env, grad_allreduce)
+
     monkeypatch.setattr(train.dist, "distributed_barlow_twins_loss", recorded)
+    monkeypatch.setattr(train.dist, "wrap_ddp", recorded_wrap)
     result = run(setup, data_dir, tmp_path, stop_after_steps=2)
     assert seen == [("full", "none")] * 2
+    assert wrapped == ["bf16"]
     projector = result["model"].projector
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                    for m in projector.modules())
@@ -245,6 +254,12 @@ def test_batch_must_split_over_processes():
     cfg = from_mapping(PretrainConfig, {**PARAMS["pretrain"], "batch_size": 10}, "pretrain")
     with pytest.raises(ValueError, match=r"pretrain.batch_size: 10 is not divisible by the number of processes \(4\)"):
         cfg.check_world(4)
+
+
+def test_grad_allreduce_is_fp32_or_bf16():
+    with pytest.raises(ConfigError, match=r"^params: pretrain.grad_allreduce: 'fp16' is not one"
+                                          r" of \['fp32', 'bf16'\]$"):
+        from_mapping(PretrainConfig, {**PARAMS["pretrain"], "grad_allreduce": "fp16"}, "pretrain")
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ own epochs (transfer.epochs_per_dataset)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import yaml
@@ -130,6 +132,25 @@ def test_two_processes_under_torchrun_give_the_same_metrics(setup, finished, tmp
     metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())["transfer"]
     assert metrics == finished["metrics"]
     assert result.stdout.count("transfer: large raw_pixels: linear top-1") == 1
+
+
+@pytest.mark.slow
+def test_a_baseline_this_machine_cannot_hold_is_refused_before_any_work(setup, tmp_path):
+    """raw_pixels at a resolution r whose small set's 60 + 30 rows of 3·r² float32
+    pixels exceed this machine's whole memory: one line naming transfer.baselines and
+    the set, exit 2, before any feature is extracted or output written."""
+    r = math.isqrt(psutil.virtual_memory().total // (90 * 3 * 4)) + 1
+    args = stage_args(setup, tmp_path, baselines=["raw_pixels"])
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["augment"]["resolution"] = r
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = CliRunner().invoke(transfer.main, args)
+    assert result.exit_code == 2, result.output + result.stderr
+    assert result.stderr.startswith(
+        "transfer: error: params: transfer.baselines: raw_pixels gathers 60 small train + 30"
+        f" small test rows × {3 * r * r:,} float32 features on every rank: ")
+    assert result.stderr.count("\n") == 1 and "features" not in result.stdout
+    assert not (tmp_path / "live").exists()
 
 
 @pytest.mark.slow

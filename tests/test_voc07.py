@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from barlow.voc07 import envelope_ap, voc07_11point_ap, voc07_svm_map
+from barlow.voc07 import envelope_ap, svm_share, voc07_11point_ap, voc07_svm_map
 from test_evaluate import clustered
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
@@ -57,3 +57,14 @@ def test_voc07_svm_noise_gives_chance_map_and_ignores_difficult():
     test_matrix[np.flatnonzero(tys.numpy() == 0)[::2], 0] = -1
     clean = voc07_svm_map(xs, train_matrix, txs, test_matrix, costs=(0.1,))
     assert clean["ap"][0] >= 99.0
+
+
+@pytest.mark.parametrize("count, world", [(600, 8), (30, 4), (3, 8), (1, 1)])
+def test_svm_shares_are_disjoint_cover_every_fit_and_differ_by_one_at_most(count, world):
+    shares = [svm_share(count, rank, world) for rank in range(world)]
+    assert sorted(np.concatenate(shares).tolist()) == list(range(count))
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    for share in shares:
+        assert share.tolist() == sorted(share.tolist())
+    # The same shares on every call: the ranks compute them apart.
+    assert all(np.array_equal(s, svm_share(count, r, world)) for r, s in enumerate(shares))

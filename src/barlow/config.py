@@ -204,6 +204,9 @@ class PretrainConfig:
     # auto: bf16 on a CPU with native bf16 or a bf16 GPU, fp16 on older GPUs, else fp32
     # (barlow.precision.resolve_precision).
     precision: typing.Literal["auto", "fp32", "bf16", "fp16"]
+    # DDP's gradient all-reduce: fp32 (the reference's) or bf16 (half the bytes);
+    # barlow.distributed.wrap_ddp.
+    grad_allreduce: typing.Literal["fp32", "bf16"]
     channels_last: bool
     compile: bool
     seed: int

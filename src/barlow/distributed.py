@@ -427,21 +427,30 @@ def _to_global_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-def wrap_ddp(model: nn.Module, env: DistEnv, bf16_gradients: bool = False) -> nn.Module:
+def wrap_ddp(model: nn.Module, env: DistEnv, grad_allreduce: str = "fp32") -> nn.Module:
     """``model`` in DistributedDataParallel when world_size > 1, else ``model`` itself.
 
     The model must already be on ``env.device``; DDP broadcasts rank 0's parameters
     and buffers at construction, so all ranks start from the same weights.
-    ``bf16_gradients`` (on GPUs): gradients are all-reduced in bf16, half the bytes of
-    fp32 (torch's bf16_compress_hook, the usual choice for bf16 training); the
-    optimiser still steps in fp32. ResNet-50 + the 8192³ projector send ≈ 600 MB of
-    fp32 gradients per step, ≈ 18× the sharded loss's traffic.
+    ``grad_allreduce`` (pretrain.grad_allreduce) is the dtype the gradients travel and
+    are summed in: "fp32", DDP's own all-reduce in the gradients' dtype (fp32 in
+    training, as the reference), or "bf16", torch's bf16_compress_hook on any backend
+    (gloo sums bf16 on the CPU, nccl on the GPU):
+
+        g = Σ_r bf16(g_r) / W, each addition rounded to bf16, cast back to g_r's dtype
+
+    half the bytes, for a relative error of up to 2⁻⁸ (bf16's unit roundoff) per
+    rounding, W roundings or more per element. The optimiser steps in fp32 either way.
+    ResNet-50 + the 8192³ projector send ≈ 600 MB of fp32 gradients per step, ≈ 18×
+    the sharded loss's traffic.
     """
+    if grad_allreduce not in ("fp32", "bf16"):
+        raise ValueError(f"gradient all-reduce dtype {grad_allreduce!r} is not fp32 or bf16")
     if env.world_size == 1:
         return model
     device_ids = [env.device.index] if env.device.type == "cuda" else None
     ddp = DistributedDataParallel(model, device_ids=device_ids)
-    if bf16_gradients and env.device.type == "cuda":
+    if grad_allreduce == "bf16":
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
         ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)

@@ -32,6 +32,12 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def ranks_on_this_node() -> int:
+    """How many of the run's processes share this node (torchrun's LOCAL_WORLD_SIZE),
+    1 without torchrun."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def under_torchrun() -> bool:
     """Whether torchrun (or another launcher setting its variables) started this process."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ

@@ -258,7 +258,7 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
                          "config": resume_config, "code": code,
                          "fingerprint": fingerprint(resume_config)}, path)
 
-    ddp_model = dist.wrap_ddp(model, env, bf16_gradients=precision == "bf16")
+    ddp_model = dist.wrap_ddp(model, env, cfg.grad_allreduce)
     train_model = torch.compile(ddp_model) if cfg.compile else ddp_model
     knn_loaders = None
     if cfg.knn_every_epochs and env.is_main:

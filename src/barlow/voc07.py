@@ -21,6 +21,8 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.svm import LinearSVC
 from torch import Tensor
 
+from barlow import distributed as dist
+from barlow.distributed import DistEnv
 from barlow.progress import Progress
 
 # The cost grid of the Goyal et al. (2019) benchmark's VOC07 SVM instructions
@@ -113,6 +115,39 @@ def _fold_ap(cost: float, seed: int, max_iter: int, feats: np.ndarray, target: n
     return float(average_precision_score(target[held_rows] == 1, scores)), converged
 
 
+def _test_aps(cost: float, seed: int, max_iter: int, feats: np.ndarray, target: np.ndarray,
+              test_feats: np.ndarray, truth: np.ndarray) -> tuple[list[float], bool]:
+    """One class's SVM at its chosen cost, fitted on every training row: its test APs
+    (envelope, 11-point, sklearn's; percent) over ``truth``'s rows, and whether it
+    converged."""
+    svm, converged = _fit_svm(cost, seed, max_iter, feats, target)
+    scores = svm.decision_function(test_feats)
+    return [100.0 * envelope_ap(scores, truth), 100.0 * voc07_11point_ap(scores, truth),
+            100.0 * float(average_precision_score(truth == 1, scores))], converged
+
+
+def svm_share(count: int, rank: int, world_size: int) -> np.ndarray:
+    """The fits, of ``count`` numbered 0..count−1, that rank ``rank`` of ``world_size``
+    runs: one fixed permutation of them cut into ``world_size`` parts whose sizes differ
+    by at most one (some empty when count < world_size), in increasing order. The shares
+    are disjoint, cover every fit once, and every rank computes the same ones. Permuted
+    because a fit's time varies with its cost C and its class, and a (class, cost, fold)
+    order cut into runs would hand some ranks the slow ones."""
+    order = np.random.default_rng(0).permutation(count)
+    return np.sort(np.array_split(order, world_size)[rank])
+
+
+def _pooled(share: np.ndarray, results: list, env: DistEnv | None) -> list:
+    """Every rank's ``results`` of its ``share`` (`svm_share`) in fit order, on every
+    rank: one all-gather of the pairs."""
+    if env is None or env.world_size == 1:
+        return results
+    pooled = {}
+    for indices, values in dist.all_objects((share.tolist(), results)):
+        pooled.update(zip(indices, values))
+    return [pooled[i] for i in range(len(pooled))]
+
+
 def voc07_svm_map(
     train_feats,
     train_labels,
@@ -125,6 +160,7 @@ def voc07_svm_map(
     max_iter: int = 2000,
     n_jobs: int | None = None,
     label: str | None = None,
+    env: DistEnv | None = None,
 ) -> dict:
     """VOC07 linear-SVM classification, the protocol of Goyal et al. (2019) that PIRL and
     Barlow Twins (Table 3, 86.2 mAP) report, as VISSL implements it.
@@ -152,44 +188,74 @@ def voc07_svm_map(
         "ap", "ap_11point", "ap_sklearn"  the per-class lists
     and "cost" (chosen C per class), "cv_ap" (classes × costs cross-validation AP,
     percent) and "not_converged" ({C: number of fits, folds and refits, that stopped at
-    ``max_iter``}). The folds of all costs of a class run in ``n_jobs`` processes; with
-    a ``label``, a progress line per class names it."""
+    ``max_iter``}).
+
+    Shared over the ranks of ``env`` (one process without it): each rank runs its
+    `svm_share` of the len(costs) · folds fits of every class, the ranks pool the
+    cross-validation APs (one all-gather), every rank chooses the same C per class from
+    them, and each then refits its share of the classes and pools their test APs. Each
+    fit is the one a single process would make (same rows, same seed), so every figure
+    equals the one-process result exactly. A rank runs its fits in ``n_jobs``
+    processes; with a ``label``, rank 0's progress lines over its fits name it."""
     train_feats, test_feats = _l2_normalise(_numpy(train_feats)), _l2_normalise(_numpy(test_feats))
     train_labels, test_labels = _numpy(train_labels), _numpy(test_labels)
     num_classes = (train_labels.shape[1] if train_labels.ndim == 2
                    else int(max(train_labels.max(), test_labels.max())) + 1)
     train_targets = _label_matrix(train_labels, num_classes)
     test_targets = _label_matrix(test_labels, num_classes)
+    rank, world = (env.rank, env.world_size) if env is not None else (0, 1)
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    out = {name: [] for name in ("ap", "ap_11point", "ap_sklearn", "cost", "cv_ap")}
+    parallel = Parallel(n_jobs=n_jobs, return_as="generator")
+
+    def target(c: int) -> np.ndarray:
+        return np.where(train_targets[:, c] == 1, 1, -1)  # difficult trains as negative
+
+    # The search: fit t = (c·len(costs) + k)·folds + f is class c's cost k on fold f.
+    per_class = len(costs) * folds
+    search = svm_share(num_classes * per_class, rank, world)
+
+    def search_fits():
+        for c in np.unique(search // per_class):  # a class's target and folds made once
+            y = target(c)
+            split = list(cv.split(train_feats, y))
+            for t in search[search // per_class == c]:
+                k, f = divmod(int(t) % per_class, folds)
+                yield delayed(_fold_ap)(costs[k], seed, max_iter, train_feats, y, *split[f])
+
+    progress = Progress(label, len(search), "fit") if label else None
+    fits = []
+    for fit in parallel(search_fits()):
+        fits.append(fit)
+        if progress is not None:
+            progress.update(len(fits))
+    fits = _pooled(search, fits, env)
     not_converged: dict[float, int] = {}
-    progress = Progress(label, num_classes, "class") if label else None
-    parallel = Parallel(n_jobs=n_jobs)
+    cv_ap, chosen = [], []
     for c in range(num_classes):
-        target = np.where(train_targets[:, c] == 1, 1, -1)  # difficult trains as negative
-        folds = list(cv.split(train_feats, target))
-        fits = parallel(delayed(_fold_ap)(cost, seed, max_iter, train_feats, target, *fold)
-                        for cost in costs for fold in folds)
-        cv_ap = []
-        for i, cost in enumerate(costs):
-            runs = fits[i * len(folds):(i + 1) * len(folds)]
-            cv_ap.append(np.mean([ap for ap, _ in runs]))
-            missed = sum(not converged for _, converged in runs)
+        runs = fits[c * per_class:(c + 1) * per_class]
+        cv_ap.append([float(np.mean([ap for ap, _ in runs[k * folds:(k + 1) * folds]]))
+                      for k in range(len(costs))])
+        chosen.append(costs[int(np.argmax(cv_ap[-1]))])
+        for k, cost in enumerate(costs):
+            missed = sum(not converged for _, converged in runs[k * folds:(k + 1) * folds])
             if missed:
                 not_converged[cost] = not_converged.get(cost, 0) + missed
-        cost = costs[int(np.argmax(cv_ap))]
-        svm, converged = _fit_svm(cost, seed, max_iter, train_feats, target)
+
+    # The refits: each class's chosen C on every training row, scored on the test rows
+    # not difficult for it.
+    refit = svm_share(num_classes, rank, world)
+    keep = test_targets != -1
+    tested = _pooled(refit, list(parallel(
+        delayed(_test_aps)(chosen[c], seed, max_iter, train_feats, target(c),
+                           test_feats[keep[:, c]], test_targets[keep[:, c], c])
+        for c in refit)), env)
+    out = {name: [] for name in ("ap", "ap_11point", "ap_sklearn")}
+    for cost, (aps, converged) in zip(chosen, tested):
+        for name, ap in zip(out, aps):
+            out[name].append(ap)
         if not converged:
             not_converged[cost] = not_converged.get(cost, 0) + 1
-        if progress is not None:
-            progress.update(c + 1, C=cost)
-        keep = test_targets[:, c] != -1  # difficult: out of the test AP
-        scores, truth = svm.decision_function(test_feats[keep]), test_targets[keep, c]
-        out["ap"].append(100.0 * envelope_ap(scores, truth))
-        out["ap_11point"].append(100.0 * voc07_11point_ap(scores, truth))
-        out["ap_sklearn"].append(100.0 * float(average_precision_score(truth == 1, scores)))
-        out["cost"].append(cost)
-        out["cv_ap"].append([100.0 * float(a) for a in cv_ap])
+    out |= {"cost": chosen, "cv_ap": [[100.0 * a for a in row] for row in cv_ap]}
     return {"map": float(np.mean(out["ap"])),
             "map_11point": float(np.mean(out["ap_11point"])),
             "map_sklearn": float(np.mean(out["ap_sklearn"])),

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from barlow.report.inputs import flatten, numeric_metrics, parse_tsv
-from barlow.report.seeds import Stat, is_operational
+from barlow.report.seeds import Stat, is_operational, with_implied
 
 
 def _run_state(entry: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
@@ -24,7 +24,7 @@ def _run_state(entry: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
 
 def _params_of(data: Mapping[str, Any]) -> dict[str, Any]:
     params = (data.get("params") or {}).get("params.yaml") or {}
-    return flatten(params.get("data") or {}, ".")
+    return with_implied(flatten(params.get("data") or {}, "."))
 
 
 def _metrics_of(data: Mapping[str, Any]) -> dict[str, float]:

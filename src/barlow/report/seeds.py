@@ -57,6 +57,19 @@ OPERATIONAL = ("workers", "dir", "root", "nproc_per_node", "log_every_steps",
 #: Params sections that say on what a run executes (the node's processes and cores).
 EXECUTION = ("machine",)
 
+#: Keys that change what a run computes, added after runs were snapshotted
+#: (reports/profiles) or queued (`dvc exp show`), each with the value those earlier
+#: runs computed with: a run whose params lack one ran with it.
+#: pretrain.grad_allreduce: every earlier snapshot pretrained in one process, where no
+#: gradient is all-reduced, which is what fp32 gives too (and the path that made it
+#: bf16 ran only on several GPUs).
+IMPLIED = {"pretrain.grad_allreduce": "fp32"}
+
+
+def with_implied(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Flattened ``params`` with the IMPLIED value of each key they lack."""
+    return {**IMPLIED, **params}
+
 
 #: Params sections that only say how results are presented, never what a run computes
 #: (the report stage reads them after every other stage ran): a run queued from a commit
@@ -74,8 +87,8 @@ def is_operational(key: str) -> bool:
 def is_seed_replica(this_params: Mapping[str, Any], profile: Mapping[str, Any]) -> bool:
     """A snapshot whose params differ from this run's in keys named ``seed`` and
     otherwise only in operational ones: the same experiment, another seed."""
-    mine = flatten(this_params, ".")
-    theirs = profile["params"]
+    mine = with_implied(flatten(this_params, "."))
+    theirs = with_implied(profile["params"])
     differ = {k for k in set(mine) | set(theirs)
               if mine.get(k) != theirs.get(k) and not is_operational(k)}
     return bool(differ) and all(k.rsplit(".", 1)[-1] == "seed" for k in differ)
