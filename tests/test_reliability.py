@@ -34,7 +34,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from barlow.stage import PREEMPTED
-from conftest import REPO, TINY_PARAMS, machine, repo_params
+from conftest import (REPO, TINY_PARAMS, linear_params, machine, repo_params,
+                      semisup_params)
 from stages import convert, pretrain
 
 # Every test runs a stage as a subprocess, most of them killing it part-way.
@@ -381,6 +382,67 @@ def test_a_stop_signal_checkpoints_the_step_and_the_rerun_equals_uninterrupted(
     result = finish(cmd)
     assert "pretrain: resumed from" in result.stdout
     assert_same_result(reference, run)
+
+
+# ---------------------------------------------------------------- pre-emption of evaluations
+
+#: On PYTHONPATH with STOP_AT_STEP=k: SIGTERM to the stage's command at the k-th SGD step.
+STOP_HOOK = REPO / "tests" / "stop_at_step"
+# Each stage's sub-runs in order, as (name, epochs, batches per epoch) on tiny_ffcv with
+# conftest's settings; the linear stage in augment mode, 2 epochs, one baseline.
+EVAL_RUNS = {"semisup": [("1percent/barlow", 3, 1), ("1percent/scratch", 3, 1),
+                         ("10percent/barlow", 2, 2), ("10percent/scratch", 2, 2)],
+             "linear": [("barlow", 2, 3), ("random_init", 2, 3)]}
+
+
+def eval_stop_point(stage: str, step: int) -> str:
+    """Where the stage stops after its ``step``-th step: "<run> at epoch e, batch b"."""
+    for run, epochs, batches in EVAL_RUNS[stage]:
+        if step <= epochs * batches:
+            epoch, batch = divmod(step - 1, batches)
+            return f"{run} at epoch {epoch}, batch {batch + 1}"
+        step -= epochs * batches
+    raise ValueError("past the last step")
+
+
+def live_files(live: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(live)): p.read_bytes() for p in sorted(live.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("stage, nproc", [("semisup", 1), ("semisup", 2), ("linear", 1)],
+                         ids=["semisup-1p", "semisup-2p", "linear-augment-1p"])
+def test_a_stop_signal_mid_evaluation_checkpoints_and_the_rerun_equals_uninterrupted(
+        stage, nproc, tiny_ffcv, tiny_subsets, random_backbone, tmp_path, spawn):
+    """SIGTERM to the stage's command in the first batch of an epoch of its second or
+    later sub-run (2 processes: to the stage's launcher, which passes it on): exit 4,
+    rank 0's one line, LIVE/checkpoint.pt. The rerun skips the sub-runs done, resumes
+    mid-epoch and ends with the dvclive files of an uninterrupted run, byte for byte
+    (every curve point once, the same metrics), and no checkpoint left."""
+    settings = (semisup_params(tiny_subsets, nproc) if stage == "semisup" else
+                linear_params(tiny_subsets, nproc, mode="augment", epochs=2,
+                              baselines=["random_init"]))
+    params = write_params(tmp_path, settings)
+
+    def cmd(live: Path) -> list[str]:
+        return [sys.executable, "-m", f"stages.{stage}", "--params", str(params), "--data",
+                str(tiny_ffcv), "--weights", str(random_backbone), "--live", str(live)]
+
+    finish(cmd(tmp_path / "reference"))
+    # The first batch of an epoch of 2 or 3, past the first sub-run.
+    choices = range(7, 15, 2) if stage == "semisup" else [7, 8, 10, 11]
+    (step,) = kill_points(f"{stage}_{nproc}p", choices, 1)
+    live = tmp_path / "live"
+    proc = spawn(cmd(live), {**ENV, "PYTHONPATH": f"{STOP_HOOK}:{REPO / 'src'}",
+                             "STOP_AT_STEP": str(step)})
+    assert proc.wait(timeout=HANG_S) == PREEMPTED, proc.outputs[1].read_text()[-3000:]
+    lines = [line for line in proc.outputs[1].read_text().splitlines() if "stopped" in line]
+    assert lines == [f"{stage}: stopped on request in {stage}/{eval_stop_point(stage, step)};"
+                     f" {live / 'checkpoint.pt'} holds it, the next run resumes there"]
+    assert (live / "checkpoint.pt").is_file()
+    result = finish(cmd(live))
+    assert f"{stage}: resumed from {live / 'checkpoint.pt'}" in result.stdout
+    assert live_files(live) == live_files(tmp_path / "reference")
 
 
 # ---------------------------------------------------------------- two launcher nodes

@@ -106,6 +106,11 @@ def world_size() -> int:
     return dist.get_world_size() if _initialized() else 1
 
 
+def rank() -> int:
+    """This process's rank in the group; 0 without a process group."""
+    return dist.get_rank() if _initialized() else 0
+
+
 def gather_with_grad(x: Tensor) -> Tensor:
     """All ranks' ``x`` concatenated along dim 0, in rank order, differentiably.
 

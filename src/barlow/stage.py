@@ -4,7 +4,8 @@ errors turned into one clear line and a non-zero exit instead of a traceback.
 Exit statuses: 0 done; 2 bad input (params, data, a checkpoint from other params),
 reported in one line; 3 a fault mid-run the stage reported in one line (a non-finite
 loss, a run that took no optimisation step); 4 pre-empted: stopped on SIGTERM or SIGUSR1
-after writing its checkpoint, in one line, and the next run resumes (pretrain); 5 the
+after writing its checkpoint, in one line, and the next run resumes (pretrain, semisup,
+linear); 5 the
 file system refused an output (no space left, a read-only or vanished folder, a
 file-size limit), reported in one line naming the file, an earlier version of it intact;
 anything else is a crash, with its traceback."""
