@@ -521,6 +521,36 @@ def test_a_fault_rank_0_alone_sees_stops_every_node_with_its_line(tiny_ffcv, tmp
     assert not (tmp_path / "run" / "out").exists()
 
 
+def test_a_fault_on_one_node_ends_every_node_within_seconds(tiny_ffcv, tmp_path, spawn):
+    """Node 1's copy of the data is damaged (a byte of train.beton flipped), which its
+    rank alone reads, once the process group is up. That rank exits 2 with its line;
+    the rank on node 0, waiting for it in a collective whose timeout (900 s) lies far
+    beyond the test's bound (120 s), stops within seconds with status 6 and one line
+    naming rank 1 and its reason. (Without the failure watch gloo's rank 0 died of the
+    torn connection, with a traceback; NCCL's would wait out the timeout.)"""
+    params = write_params(tmp_path, {**PARAMS, "machine": {**PARAMS["machine"],
+                                                           "collective_timeout_s": 900.0}})
+    damaged = shutil.copytree(tiny_ffcv, tmp_path / "damaged")
+    blob = bytearray((damaged / "train.beton").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF  # a byte of image data: same size, same header
+    (damaged / "train.beton").write_bytes(bytes(blob))
+    cmds = node_cmds(params, tiny_ffcv, [tmp_path / "node0", tmp_path / "node1"],
+                     ["-m", "stages.pretrain"])
+    cmds[1][cmds[1].index("--data") + 1] = str(damaged)
+    procs = [spawn(cmd, name=f"node{i}") for i, cmd in enumerate(cmds)]
+    for proc in procs:
+        assert proc.wait(timeout=120) != 0
+    reason = (f"{damaged / 'train.beton'}: sha256 differs from its manifest's beton_sha256:"
+              " changed since the convert stage wrote it; re-run the convert stage")
+    stderr = [proc.outputs[1].read_text() for proc in procs]
+    assert f"pretrain: error: {reason}" in stderr[1].splitlines(), stderr[1][-3000:]
+    assert f"pretrain: stopping: rank 1 failed: {reason}" in stderr[0].splitlines(), \
+        stderr[0][-3000:]
+    # The workers' statuses in torchrun's report; no worker's traceback, no torn connection.
+    assert "(exitcode: 6)" in stderr[0] and "(exitcode: 2)" in stderr[1]
+    for err in stderr:
+        assert "[rank" not in err and "Connection closed" not in err, err[-3000:]
+
 # ---------------------------------------------------------------- kills of convert
 
 def image_tree(root: Path, per_class: dict[str, int], size: int = 12) -> Path:
