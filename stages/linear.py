@@ -11,6 +11,12 @@ top-1; the test split gives top-1/top-5 at that epoch and at the last one.
 In machine.devices = N processes every rank
 extracts features of its share of each split, the augmenting head trains under DDP on
 B/N of every batch, and rank 0 alone writes (docs/multi-gpu.md).
+
+SIGTERM or SIGUSR1 (a scheduler's pre-emption or time-limit warning): augment mode
+finishes its step, writes LIVE/checkpoint.pt (barlow.eval_checkpoint) and exits 4;
+features mode, whose head trains on features that a rerun extracts again anyway, stops
+likewise before its next embedding. The next run skips the embeddings done, resumes
+the one stopped and ends as an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -22,12 +28,14 @@ import click
 import numpy as np
 
 from barlow import distributed as dist
-from barlow.config import (AugmentConfig, DataConfig, LinearConfig, ModelConfig,
+from barlow.config import (AugmentConfig, DataConfig, LinearConfig, ModelConfig, as_dict,
                            load_section)
 from barlow.data.convert import normalisation, read_manifest
 from barlow.data.loaders import eval_loader
 from barlow.data.subsets import load_splits
+from barlow.eval_checkpoint import EvalCheckpoint, identity
 from barlow.footprint import check_fits, per_embedding
+from barlow.interrupt import stop_requests
 from barlow.probe import (Recipe, embedding, epoch_logger, gathered_features, log_summary,
                           probe_augmented, probe_features, split_rows)
 from barlow.stage import (data_option, live_option, machine_shape, open_live, params_option,
@@ -47,12 +55,15 @@ def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
     rows that choose the epoch), WEIGHTS, and the params linear, machine, model (arch,
     width, layers), augment.resolution and data.subsets_dir. Writes LIVE/metrics.json
     (linear/<barlow|random_init|raw_pixels>/top1_best, top5_best, ...) and LIVE/plots/
-    (per-epoch curves, the confusion matrix). Exit 2: bad params, data or weights."""
+    (per-epoch curves, the confusion matrix). Exit 2: bad params, data or weights; 4:
+    pre-empted (SIGTERM/SIGUSR1), LIVE/checkpoint.pt written."""
     with run_stage("linear"), contextlib.ExitStack() as stack:
         cfg = load_section(LinearConfig, "linear", params)
         shape = machine_shape(params, device="linear")
         cfg.check_world(shape.devices)  # before any process is started
         run_in_workers("stages.linear", shape.devices)
+        # Until the process group is gone (as pretrain's).
+        stop_requested = stack.enter_context(stop_requests())
         env = stack.enter_context(dist.process_group(shape.collective_timeout_s))
         cfg.check_world(env.world_size)
         model = load_section(ModelConfig, "model", params)
@@ -60,7 +71,8 @@ def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
         subsets_dir = Path(load_section(DataConfig, "data", params).subsets_dir)
         train_beton, test_beton = data_dir / "train.beton", data_dir / "test.beton"
         manifest = read_manifest(train_beton)
-        num_test = read_manifest(test_beton)["num_images"]
+        test_manifest = read_manifest(test_beton)
+        num_test = test_manifest["num_images"]
         val, _, val_origin = load_splits(subsets_dir, train_beton, manifest)
         if env.is_main:
             click.echo(f"linear: validation split: {len(val)} images ({val_origin})")
@@ -77,6 +89,12 @@ def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
             {"train": manifest["num_images"]} if cfg.mode == "features" else {})
         check_fits(per_embedding(list(embeds), gathered, "linear", ("linear.mode", cfg.mode),
                                  model, resolution), device)
+        checkpoint = EvalCheckpoint(live_dir / "checkpoint.pt", "linear", {
+            "linear": as_dict(cfg), "model": [model.arch, model.width, list(model.layers)],
+            "resolution": resolution,
+            "data": [m["inputs_sha256"] for m in (manifest, test_manifest)],
+            "ffcv": manifest["ffcv"], "world_size": env.world_size,
+            "splits_and_weights": identity(val, weights)}, env, stop_requested)
 
         def loader(beton: Path, batch_size: int = cfg.extract_batch_size, **kwargs):
             return eval_loader(str(beton), batch_size, shape.threads, resolution, mean, std,
@@ -101,32 +119,42 @@ def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
         live = open_live(live_dir, env)
         for name, embed in embeds.items():
             prefix = f"linear/{name}"
+            log = epoch_logger(live, prefix, cfg.epochs)
 
             def features(batches, split: str):
                 return gathered_features(embed, batches, device, autocast,
                                          label=f"{prefix} {split} features")
 
-            test = features(test_loader, "test")
-            if cfg.mode == "features":
-                fit, held_out = split_rows(*features(train_loader, "train"), val)
-                result = probe_features(fit, held_out, test, manifest["num_classes"], recipe,
-                                        device, epoch_logger(live, prefix, cfg.epochs))
+            result = checkpoint.done.get(name)
+            if result is not None:  # a probe the stopped run completed: logged again
+                for row in result["history"]:
+                    log(row["epoch"], row)
             else:
-                result = probe_augmented(embed, train_loader, val_loader, test,
-                                         manifest["num_classes"], recipe, device, autocast,
-                                         epoch_logger(live, prefix, cfg.epochs), env)
+                checkpoint.stop_if_requested(name)
+                test = features(test_loader, "test")
+                if cfg.mode == "features":
+                    fit, held_out = split_rows(*features(train_loader, "train"), val)
+                    result = probe_features(fit, held_out, test, manifest["num_classes"],
+                                            recipe, device, log)
+                else:
+                    result = probe_augmented(embed, train_loader, val_loader, test,
+                                             manifest["num_classes"], recipe, device, autocast,
+                                             log, env, checkpoint.preemption(name))
+                result["test_labels"] = test[1]
+                checkpoint.complete(name, result)
+                if env.is_main:
+                    click.echo(f"linear: {name}: test top-1 {result['top1_best']:.2f} at"
+                               f" best-val epoch {result['best_epoch']},"
+                               f" {result['top1_last']:.2f} at the last")
             log_summary(live, prefix, result)
             if name == "barlow":
                 classes = np.asarray(manifest["class_names"])
-                live.log_sklearn_plot("confusion_matrix", classes[test[1].numpy()],
+                live.log_sklearn_plot("confusion_matrix", classes[result["test_labels"].numpy()],
                                       classes[result["test_pred_best"].numpy()],
                                       name="confusion_matrix.json",
                                       title="linear probe, test, best-val epoch")
-            if env.is_main:
-                click.echo(f"linear: {name}: test top-1 {result['top1_best']:.2f} at best-val "
-                           f"epoch {result['best_epoch']}, {result['top1_last']:.2f} at the"
-                           " last")
         live.end()
+        checkpoint.finish()
 
 
 if __name__ == "__main__":

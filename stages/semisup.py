@@ -18,6 +18,10 @@ In machine.devices = N processes backbone and
 head train under DDP with synchronised batch norm on B/N of every batch, val and test
 are scored on disjoint shares with pooled counts, and rank 0 alone writes
 (docs/multi-gpu.md).
+
+SIGTERM or SIGUSR1 (a scheduler's pre-emption or time-limit warning): the run finishes
+its step, writes LIVE/checkpoint.pt (barlow.eval_checkpoint) and exits 4; the next run
+skips the runs done, resumes the one stopped and ends as an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -30,11 +34,13 @@ import click
 
 from barlow import distributed as dist
 from barlow.checkpoint import load_backbone_weights
-from barlow.config import DataConfig, ModelConfig, SemisupConfig, load_section
+from barlow.config import DataConfig, ModelConfig, SemisupConfig, as_dict, load_section
 from barlow.data.convert import normalisation, read_manifest
 from barlow.data.loaders import eval_loader
 from barlow.data.sources import DataError
 from barlow.data.subsets import load_splits
+from barlow.eval_checkpoint import EvalCheckpoint, identity
+from barlow.interrupt import stop_requests
 from barlow.models import build_backbone
 from barlow.probe import epoch_logger
 from barlow.semisup import RUNS, finetune_and_test, run_backbone
@@ -54,12 +60,15 @@ def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
     subset S of semisup.subsets and semisup.val_subset, WEIGHTS, and the params semisup,
     machine, model (arch, width, layers) and data.subsets_dir. Writes LIVE/metrics.json
     (semisup/S/<barlow|scratch>/top1_best, ...) and LIVE/plots/ (per-epoch curves).
-    Exit 2: bad params, data, subsets or weights."""
+    Exit 2: bad params, data, subsets or weights; 4: pre-empted (SIGTERM/SIGUSR1),
+    LIVE/checkpoint.pt written."""
     with run_stage("semisup"), contextlib.ExitStack() as stack:
         cfg = load_section(SemisupConfig, "semisup", params)
         shape = machine_shape(params, device="semisup")
         cfg.check_world(shape.devices)  # before any process is started
         run_in_workers("stages.semisup", shape.devices)
+        # Until the process group is gone (as pretrain's).
+        stop_requested = stack.enter_context(stop_requests())
         env = stack.enter_context(dist.process_group(shape.collective_timeout_s))
         cfg.check_world(env.world_size)
         model = load_section(ModelConfig, "model", params)
@@ -77,6 +86,12 @@ def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
 
         # Check the weights file before any loader is compiled: a mismatch fails fast.
         load_backbone_weights(build_backbone(model.arch, model.width, model.layers)[0], weights)
+        checkpoint = EvalCheckpoint(live_dir / "checkpoint.pt", "semisup", {
+            "semisup": as_dict(cfg), "model": [model.arch, model.width, list(model.layers)],
+            "data": [m["inputs_sha256"] for m in (manifest, test_manifest)],
+            "ffcv": manifest["ffcv"], "world_size": env.world_size,
+            "splits_and_weights": identity(val_idx, *subsets.values(), weights)},
+            env, stop_requested)
 
         mean, std = normalisation(manifest)
         common = dict(resolution=cfg.resolution, mean=mean, std=std, device=env.device,
@@ -92,29 +107,47 @@ def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
 
         live = open_live(live_dir, env)
         for name, epochs in zip(cfg.subsets, cfg.epochs):
-            train = eval_loader(str(train_beton), cfg.batch_size // env.world_size,
-                                train_aug=True, seed=cfg.seed,
-                                train_crop_scale=cfg.train_crop_scale, order="random",
-                                indices=subsets[name], distributed=env.world_size > 1,
-                                **common)
+            train = None
             for run in RUNS:
-                prefix = f"semisup/{name}/{run}"
-                log = epoch_logger(live, prefix, epochs, keys=None)
-                backbone, dim = run_backbone(run, model, weights, cfg.seed)
-                lrs = ((cfg.lr_backbone, cfg.lr_head) if run == "barlow"
-                       else (cfg.scratch_lr_backbone, cfg.scratch_lr_head))
-                started = time.perf_counter()
-                metrics = finetune_and_test(backbone, dim, num_classes, train, val, test, cfg,
-                                            epochs, lrs, env, log)
-                for key, value in metrics.items():
-                    live.log_metric(f"{prefix}/{key}", value, plot=False)
-                if env.is_main:
-                    click.echo(f"semisup: {name} {run} ({len(subsets[name])} images,"
-                               f" {epochs} epochs, {time.perf_counter() - started:.0f} s):"
-                               f" test top-1 {metrics['top1_best']:.2f} at best-val epoch"
-                               f" {metrics['best_epoch']}, {metrics['top1_last']:.2f} at the"
-                               " last")
+                key, prefix = f"{name}/{run}", f"semisup/{name}/{run}"
+                rows: list[dict] = []
+                log_row = epoch_logger(live, prefix, epochs, keys=None)
+
+                def log(epoch: int, row: dict) -> None:
+                    rows.append(row)
+                    log_row(epoch, row)
+
+                done = checkpoint.done.get(key)
+                if done is not None:  # a run the stopped run completed: logged again
+                    for row in done["rows"]:
+                        log(row["epoch"], row)
+                    metrics = done["metrics"]
+                else:
+                    checkpoint.stop_if_requested(key)
+                    if train is None:  # built only for a subset with a run to do
+                        train = eval_loader(str(train_beton), cfg.batch_size // env.world_size,
+                                            train_aug=True, seed=cfg.seed,
+                                            train_crop_scale=cfg.train_crop_scale,
+                                            order="random", indices=subsets[name],
+                                            distributed=env.world_size > 1, **common)
+                    backbone, dim = run_backbone(run, model, weights, cfg.seed)
+                    lrs = ((cfg.lr_backbone, cfg.lr_head) if run == "barlow"
+                           else (cfg.scratch_lr_backbone, cfg.scratch_lr_head))
+                    started = time.perf_counter()
+                    metrics = finetune_and_test(backbone, dim, num_classes, train, val, test,
+                                                cfg, epochs, lrs, env, log,
+                                                checkpoint.preemption(key))
+                    checkpoint.complete(key, {"rows": rows, "metrics": metrics})
+                    if env.is_main:
+                        click.echo(f"semisup: {name} {run} ({len(subsets[name])} images,"
+                                   f" {epochs} epochs, {time.perf_counter() - started:.0f}"
+                                   f" s): test top-1 {metrics['top1_best']:.2f} at best-val"
+                                   f" epoch {metrics['best_epoch']},"
+                                   f" {metrics['top1_last']:.2f} at the last")
+                for metric, value in metrics.items():
+                    live.log_metric(f"{prefix}/{metric}", value, plot=False)
         live.end()
+        checkpoint.finish()
 
 
 if __name__ == "__main__":

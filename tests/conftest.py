@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny labelled image set as FFCV datasets, and the tiny model and
-run settings the pretraining tests use."""
+"""Shared fixtures: a tiny labelled image set as FFCV datasets, the tiny model and run
+settings the pretraining tests use, and the subsets, backbone and settings of the
+evaluation stages' tests."""
 
 from __future__ import annotations
 
@@ -103,3 +104,57 @@ def pretrained_backbone(tiny_ffcv, tmp_path_factory) -> Path:
         Compiler.set_enabled(enabled)
     export(result["model"], out, env)
     return out / "backbone.pt"
+
+
+# The evaluation stages on tiny_ffcv: a tiny backbone, 3 and 2 epochs of fine-tuning on
+# the 8 and 16 images of tiny_subsets' "1percent" and "10percent" (1 and 2 batches of 8
+# per epoch), LINEAR_EPOCHS of the linear probe on the 48 training images outside val
+# (3 batches of 16).
+EVAL_MODEL = {"arch": "small_resnet", "width": 4, "layers": [1, 1, 1, 1]}
+SEMISUP_EPOCHS = [3, 2]
+LINEAR_EPOCHS = 4
+
+
+def semisup_params(subsets_dir: Path, devices: int = 1, **semisup: Any) -> dict[str, Any]:
+    """Whole params for the semisup stage on tiny_ffcv, ``semisup`` keys changed."""
+    return repo_params(
+        data={"subsets_dir": str(subsets_dir)}, model=EVAL_MODEL,
+        semisup={"subsets": ["1percent", "10percent"], "epochs": SEMISUP_EPOCHS,
+                 "batch_size": 8, "eval_batch_size": 32, "resolution": 16,
+                 "eval_crop_ratio": 1.0, "channels_last": False, **semisup},
+        machine=machine(devices))
+
+
+def linear_params(subsets_dir: Path, devices: int = 1, **linear: Any) -> dict[str, Any]:
+    """Whole params for the linear stage on tiny_ffcv, ``linear`` keys changed."""
+    return repo_params(
+        data={"subsets_dir": str(subsets_dir)}, model=EVAL_MODEL, augment={"resolution": 16},
+        machine=machine(devices),
+        linear={"mode": "features", "epochs": LINEAR_EPOCHS, "batch_size": 16, "lr": 0.3,
+                "crop_ratio": 1.0, "extract_batch_size": 32, **linear})
+
+
+@pytest.fixture(scope="session")
+def tiny_subsets(tmp_path_factory) -> Path:
+    """Subset files over tiny_ffcv's 64 training images (labels i % 4): val 4 per class,
+    "1percent" 2 per class, "10percent" 4 per class, disjoint from val."""
+    subsets = tmp_path_factory.mktemp("subsets")
+    (subsets / "val.txt").write_text("# val\n" + "".join(f"{i}\n" for i in range(16)))
+    (subsets / "1percent.txt").write_text("".join(f"{i}\n" for i in range(16, 24)))
+    (subsets / "10percent.txt").write_text("".join(f"{i}\n" for i in range(16, 32)))
+    return subsets
+
+
+@pytest.fixture(scope="session")
+def random_backbone(tmp_path_factory) -> Path:
+    """A tiny EVAL_MODEL backbone at random init (torch seed 1), saved as a plain state
+    dict, as the pretrain stage exports one."""
+    import torch
+
+    from barlow.models import build_backbone
+
+    torch.manual_seed(1)
+    backbone, _ = build_backbone(EVAL_MODEL["arch"], EVAL_MODEL["width"], EVAL_MODEL["layers"])
+    path = tmp_path_factory.mktemp("random_backbone") / "backbone.pt"
+    torch.save(backbone.state_dict(), path)
+    return path

@@ -23,35 +23,22 @@ from barlow.features import extract_features
 from barlow.models import build_backbone
 from barlow.probe import SUMMARY_KEYS, Recipe, embedding, fit_and_test, probe_augmented
 from barlow.data.convert import normalisation
-from conftest import REPO, machine, repo_params
+from conftest import EVAL_MODEL as MODEL, LINEAR_EPOCHS as EPOCHS, REPO, linear_params
 from stages import linear
 
 EMBEDDINGS = ("barlow", "random_init", "raw_pixels")
-EPOCHS = 4
-MODEL = {"arch": "small_resnet", "width": 4, "layers": [1, 1, 1, 1]}
-
-
-def tiny_params(subsets_dir: Path, **linear_overrides) -> dict:
-    return repo_params(
-        data={"subsets_dir": str(subsets_dir)}, model=MODEL, augment={"resolution": 16},
-        machine=machine(1),
-        linear={"mode": "features", "epochs": EPOCHS, "batch_size": 16, "lr": 0.3,
-                "crop_ratio": 1.0, "extract_batch_size": 32, **linear_overrides})
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_ffcv, pretrained_backbone, tmp_path_factory) -> dict:
-    """val.txt holds 16 of tiny_ffcv's 64 training images (labels i % 4: 4 per class);
-    the backbone of a short pretraining on tiny_ffcv, as the pretrain stage exports it."""
-    root = tmp_path_factory.mktemp("linear")
-    (root / "subsets").mkdir()
-    (root / "subsets" / "val.txt").write_text("# val\n" + "".join(f"{i}\n" for i in range(16)))
-    return {"root": root, "data": tiny_ffcv, "weights": pretrained_backbone}
+def setup(tiny_ffcv, tiny_subsets, pretrained_backbone) -> dict:
+    """tiny_subsets' val.txt (16 of tiny_ffcv's 64 training images, 4 per class); the
+    backbone of a short pretraining on tiny_ffcv, as the pretrain stage exports it."""
+    return {"subsets": tiny_subsets, "data": tiny_ffcv, "weights": pretrained_backbone}
 
 
 def invoke(setup: dict, tmp: Path, weights: Path | None = None, **linear_overrides):
     params = tmp / "params.yaml"
-    params.write_text(yaml.safe_dump(tiny_params(setup["root"] / "subsets", **linear_overrides)))
+    params.write_text(yaml.safe_dump(linear_params(setup["subsets"], **linear_overrides)))
     args = ["--params", str(params), "--data", str(setup["data"]),
             "--weights", str(weights or setup["weights"]), "--live", str(tmp / "live")]
     return CliRunner().invoke(linear.main, args)
@@ -128,7 +115,7 @@ def test_test_figures_come_from_the_epochs_val_chose():
              2: torch.eye(3)[[1, 2, 0]].T.contiguous(),    # all wrong
              3: torch.eye(3)[[0, 2, 1]].T.contiguous()}    # class 0 right: 1/3
 
-    def fit(head, callback):
+    def fit(head, callback, preemption):
         history = []
         for epoch, val_top1 in enumerate([10.0, 20.0, 90.0, 50.0]):
             with torch.no_grad():  # what the trainer made of the head this epoch
@@ -261,7 +248,7 @@ def test_a_baseline_this_machine_cannot_hold_is_refused_before_any_work(setup, t
 @pytest.mark.slow
 def test_missing_val_subset_is_named(setup, tmp_path):
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(tiny_params(tmp_path / "nowhere")))
+    params.write_text(yaml.safe_dump(linear_params(tmp_path / "nowhere")))
     result = CliRunner().invoke(linear.main, [
         "--params", str(params), "--data", str(setup["data"]),
         "--weights", str(setup["weights"]), "--live", str(tmp_path / "live")])

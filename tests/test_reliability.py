@@ -34,7 +34,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from barlow.stage import PREEMPTED
-from conftest import REPO, TINY_PARAMS, machine, repo_params
+from conftest import (REPO, TINY_PARAMS, linear_params, machine, repo_params,
+                      semisup_params)
 from stages import convert, pretrain
 
 # Every test runs a stage as a subprocess, most of them killing it part-way.
@@ -396,6 +397,67 @@ def test_a_stop_signal_checkpoints_the_step_and_the_rerun_equals_uninterrupted(
     assert_same_result(reference, run)
 
 
+# ---------------------------------------------------------------- pre-emption of evaluations
+
+#: On PYTHONPATH with STOP_AT_STEP=k: SIGTERM to the stage's command at the k-th SGD step.
+STOP_HOOK = REPO / "tests" / "stop_at_step"
+# Each stage's sub-runs in order, as (name, epochs, batches per epoch) on tiny_ffcv with
+# conftest's settings; the linear stage in augment mode, 2 epochs, one baseline.
+EVAL_RUNS = {"semisup": [("1percent/barlow", 3, 1), ("1percent/scratch", 3, 1),
+                         ("10percent/barlow", 2, 2), ("10percent/scratch", 2, 2)],
+             "linear": [("barlow", 2, 3), ("random_init", 2, 3)]}
+
+
+def eval_stop_point(stage: str, step: int) -> str:
+    """Where the stage stops after its ``step``-th step: "<run> at epoch e, batch b"."""
+    for run, epochs, batches in EVAL_RUNS[stage]:
+        if step <= epochs * batches:
+            epoch, batch = divmod(step - 1, batches)
+            return f"{run} at epoch {epoch}, batch {batch + 1}"
+        step -= epochs * batches
+    raise ValueError("past the last step")
+
+
+def live_files(live: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(live)): p.read_bytes() for p in sorted(live.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("stage, nproc", [("semisup", 1), ("semisup", 2), ("linear", 1)],
+                         ids=["semisup-1p", "semisup-2p", "linear-augment-1p"])
+def test_a_stop_signal_mid_evaluation_checkpoints_and_the_rerun_equals_uninterrupted(
+        stage, nproc, tiny_ffcv, tiny_subsets, random_backbone, tmp_path, spawn):
+    """SIGTERM to the stage's command in the first batch of an epoch of its second or
+    later sub-run (2 processes: to the stage's launcher, which passes it on): exit 4,
+    rank 0's one line, LIVE/checkpoint.pt. The rerun skips the sub-runs done, resumes
+    mid-epoch and ends with the dvclive files of an uninterrupted run, byte for byte
+    (every curve point once, the same metrics), and no checkpoint left."""
+    settings = (semisup_params(tiny_subsets, nproc) if stage == "semisup" else
+                linear_params(tiny_subsets, nproc, mode="augment", epochs=2,
+                              baselines=["random_init"]))
+    params = write_params(tmp_path, settings)
+
+    def cmd(live: Path) -> list[str]:
+        return [sys.executable, "-m", f"stages.{stage}", "--params", str(params), "--data",
+                str(tiny_ffcv), "--weights", str(random_backbone), "--live", str(live)]
+
+    finish(cmd(tmp_path / "reference"))
+    # The first batch of an epoch of 2 or 3, past the first sub-run.
+    choices = range(7, 15, 2) if stage == "semisup" else [7, 8, 10, 11]
+    (step,) = kill_points(f"{stage}_{nproc}p", choices, 1)
+    live = tmp_path / "live"
+    proc = spawn(cmd(live), {**ENV, "PYTHONPATH": f"{STOP_HOOK}:{REPO / 'src'}",
+                             "STOP_AT_STEP": str(step)})
+    assert proc.wait(timeout=HANG_S) == PREEMPTED, proc.outputs[1].read_text()[-3000:]
+    lines = [line for line in proc.outputs[1].read_text().splitlines() if "stopped" in line]
+    assert lines == [f"{stage}: stopped on request in {stage}/{eval_stop_point(stage, step)};"
+                     f" {live / 'checkpoint.pt'} holds it, the next run resumes there"]
+    assert (live / "checkpoint.pt").is_file()
+    result = finish(cmd(live))
+    assert f"{stage}: resumed from {live / 'checkpoint.pt'}" in result.stdout
+    assert live_files(live) == live_files(tmp_path / "reference")
+
+
 # ---------------------------------------------------------------- two launcher nodes
 
 def free_port() -> int:
@@ -496,6 +558,36 @@ def test_a_fault_rank_0_alone_sees_stops_every_node_with_its_line(tiny_ffcv, tmp
         assert line in stderr.splitlines() and "Connection closed" not in stderr, stderr[-3000:]
     assert not (tmp_path / "run" / "out").exists()
 
+
+def test_a_fault_on_one_node_ends_every_node_within_seconds(tiny_ffcv, tmp_path, spawn):
+    """Node 1's copy of the data is damaged (a byte of train.beton flipped), which its
+    rank alone reads, once the process group is up. That rank exits 2 with its line;
+    the rank on node 0, waiting for it in a collective whose timeout (900 s) lies far
+    beyond the test's bound (120 s), stops within seconds with status 6 and one line
+    naming rank 1 and its reason. (Without the failure watch gloo's rank 0 died of the
+    torn connection, with a traceback; NCCL's would wait out the timeout.)"""
+    params = write_params(tmp_path, {**PARAMS, "machine": {**PARAMS["machine"],
+                                                           "collective_timeout_s": 900.0}})
+    damaged = shutil.copytree(tiny_ffcv, tmp_path / "damaged")
+    blob = bytearray((damaged / "train.beton").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF  # a byte of image data: same size, same header
+    (damaged / "train.beton").write_bytes(bytes(blob))
+    cmds = node_cmds(params, tiny_ffcv, [tmp_path / "node0", tmp_path / "node1"],
+                     ["-m", "stages.pretrain"])
+    cmds[1][cmds[1].index("--data") + 1] = str(damaged)
+    procs = [spawn(cmd, name=f"node{i}") for i, cmd in enumerate(cmds)]
+    for proc in procs:
+        assert proc.wait(timeout=120) != 0
+    reason = (f"{damaged / 'train.beton'}: sha256 differs from its manifest's beton_sha256:"
+              " changed since the convert stage wrote it; re-run the convert stage")
+    stderr = [proc.outputs[1].read_text() for proc in procs]
+    assert f"pretrain: error: {reason}" in stderr[1].splitlines(), stderr[1][-3000:]
+    assert f"pretrain: stopping: rank 1 failed: {reason}" in stderr[0].splitlines(), \
+        stderr[0][-3000:]
+    # The workers' statuses in torchrun's report; no worker's traceback, no torn connection.
+    assert "(exitcode: 6)" in stderr[0] and "(exitcode: 2)" in stderr[1]
+    for err in stderr:
+        assert "[rank" not in err and "Connection closed" not in err, err[-3000:]
 
 # ---------------------------------------------------------------- kills of convert
 

@@ -15,45 +15,23 @@ from click.testing import CliRunner
 
 from barlow.data.subsets import balanced_subsets, check_class_counts, read_subset
 from barlow.models import build_backbone
-from conftest import REPO, machine, repo_params
+from conftest import REPO, SEMISUP_EPOCHS, semisup_params
 from stages import semisup
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 COMMITTED = REPO / "data/subsets/fashion_mnist"
 KEYS = ("top1_best", "top5_best", "top1_last", "top5_last", "best_epoch", "val_top1_best",
         "weight_change")
-EPOCHS = [3, 2]
-
-
-def tiny_params(subsets_dir: Path, **semisup_overrides) -> dict:
-    return repo_params(
-        data={"subsets_dir": str(subsets_dir)},
-        model={"arch": "small_resnet", "width": 4, "layers": [1, 1, 1, 1]},
-        semisup={"subsets": ["1percent", "10percent"], "epochs": EPOCHS, "batch_size": 8,
-                 "eval_batch_size": 32, "resolution": 16, "eval_crop_ratio": 1.0,
-                 "channels_last": False, **semisup_overrides},
-        machine=machine(1))
+EPOCHS = SEMISUP_EPOCHS
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_ffcv, tmp_path_factory) -> dict:
-    """Subset files over tiny_ffcv's 64 training images (labels i % 4): val 4 per class,
-    "1percent" 2 per class, "10percent" 4 per class, disjoint from val; a tiny backbone
-    saved as a plain state dict, as the pretrain stage exports it."""
+def setup(tiny_ffcv, tiny_subsets, random_backbone, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("semisup")
-    subsets = root / "subsets"
-    subsets.mkdir()
-    (subsets / "val.txt").write_text("# val\n" + "".join(f"{i}\n" for i in range(16)))
-    (subsets / "1percent.txt").write_text("".join(f"{i}\n" for i in range(16, 24)))
-    (subsets / "10percent.txt").write_text("".join(f"{i}\n" for i in range(16, 32)))
-    torch.manual_seed(1)
-    backbone, _ = build_backbone("small_resnet", 4, (1, 1, 1, 1))
-    weights = root / "backbone.pt"
-    torch.save(backbone.state_dict(), weights)
     params = root / "params.yaml"
-    params.write_text(yaml.safe_dump(tiny_params(subsets)))
-    return {"root": root, "subsets": subsets, "weights": weights, "params": params,
-            "data": tiny_ffcv}
+    params.write_text(yaml.safe_dump(semisup_params(tiny_subsets)))
+    return {"root": root, "subsets": tiny_subsets, "weights": random_backbone,
+            "params": params, "data": tiny_ffcv}
 
 
 def invoke(setup: dict, params: Path | None = None, weights: Path | None = None,
@@ -148,7 +126,7 @@ def test_bad_subset_file_is_named(setup, tmp_path, content, message):
         (subsets / f"{name}.txt").write_text((setup["subsets"] / f"{name}.txt").read_text())
     (subsets / "1percent.txt").write_text(content)
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(tiny_params(subsets)))
+    params.write_text(yaml.safe_dump(semisup_params(subsets)))
     result = invoke(setup, params=params, live=tmp_path / "live")
     assert result.exit_code == 2
     assert f"{subsets / '1percent.txt'}" in result.stderr and message in result.stderr
@@ -160,7 +138,7 @@ def test_bad_subset_file_is_named(setup, tmp_path, content, message):
 ])
 def test_bad_semisup_params_are_named(setup, tmp_path, overrides, message):
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(tiny_params(setup["subsets"], **overrides)))
+    params.write_text(yaml.safe_dump(semisup_params(setup["subsets"], **overrides)))
     result = invoke(setup, params=params, live=tmp_path / "live")
     assert result.exit_code == 2 and message in result.stderr
     assert not (tmp_path / "live").exists()

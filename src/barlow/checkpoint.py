@@ -157,7 +157,8 @@ def changed_code(saved: Mapping[str, str] | None, now: Mapping[str, str]) -> lis
 
 def load_resumable(path: str | Path, config: Mapping[str, Any],
                    code: Mapping[str, str] | None = None,
-                   log: Callable[[str], None] = print) -> dict[str, Any] | None:
+                   log: Callable[[str], None] = print,
+                   what: str = "a pretraining checkpoint of this project") -> dict[str, Any] | None:
     """The checkpoint at ``path`` if there is one, after checking it was made with
     ``config``; None when there is none, or when it is a finished run's made with other
     params. An unfinished checkpoint (an interrupted run) from another config is refused
@@ -167,13 +168,14 @@ def load_resumable(path: str | Path, config: Mapping[str, Any],
     not this code's product either. DVC reruns the stage because a code dep changed, and
     the run starts over instead of re-exporting the old weights (the checkpoint is a
     persistent output). An interrupted run's is resumed, the usual way on after fixing
-    what stopped it, with a line through ``log`` naming the changed modules."""
+    what stopped it, with a line through ``log`` naming the changed modules. ``what``:
+    the kind of checkpoint expected, in the errors."""
     path = Path(path)
     if not path.is_file():
         return None
-    ckpt = load_data_only(path, "a pretraining checkpoint of this project")
+    ckpt = load_data_only(path, what)
     if not isinstance(ckpt, dict) or "config" not in ckpt:
-        raise CheckpointError(f"{path}: not a pretraining checkpoint of this project")
+        raise CheckpointError(f"{path}: not {what}")
     if ckpt.get("fingerprint") != fingerprint(config):
         if ckpt.get("finished"):
             # A finished run's checkpoint is a product, not a resume point: with new

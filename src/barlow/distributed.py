@@ -8,12 +8,22 @@ collectives (``torch.distributed._functional_collectives``), whose backward is
 registered with autograd for every backend (all_gather ↔ reduce_scatter, all_reduce ↔
 all_reduce, all_to_all ↔ the reverse all_to_all); the older
 ``torch.distributed.nn.functional`` wrappers do the same but are deprecated.
+
+A failure on one rank ends every rank within seconds (`report_failure`,
+`FailureWatch`): the rank that fails records its reason in the group's key-value
+store (the c10d store torchrun's agent hosts) before it exits, and every rank polls
+that key from a daemon thread, once a second, leaving at once when it appears. A
+collective waits for a dead peer until the collective timeout (NCCL does not notice
+one), and torchrun's agent stops only the failed rank's siblings on its own node.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Iterator
@@ -26,8 +36,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
+from barlow.errors import PEER_FAILED, Preempted
 from barlow.interrupt import die_with_parent
-from barlow.launch import under_torchrun
+from barlow.launch import report_to_launcher, under_torchrun
 from barlow.loss import (NORMALIZATIONS, LossTerms, Normalization, Variant, barlow_twins_loss,
                          combine, normalize, standardize)
 
@@ -77,7 +88,79 @@ def init(timeout_s: float, backend: str | None = None) -> DistEnv:
         device = torch.device("cpu")
     dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout_s))
+    global _watch
+    _watch = FailureWatch(dist.distributed_c10d._get_default_store(), rank, world_size)
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+#: Where a failed rank records "<stage>\t<rank>\t<reason>", and where each rank counts
+#: itself once it has seen a failure or reported one (the group's store).
+_FAILURE_KEY, _SEEN_KEY = "barlow/failure", "barlow/failure_seen"
+
+
+class FailureWatch:
+    """This rank's part in ending every rank when one fails (module docstring).
+
+    A daemon thread polls ``store`` for `_FAILURE_KEY` every ``interval_s``. Seeing
+    it, the thread prints ``<stage>: stopping: rank k failed: <reason>`` (through the
+    launcher, as barlow.stage.fail does) and ends the process with status PEER_FAILED
+    at once, whatever the main thread waits in. `report` records this rank's own
+    failure. `stop` ends the thread (at `shutdown`; a normal exit never sets the key)
+    and keeps the store for a `report` after the group is gone: a stage's error
+    reaches its edge after the process group's ``finally``."""
+
+    def __init__(self, store: dist.Store, rank: int, world_size: int,
+                 interval_s: float = 1.0):
+        self.store, self.rank, self.world_size = store, rank, world_size
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._poll, args=(interval_s,),
+                                        name="barlow-failure-watch", daemon=True)
+        self._thread.start()
+
+    def _poll(self, interval_s: float) -> None:
+        while not self._stopped.wait(interval_s):
+            try:
+                if not self.store.check([_FAILURE_KEY]):
+                    continue
+                stage, rank, reason = self.store.get(_FAILURE_KEY).decode().split("\t", 2)
+                if self._stopped.is_set():  # this rank reported, or left the group
+                    return
+                self.store.add(_SEEN_KEY, 1)
+            except Exception:  # noqa: BLE001 — the store's host ended: nothing to watch
+                return
+            line = f"{stage}: stopping: rank {rank} failed: {reason}"
+            if not report_to_launcher(line):
+                print(line, file=sys.stderr, flush=True)
+            os._exit(PEER_FAILED)
+
+    def report(self, stage: str, reason: str, wait_s: float = 10.0) -> None:
+        """Record this rank's failure for every other rank's watch, then wait (at most
+        ``wait_s``) until each has seen it or reported its own: the store lives in the
+        agent of the first node, which may end as soon as its ranks have."""
+        self.stop()
+        with contextlib.suppress(Exception):  # a store already gone: no one to tell
+            self.store.set(_FAILURE_KEY, f"{stage}\t{self.rank}\t{reason}")
+            seen, deadline = self.store.add(_SEEN_KEY, 1), time.monotonic() + wait_s
+            while seen < self.world_size and time.monotonic() < deadline:
+                time.sleep(0.05)
+                seen = self.store.add(_SEEN_KEY, 0)
+
+    def stop(self) -> None:
+        """End the polling thread; `report` still works."""
+        self._stopped.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+
+_watch: FailureWatch | None = None
+
+
+def report_failure(stage: str, reason: str) -> None:
+    """Tell every other rank of the group this process joined that it fails with
+    ``reason`` (one line; a no-op without a group): they stop within seconds, with
+    status PEER_FAILED, instead of waiting in a collective for this rank."""
+    if _watch is not None:
+        _watch.report(stage, " ".join(reason.split()))
 
 
 @contextlib.contextmanager
@@ -92,8 +175,16 @@ def process_group(timeout_s: float) -> Iterator[DistEnv]:
 
 
 def shutdown() -> None:
-    """Leave the process group, if one was joined."""
-    if _initialized():
+    """Stop watching the process group for failures and leave it, if one was joined.
+
+    Called while an error is on its way out of the stage (a `finally`), it leaves the
+    group to the process's exit: barlow.stage reports the error to the other ranks
+    first (`report_failure`), and they stop on that report, not on a connection this
+    rank tore down (a gloo peer's crash, with a traceback)."""
+    if _watch is not None:
+        _watch.stop()
+    leaving = sys.exc_info()[1]
+    if _initialized() and (not isinstance(leaving, Exception) or isinstance(leaving, Preempted)):
         dist.destroy_process_group()
 
 
@@ -104,6 +195,11 @@ def _initialized() -> bool:
 def world_size() -> int:
     """Number of processes in the group; 1 without a process group."""
     return dist.get_world_size() if _initialized() else 1
+
+
+def rank() -> int:
+    """This process's rank in the group; 0 without a process group."""
+    return dist.get_rank() if _initialized() else 0
 
 
 def gather_with_grad(x: Tensor) -> Tensor:

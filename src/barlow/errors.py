@@ -4,8 +4,13 @@ input, named (exit status 2), as opposed to a crash; and a write the machine ref
 (barlow.config.ConfigError, barlow.data.sources.DataError,
 barlow.checkpoint.CheckpointError); the stage's edge needs to know only the base.
 Beside them, `Preempted`: a run that stopped when asked to, which is no error; and
-`ChildFailed`: a process the stage started died (exit status 3).
+`ChildFailed`: a process the stage started died (exit status 3); and `PEER_FAILED`, the
+status of a rank that another rank's failure ended.
 """
+
+#: Exit status of a rank stopped because another rank of its group failed
+#: (barlow.distributed.report_failure); barlow.stage lists every status.
+PEER_FAILED = 6
 
 
 class BadInput(ValueError):

@@ -34,23 +34,53 @@ The trainers return a result dict, ready for dvclive::
 
 Accuracies are percentages. ``best`` holds the top-5 *of the best top-1 epoch*; the
 reference evaluate.py instead reports the maxima of top-1 and top-5 independently.
+
+Pre-emption (``preemption``, a `Preemption`): after every training step the ranks agree
+whether any was asked to stop; if so the trainer hands its state to the stage's
+checkpoint (barlow.eval_checkpoint), which writes it and raises barlow.errors.Preempted.
+Given that state back, the trainer goes on with the next batch and ends as a run that
+never stopped would: modules, optimiser, grad scaler, RNG, the history and each rank's
+running loss sum are restored, and the caller seeks its loader to
+(``state["epoch"]``, ``state["batch"]``) (barlow.data.loaders.SeekableLoader).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Iterator, Literal, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterator, Literal, NoReturn, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from barlow import distributed as dist
+from barlow.checkpoint import rng_state, set_rng_state
 from barlow.features import Batches, autocast, eval_mode, to_input
 
 Schedule = Literal["cosine", "step"]
 OnEpoch = Callable[[int, dict], None]
+
+
+@dataclass(frozen=True)
+class Preemption:
+    """A trainer's stop on request, and its resumption (module docstring).
+
+    ``requested()``: whether this rank was asked to stop (barlow.interrupt.stop_requests).
+    ``save(state, where)``: called on every rank with the trainer's state and where it
+    stopped ("epoch 2, batch 3": 3 batches of epoch 2 done); writes the checkpoint and
+    raises Preempted. ``start``: a state ``save`` was given, to resume from; None to
+    start afresh."""
+
+    requested: Callable[[], bool]
+    save: Callable[[dict[str, Any], str], NoReturn]
+    start: dict[str, Any] | None = None
+
+    def adding(self, extra: Callable[[], dict[str, Any]]) -> Preemption:
+        """This preemption, saving ``extra()``'s items beside the trainer's state: what
+        a caller of the trainer needs to resume too."""
+        return replace(self, save=lambda state, where: self.save({**state, **extra()}, where))
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -103,11 +133,16 @@ def _logits(net: Net, x, device, channels_last, autocast_dtype) -> Tensor:
 
 
 def _train_epoch(net: Net, batches, optimizer, scaler, device, channels_last,
-                 autocast_dtype) -> float:
+                 autocast_dtype, partial: tuple[Tensor, int] | None = None,
+                 after_step: Callable[[Tensor, int], None] | None = None) -> float:
     """One pass of mini-batch SGD on cross-entropy; returns the mean per-sample loss
-    over every rank's samples."""
+    over every rank's samples. ``partial``: this rank's (loss sum, samples) of the
+    epoch's batches trained before a stop; ``after_step(loss sum, samples)`` after each
+    step."""
     loss_sum = torch.zeros((), device=device)
     seen = 0
+    if partial is not None:
+        loss_sum, seen = partial[0].to(device, copy=True), partial[1]
     for x, y in batches:
         y = y.to(device, non_blocking=True)
         loss = F.cross_entropy(_logits(net, x, device, channels_last, autocast_dtype), y)
@@ -118,6 +153,8 @@ def _train_epoch(net: Net, batches, optimizer, scaler, device, channels_last,
         # Summed on the device: a .item() per step would stall the GPU pipeline.
         loss_sum += loss.detach() * y.shape[0]
         seen += y.shape[0]
+        if after_step is not None:
+            after_step(loss_sum, seen)
     loss_total, seen_total = dist.reduce_sum(
         torch.stack([loss_sum.double(), loss_sum.new_tensor(seen, dtype=torch.float64)])).tolist()
     if seen_total == 0:
@@ -170,6 +207,7 @@ def _fit(
     on_epoch: OnEpoch | None,
     after_epoch: Callable[[], None] | None = None,
     before_val: Callable[[int], None] | None = None,
+    preemption: Preemption | None = None,
 ) -> dict:
     """The loop every trainer here shares: per epoch, set the learning rates, train the
     modules in ``trained`` (train mode) through ``train_net``, validate (eval mode)
@@ -181,21 +219,46 @@ def _fit(
     ``name`` and its base ``lr``, logged as ``lr_<name>``; ``before_val(epoch)`` runs
     after training, modules still in train mode (the batch-norm re-estimation);
     ``after_epoch`` runs after validation (the frozen-backbone check). The modules are
-    left in eval mode."""
+    left in eval mode. ``preemption``: see the module docstring; ``train_batches`` of
+    the epoch a resumed run starts in must yield the batches after the stop."""
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     # Loss scaling only matters for fp16; bf16 and fp32 have fp32's exponent range.
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
-    history = []
-    for epoch in range(epochs):
+    history, first_epoch, batch, partial = [], 0, 0, None
+    start = preemption.start if preemption is not None else None
+    if start is not None:
+        for module, state in zip(trained, start["modules"]):
+            module.load_state_dict(state)
+        optimizer.load_state_dict(start["optimizer"])
+        scaler.load_state_dict(start["scaler"])
+        set_rng_state(start["rng"])
+        history, first_epoch, batch = list(start["history"]), start["epoch"], start["batch"]
+        partial = start["partial"][dist.rank()]
+
+    def after_step(loss_sum: Tensor, seen: int) -> None:
+        nonlocal batch
+        batch += 1
+        if dist.any_rank(preemption.requested()):
+            # Each rank's own running sum: pooled only at the epoch's end, as unstopped.
+            sums = dist.all_objects((loss_sum.detach().cpu(), seen))
+            preemption.save({"modules": [m.state_dict() for m in trained],
+                             "optimizer": optimizer.state_dict(),
+                             "scaler": scaler.state_dict(), "rng": rng_state(),
+                             "epoch": epoch, "batch": batch, "history": history,
+                             "partial": sums}, f"epoch {epoch}, batch {batch}")
+
+    for epoch in range(first_epoch, epochs):
         factor = lr_factor(schedule, epoch, epochs)
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * factor
         for module in trained:
             module.train()
         train_loss = _train_epoch(train_net, train_batches(epoch), optimizer, scaler,
-                                  device, channels_last, autocast_dtype)
+                                  device, channels_last, autocast_dtype, partial,
+                                  after_step if preemption is not None else None)
+        batch, partial = 0, None
         if before_val is not None:
             before_val(epoch)
         for module in trained:
@@ -239,6 +302,7 @@ def train_linear_head(
     on_epoch: OnEpoch | None = None,
     head: nn.Linear | None = None,
     env: dist.DistEnv | None = None,
+    preemption: Preemption | None = None,
 ) -> tuple[nn.Linear, dict]:
     """The paper's linear evaluation: a ``linear_head`` trained on the frozen backbone's
     features of every (augmenting) ``train_loader`` batch, validated each epoch.
@@ -246,6 +310,7 @@ def train_linear_head(
     ``linear_head(feat_dim, num_classes, seed)``, e.g. to read it after every epoch.
     ``env`` with several processes: the head trains under DDP (see the module
     docstring); each rank's backbone sees only its share of the batches.
+    ``preemption``: stop and resume (module docstring).
 
     Objective: min_{W,b} E[CE(W·f(x) + b, y)] with f fixed; SGD(lr, momentum,
     weight_decay) with ``lr_factor(schedule)`` per epoch. The backbone runs in eval mode
@@ -277,7 +342,8 @@ def train_linear_head(
         result = _fit(lambda x: train_head(frozen_features(x)),
                       lambda x: head(frozen_features(x)), lambda epoch: train_loader,
                       val_loader, optimizer, [head], epochs, schedule, device,
-                      channels_last, autocast_dtype, on_epoch, after_epoch=check_unchanged)
+                      channels_last, autocast_dtype, on_epoch, after_epoch=check_unchanged,
+                      preemption=preemption)
     return head, result
 
 
@@ -390,6 +456,7 @@ def finetune(
     on_epoch: OnEpoch | None = None,
     env: dist.DistEnv | None = None,
     recompute_bn: bool = False,
+    preemption: Preemption | None = None,
 ) -> dict:
     """Semi-supervised fine-tuning (paper Table 2), also the supervised-from-scratch
     baseline when ``backbone`` is randomly initialised.
@@ -409,7 +476,9 @@ def finetune(
     ``recompute_bn``: before each validation, replace the batch-norm running statistics
     by ``precise_bn`` over the epoch's own training batches again (an ffcv Loader is
     rewound to the epoch just trained and then set to the next one, so the training
-    batches are those of a run without it)."""
+    batches are those of a run without it).
+
+    ``preemption``: stop and resume (module docstring)."""
     device = torch.device(device)
     if env is not None:
         backbone = dist.convert_sync_batchnorm(backbone, env)
@@ -428,4 +497,5 @@ def finetune(
 
     return _fit(train_net, net, lambda epoch: train_loader, val_loader, optimizer,
                 [backbone, head], epochs, schedule, device, channels_last, autocast_dtype,
-                on_epoch, before_val=recompute if recompute_bn else None)
+                on_epoch, before_val=recompute if recompute_bn else None,
+                preemption=preemption)

@@ -11,8 +11,8 @@ folder) removes the partial file too, leaves the target as it was, and becomes a
 
 A pre-empted run loses nothing: ``stop_requests`` turns the scheduler's warning signals
 (SIGTERM, and SIGUSR1 that SLURM's ``--signal`` sends before the time limit) into a
-flag the training loop reads at the end of each step, where it checkpoints and stops
-(barlow.train).
+flag the training loops read at the end of each step, where they checkpoint and stop
+(barlow.train; barlow.evaluate's trainers, with barlow.eval_checkpoint).
 
 A child that dies does not leave its parent waiting: ``waited_with_children`` runs work
 that forks processes and waits on them blindly (FFCV's writer) while watching the

@@ -33,8 +33,8 @@ from barlow import distributed as dist
 from barlow.checkpoint import load_backbone_weights
 from barlow.config import ModelConfig
 from barlow.data.loaders import SeekableLoader
-from barlow.evaluate import (OnEpoch, Schedule, fit_linear_on_features, linear_head,
-                             topk_accuracy, train_linear_head)
+from barlow.evaluate import (OnEpoch, Preemption, Schedule, fit_linear_on_features,
+                             linear_head, topk_accuracy, train_linear_head)
 from barlow.features import Batches, extract_features
 from barlow.models import build_backbone
 from barlow.progress import Progress
@@ -105,17 +105,31 @@ def split_rows(feats: Tensor, labels: Tensor, held_out: np.ndarray) -> tuple[Spl
     return (feats[~mask], labels[~mask]), (feats[mask], labels[mask])
 
 
-def fit_and_test(fit: Callable[[nn.Linear, OnEpoch], dict], head: nn.Linear, test: Split,
-                 device: torch.device, on_epoch: OnEpoch | None = None) -> dict[str, Any]:
-    """Run ``fit(head, callback)``, a barlow.evaluate trainer of ``head`` that calls
-    ``callback(epoch, row)`` after each epoch and returns its result dict, and score
-    ``head`` on the test features ``test`` after every epoch.
+Fit = Callable[[nn.Linear, OnEpoch, Preemption | None], dict]
+
+
+def fit_and_test(fit: Fit, head: nn.Linear, test: Split, device: torch.device,
+                 on_epoch: OnEpoch | None = None,
+                 preemption: Preemption | None = None) -> dict[str, Any]:
+    """Run ``fit(head, callback, preemption)``, a barlow.evaluate trainer of ``head`` that
+    calls ``callback(epoch, row)`` after each epoch and returns its result dict, and
+    score ``head`` on the test features ``test`` after every epoch.
 
     Returns the SUMMARY_KEYS (test accuracies in percent at the epoch of best val top-1,
     the first on ties, and at the last epoch), ``history`` (the trainer's rows) and
-    ``test_pred_best`` (the predicted test classes at the best epoch, CPU)."""
+    ``test_pred_best`` (the predicted test classes at the best epoch, CPU).
+    ``preemption`` (barlow.evaluate): the epochs' test scores are checkpointed with the
+    trainer; resumed, the stopped run's rows go to ``on_epoch`` again first."""
     test_feats, test_labels = test[0].float().to(device), test[1].to(device)
     scores: list[tuple[float, float, Tensor]] = []
+    if preemption is not None:
+        resumed = preemption.start
+        if resumed is not None:
+            scores = list(resumed["scores"])
+            for row in resumed["history"]:
+                if on_epoch is not None:
+                    on_epoch(row["epoch"], row)
+        preemption = preemption.adding(lambda: {"scores": scores})
 
     def score(epoch: int, row: dict) -> None:
         with torch.no_grad():
@@ -125,7 +139,7 @@ def fit_and_test(fit: Callable[[nn.Linear, OnEpoch], dict], head: nn.Linear, tes
         if on_epoch is not None:
             on_epoch(epoch, row)
 
-    result = fit(head, score)
+    result = fit(head, score, preemption)
     best, last = result["best"]["epoch"], result["last"]["epoch"]
     return {"top1_best": scores[best][0], "top5_best": scores[best][1],
             "top1_last": scores[last][0], "top5_last": scores[last][1],
@@ -148,7 +162,7 @@ def probe_features(train: Split, val: Split, test: Split, num_classes: int, reci
     (fit_linear_on_features)."""
     train, val, test = standardise(train, val, test)
 
-    def fit(head: nn.Linear, callback: OnEpoch) -> dict:
+    def fit(head: nn.Linear, callback: OnEpoch, preemption: None) -> dict:
         return fit_linear_on_features(
             *train, *val, num_classes=num_classes, epochs=recipe.epochs, lr=recipe.lr,
             weight_decay=recipe.weight_decay, batch_size=recipe.batch_size,
@@ -163,25 +177,32 @@ def probe_augmented(embed: nn.Module, train_loader: SeekableLoader, val_loader: 
                     test: Split, num_classes: int, recipe: Recipe, device: torch.device,
                     autocast_dtype: torch.dtype | None = None,
                     on_epoch: OnEpoch | None = None,
-                    env: dist.DistEnv | None = None) -> dict[str, Any]:
+                    env: dist.DistEnv | None = None,
+                    preemption: Preemption | None = None) -> dict[str, Any]:
     """The paper's probe: ``embed`` runs on every augmented ``train_loader`` batch
     (train_linear_head, which also checks that the backbone never changes); ``test``
     holds the test features, extracted once since the backbone is frozen. The loader is
-    rewound first, so every embedding sees the same augmented batches. With ``env`` of
-    several processes the loaders hold this rank's share and the head trains under DDP
-    (barlow.evaluate); ``test`` holds every rank's rows."""
-    train_loader.seek(0)
+    rewound first, so every embedding sees the same augmented batches (resumed, it
+    seeks to the batch after the stop instead: ``preemption``, barlow.evaluate). With
+    ``env`` of several processes the loaders hold this rank's share and the head trains
+    under DDP (barlow.evaluate); ``test`` holds every rank's rows."""
+    resumed = preemption.start if preemption is not None else None
+    if resumed is None:
+        train_loader.seek(0)
+    else:
+        train_loader.seek(resumed["epoch"], resumed["batch"])
 
-    def fit(head: nn.Linear, callback: OnEpoch) -> dict:
+    def fit(head: nn.Linear, callback: OnEpoch, preemption: Preemption | None) -> dict:
         return train_linear_head(
             embed, train_loader, val_loader, feat_dim=test[0].shape[1],
             num_classes=num_classes, epochs=recipe.epochs, lr=recipe.lr,
             weight_decay=recipe.weight_decay, device=device, momentum=recipe.momentum,
             schedule=recipe.schedule, seed=recipe.seed, channels_last=True,
-            autocast_dtype=autocast_dtype, on_epoch=callback, head=head, env=env)[1]
+            autocast_dtype=autocast_dtype, on_epoch=callback, head=head, env=env,
+            preemption=preemption)[1]
 
     head = linear_head(test[0].shape[1], num_classes, recipe.seed).to(device)
-    return fit_and_test(fit, head, test, device, on_epoch)
+    return fit_and_test(fit, head, test, device, on_epoch, preemption)
 
 
 def epoch_logger(live: Any, prefix: str, epochs: int | None = None,

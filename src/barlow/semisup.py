@@ -20,7 +20,7 @@ from torch import nn
 from barlow import distributed as dist
 from barlow.checkpoint import load_backbone_weights
 from barlow.config import ModelConfig, SemisupConfig
-from barlow.evaluate import accuracy, finetune, linear_head
+from barlow.evaluate import Preemption, accuracy, finetune, linear_head
 from barlow.features import Batches
 from barlow.models import build_backbone
 from barlow.precision import AUTOCAST
@@ -55,11 +55,15 @@ def relative_change(before: dict[str, torch.Tensor], module: nn.Module) -> float
 def finetune_and_test(backbone: nn.Module, feat_dim: int, num_classes: int, train,
                       val: Batches, test: Batches, cfg: SemisupConfig, epochs: int,
                       lrs: tuple[float, float], env: dist.DistEnv,
-                      log: Callable[[int, dict], None]) -> dict[str, float]:
+                      log: Callable[[int, dict], None],
+                      preemption: Preemption | None = None) -> dict[str, float]:
     """Fine-tune ``backbone`` plus a fresh head; test at the best-val and last epochs.
     ``train`` (a SeekableLoader, rewound here) holds this rank's share of every batch,
     ``val`` and ``test`` its share of the rows; every rank returns the same figures.
     ``lrs``: (backbone, head) learning rates; ``log(epoch, row)`` after each epoch.
+    ``preemption`` (barlow.evaluate): stopped, the run checkpoints the best epoch's
+    weights too; resumed, it logs the stopped run's rows again and seeks ``train`` to
+    the batch after the stop.
 
     Returns top1/top5 at the best-val epoch (``*_best``) and at the last (``*_last``),
     ``best_epoch``, ``val_top1_best`` and ``weight_change`` (``relative_change``)."""
@@ -70,7 +74,8 @@ def finetune_and_test(backbone: nn.Module, feat_dim: int, num_classes: int, trai
         backbone = backbone.to(memory_format=torch.channels_last)
     head = linear_head(feat_dim, num_classes, cfg.seed).to(device)
     start = {k: p.detach().cpu().clone() for k, p in backbone.named_parameters()}
-    best: dict = {}
+    resumed = preemption.start if preemption is not None else None
+    best: dict = {} if resumed is None else dict(resumed["best"])
 
     def on_epoch(epoch: int, row: dict) -> None:
         log(epoch, row)
@@ -82,13 +87,20 @@ def finetune_and_test(backbone: nn.Module, feat_dim: int, num_classes: int, trai
                 {k: v.detach().clone() for k, v in backbone.state_dict().items()},
                 {k: v.detach().clone() for k, v in head.state_dict().items()}))
 
-    # Every run of this subset sees the same sample order and augmentations.
-    train.seek(0)
+    if resumed is None:
+        # Every run of this subset sees the same sample order and augmentations.
+        train.seek(0)
+    else:
+        train.seek(resumed["epoch"], resumed["batch"])
+        for row in resumed["history"]:
+            log(row["epoch"], row)
     result = finetune(backbone, head, train, val, epochs=epochs, lr_backbone=lrs[0],
                       lr_head=lrs[1], weight_decay=cfg.weight_decay, device=device,
                       momentum=cfg.momentum, schedule=cfg.schedule,
                       channels_last=cfg.channels_last, autocast_dtype=autocast_dtype,
-                      on_epoch=on_epoch, env=env, recompute_bn=cfg.precise_bn)
+                      on_epoch=on_epoch, env=env, recompute_bn=cfg.precise_bn,
+                      preemption=None if preemption is None
+                      else preemption.adding(lambda: {"best": best}))
     assert best["epoch"] == result["best"]["epoch"]  # same tie rule as finetune's
     change = relative_change(start, backbone)
     net = nn.Sequential(backbone, head)

@@ -5,10 +5,13 @@ Exit statuses: 0 done; 2 bad input (params, data, a checkpoint from other params
 reported in one line; 3 a fault mid-run the stage reported in one line (a non-finite
 loss, a run that took no optimisation step, a process it started that died); 4
 pre-empted: stopped on SIGTERM or SIGUSR1 after writing its checkpoint, in one line, and
-the next run resumes (pretrain); 5 the
+the next run resumes (pretrain, semisup, linear); 5 the
 file system refused an output (no space left, a read-only or vanished folder, a
 file-size limit), reported in one line naming the file, an earlier version of it intact;
-anything else is a crash, with its traceback."""
+6 stopped because another rank of the process group failed (barlow.distributed's
+failure watch), in one line naming that rank and its reason; anything else is a crash,
+with its traceback. A rank that fails (a reported error or a crash) tells the others
+before it exits, so every rank on every node ends within seconds."""
 
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Iterator, NoReturn
 import click
 
 from barlow import launch
-from barlow.errors import BadInput, ChildFailed, Preempted, WriteRefused
+from barlow.errors import PEER_FAILED, BadInput, ChildFailed, Preempted, WriteRefused
 
 if TYPE_CHECKING:
     from barlow.distributed import DistEnv
@@ -48,7 +51,7 @@ FAULT = 3
 PREEMPTED = 4
 WRITE_REFUSED = 5
 #: Statuses the stage reported itself: a launcher passes them on unchanged.
-REPORTED_EXITS = (BAD_INPUT, FAULT, PREEMPTED, WRITE_REFUSED)
+REPORTED_EXITS = (BAD_INPUT, FAULT, PREEMPTED, WRITE_REFUSED, PEER_FAILED)
 #: Errors that only a write meets, whoever writes (dvclive's metrics, matplotlib's
 #: figures): reported as WriteRefused is. A missing file or a denied permission can be
 #: a read's, and stays a crash outside barlow.interrupt.written_whole.
@@ -65,7 +68,8 @@ def run_stage(name: str) -> Iterator[None]:
     """Run a stage body; a BadInput (ConfigError, DataError, CheckpointError) exits with
     status 2 and its message, a NonFiniteMetric with status 3 (a fault mid-run), a
     Preempted with status 4 and its message from rank 0 (every rank stops alike), a
-    write the file system refused with status 5 (module docstring)."""
+    write the file system refused with status 5 (module docstring). A crash is told
+    to the other ranks (`tell_other_ranks`), then raised."""
     try:
         yield
     except BadInput as err:
@@ -83,16 +87,31 @@ def run_stage(name: str) -> Iterator[None]:
             raise
         fail(name, f"{err.filename or 'an output'}: cannot write: {err.strerror}",
              WRITE_REFUSED)
+    except Exception as err:
+        tell_other_ranks(name, f"{type(err).__name__}: {err}")
+        raise
 
 
 def fail(name: str, err: object, status: int) -> NoReturn:
-    """Report ``name: error: err`` in one line on stderr and exit with ``status``. A
-    worker of barlow.launch.launch hands the line to the launcher instead, which
-    prints the first failing rank's once for all."""
+    """Report ``name: error: err`` in one line on stderr, tell the other ranks
+    (`tell_other_ranks`) and exit with ``status``. A worker of barlow.launch.launch
+    hands the line to the launcher instead, which prints the first failing rank's once
+    for all."""
     line = f"{name}: error: {err}"
     if not launch.report_to_launcher(line):
         print(line, file=sys.stderr, flush=True)
+    tell_other_ranks(name, str(err))
     sys.exit(status)
+
+
+def tell_other_ranks(name: str, reason: str) -> None:
+    """Record this rank's failure for the other ranks of its process group
+    (barlow.distributed.report_failure), which then stop with status 6. A process
+    that never imported barlow.distributed joined no group: the conversion stages
+    leave it out of their imports and their dvc.yaml deps."""
+    distributed = sys.modules.get("barlow.distributed")
+    if distributed is not None:
+        distributed.report_failure(name, reason)
 
 
 def machine_shape(params: str | Path, device: str | None = None) -> Shape:
