@@ -230,7 +230,7 @@ def test_a_baseline_this_machine_cannot_hold_is_refused_before_any_work(setup, t
     linear.baselines, exit 2, before any feature is extracted or output written."""
     total = psutil.virtual_memory().total
     r = math.isqrt(total // (32 * 3 * 4)) + 1
-    params = tiny_params(setup["root"] / "subsets", mode="augment", baselines=["raw_pixels"])
+    params = linear_params(setup["subsets"], mode="augment", baselines=["raw_pixels"])
     params["augment"]["resolution"] = r
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     result = CliRunner().invoke(linear.main, [
