@@ -9,9 +9,9 @@ held together, so with R rows over those splits and D features per row
     bytes = R · D · 4                  (float32, on every rank)
 
 on the host once per rank of the node, and once more on each rank's GPU (figures at
-the paper's scale: docs/multi-gpu.md). `check_fits` refuses, in one line naming the params key, a configuration whose
-bytes exceed the memory available now; it is a floor: the heads' copies and the SVMs'
-float64 features come on top.
+the paper's scale: docs/multi-gpu.md). `check_fits` refuses, in one line naming the
+params key, a configuration whose bytes exceed the memory available now; it is a floor:
+the heads' copies and the SVMs' float64 features come on top.
 """
 
 from __future__ import annotations
@@ -36,7 +36,10 @@ def feature_dim(name: str, model: ModelConfig, resolution: int) -> int:
     backbones end in a global pool)."""
     if name == "raw_pixels":
         return 3 * resolution * resolution
-    return build_backbone(model.arch, model.width, model.layers)[1]
+    # On the meta device: shapes only, so no weights are allocated or initialised and
+    # the global RNG the random-init baseline is seeded from is left as it was.
+    with torch.device("meta"):
+        return build_backbone(model.arch, model.width, model.layers)[1]
 
 
 @dataclass(frozen=True)
