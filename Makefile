@@ -27,8 +27,10 @@ test-fast: setup
 
 # The paper's ablation studies as DVC experiments (docs/experiments.md): the committed
 # params (every study's baseline) and each study's other values, each with the seeds
-# SEEDS, reproducing pretrain + linear (its random-init and raw-pixel probes do not
-# depend on the ablated settings); then the queue runs JOBS experiments at a time.
+# SEEDS, reproducing pretrain + linear (the backbone's probe; the baselines are
+# linear_baselines', which no ablated setting reruns); then the queue runs JOBS
+# experiments at a time. linear.baselines=[] changes no stage that runs: it keeps these
+# runs' params those of the runs in reports/ablations.json, whose studies group by them.
 # The loss-term study is the paper's six rows: the baseline, loss.variant (two rows),
 # loss.normalization=feature, and a grid of one point per line's -S lists: the last
 # line gives no BN in the projector (with batch normalisation) and no BN with none.

@@ -6,6 +6,8 @@ one), run side by side on this machine, each stage's wall time and the accuracie
         -S pretrain.epochs=2 -S linear.epochs=5 --knn-target 65 70    # a cheap check
     python benchmarks/time_to_accuracy.py --peer --peer-budget-s 300   # B: lightly's
     python benchmarks/time_to_accuracy.py --only-a --stages pretrain linear semisup transfer
+    python benchmarks/time_to_accuracy.py --only-a --stages linear_baselines semisup_scratch \
+        transfer_baselines                                              # the baselines
 
 Each variant is a detached git worktree of its commit under --work, with params.yaml
 rewritten by scripts/params_args.py --write (the common -S overrides, then its own
@@ -54,9 +56,13 @@ from harness import compare, machine, machine_line, parser
 
 ROOT = Path(__file__).resolve().parents[1]
 # What each stage writes; removed before it runs so that nothing resumes or is reused.
+# The baselines' stages (linear_baselines, semisup_scratch, transfer_baselines) read no
+# backbone: --stages names them to time them too.
 OUTPUTS = {"pretrain": ["models/pretrain", "dvclive/pretrain"],
-           "linear": ["dvclive/linear"], "semisup": ["dvclive/semisup"],
-           "transfer": ["dvclive/transfer"]}
+           "linear": ["dvclive/linear"], "linear_baselines": ["dvclive/linear_baselines"],
+           "semisup": ["dvclive/semisup"], "semisup_scratch": ["dvclive/semisup_scratch"],
+           "transfer": ["dvclive/transfer"],
+           "transfer_baselines": ["dvclive/transfer_baselines"]}
 KNN = re.compile(r"\|\s*kNN top-1 ([0-9.]+)")
 PAIRS = re.compile(r"\|\s*pairs/s ([0-9.]+)")
 

@@ -1,8 +1,14 @@
-"""DVC stage `linear`: linear evaluation of the frozen pretrained backbone, with the
-random-init and raw-pixel baselines under the same recipe (barlow.probe).
+"""DVC stages `linear` and `linear_baselines`: linear evaluation of the frozen
+pretrained backbone, and of the random-init and raw-pixel baselines under the same
+recipe (barlow.probe).
 
     python -m stages.linear --data data/ffcv --weights models/pretrain/backbone.pt \
         --live dvclive/linear
+    python -m stages.linear --data data/ffcv --baselines --live dvclive/linear_baselines
+
+--weights evaluates the backbone alone; --baselines the embeddings of linear.baselines
+alone, reading no weights, so that DVC runs them once per data, code and params and
+not after every pretraining. An empty linear.baselines writes a metrics.json of ``{}``.
 
 The head is fitted on train minus the validation split (barlow.data.subsets:
 <data.subsets_dir>/val.txt, or an ImageFolder's hashed rule), its epoch chosen by val
@@ -38,28 +44,36 @@ from barlow.footprint import check_fits, per_embedding
 from barlow.interrupt import stop_requests
 from barlow.probe import (Recipe, embedding, epoch_logger, gathered_features, log_summary,
                           probe_augmented, probe_features, split_rows)
-from barlow.stage import (data_option, live_option, machine_shape, open_live, params_option,
-                          run_in_workers, run_stage, weights_option)
+from barlow.stage import (backbone_or_baselines, data_option, evaluated, live_option,
+                          machine_shape, open_live, params_option, run_in_workers, run_stage,
+                          write_no_evaluations)
 from barlow.precision import AUTOCAST
 
 
 @click.command()
 @params_option
 @data_option
-@weights_option
+@backbone_or_baselines
 @live_option
-def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
-    """Linear evaluation (paper Table 1) of the frozen WEIGHTS backbone on DATA.
+def main(params: str, data_dir: Path, weights: Path | None, baselines: bool,
+         live_dir: Path) -> None:
+    """Linear evaluation (paper Table 1) of the frozen WEIGHTS backbone on DATA, or
+    (--baselines) of the baselines of linear.baselines.
 
     Reads DATA/{train,test}.beton and their manifests, <data.subsets_dir>/val.txt (the
     rows that choose the epoch), WEIGHTS, and the params linear, machine, model (arch,
     width, layers), augment.resolution and data.subsets_dir. Writes LIVE/metrics.json
-    (linear/<barlow|random_init|raw_pixels>/top1_best, top5_best, ...) and LIVE/plots/
-    (per-epoch curves, the confusion matrix). Exit 2: bad params, data or weights; 4:
+    (linear/barlow/top1_best, top5_best, ...; with --baselines
+    linear/<random_init|raw_pixels>/...) and LIVE/plots/ (per-epoch curves; the
+    backbone's confusion matrix). Exit 2: bad options, params, data or weights; 4:
     pre-empted (SIGTERM/SIGUSR1), LIVE/checkpoint.pt written."""
     with run_stage("linear"), contextlib.ExitStack() as stack:
         cfg = load_section(LinearConfig, "linear", params)
+        names = evaluated(weights, cfg.baselines)
         shape = machine_shape(params, device="linear")
+        if not names:
+            write_no_evaluations(live_dir)
+            return
         cfg.check_world(shape.devices)  # before any process is started
         run_in_workers("stages.linear", shape.devices)
         # Until the process group is gone (as pretrain's).
@@ -82,8 +96,7 @@ def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
         recipe = Recipe(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay,
                         cfg.schedule, cfg.seed)
         # Every embedding is built (and the weights file checked) before any long work.
-        embeds = {name: embedding(name, model, weights, cfg.seed, device)
-                  for name in ("barlow", *cfg.baselines)}
+        embeds = {name: embedding(name, model, weights, cfg.seed, device) for name in names}
         # And every embedding's gathered splits checked against the memory there is.
         gathered = {"test": num_test} | (
             {"train": manifest["num_images"]} if cfg.mode == "features" else {})
@@ -94,7 +107,8 @@ def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
             "resolution": resolution,
             "data": [m["inputs_sha256"] for m in (manifest, test_manifest)],
             "ffcv": manifest["ffcv"], "world_size": env.world_size,
-            "splits_and_weights": identity(val, weights)}, env, stop_requested)
+            "splits_and_weights": identity(val, *([weights] if weights else []))},
+            env, stop_requested)
 
         def loader(beton: Path, batch_size: int = cfg.extract_batch_size, **kwargs):
             return eval_loader(str(beton), batch_size, shape.threads, resolution, mean, std,

@@ -34,7 +34,7 @@ from barlow.report.ablations import attach_curves, merge_runs, parse_exp_show
 from barlow.report.build import ReportInputs, build_document
 from barlow.report.crosscorr import cc_section
 from barlow.report.document import write_report
-from barlow.report.inputs import load_curves, load_metrics
+from barlow.report.inputs import NOT_RUN, load_curves, load_metrics
 from barlow.report.profiles import load_profiles, profile_snapshot
 from barlow.interrupt import written_whole
 from barlow.stage import machine_shape, params_option, run_stage
@@ -170,7 +170,7 @@ def profile(name: str, rev: str, params_path: Path, live_root: Path, out_path: P
     """Snapshot a finished run of another profile into OUT for `build --profiles`."""
     with run_stage("report"):
         metrics, status = load_metrics(live_root)
-        missing = [stage for stage, state in status.items() if state != "ok"]
+        missing = [stage for stage, state in status.items() if state == NOT_RUN]
         if missing:
             raise DataError(f"{live_root}: no metrics for {', '.join(missing)}; "
                                  "snapshot a finished run")

@@ -1,14 +1,17 @@
-"""DVC stage `semisup`: semi-supervised fine-tuning on label subsets (paper Table 2) and
-the supervised-from-scratch baseline with the same recipe.
+"""DVC stages `semisup` and `semisup_scratch`: semi-supervised fine-tuning on label
+subsets (paper Table 2), and the supervised-from-scratch baseline with the same recipe.
 
     PYTHONPATH=src python -m stages.semisup --data data/ffcv \
         --weights models/pretrain/backbone.pt --live dvclive/semisup
+    PYTHONPATH=src python -m stages.semisup --data data/ffcv --baselines \
+        --live dvclive/semisup_scratch
 
 For each subset S of ``semisup.subsets`` (files ``<data.subsets_dir>/S.txt``, indices
-into train.beton or ImageNet file names, read and checked by barlow.data.subsets) two
-runs (barlow.semisup):
-``barlow`` starts from the ``--weights`` backbone, ``scratch`` from a random one seeded
-with ``semisup.seed``. Both see the same batches (one loader per subset, rewound), pick
+into train.beton or ImageNet file names, read and checked by barlow.data.subsets) one
+run (barlow.semisup): with ``--weights``, ``barlow`` starts from that backbone; with
+``--baselines``, ``scratch`` from a random one seeded with ``semisup.seed``, reading no
+weights, so that DVC runs it once per data, code and params and not after every
+pretraining. Both see the same batches (the subset's loader, seeded and rewound), pick
 the epoch with the best top-1 on ``val_subset`` and report test top-1/top-5 at that
 epoch and at the last one. Metrics: ``semisup/<S>/<run>/{top1_best, top5_best,
 top1_last, top5_last, best_epoch, val_top1_best, weight_change}`` in
@@ -43,27 +46,30 @@ from barlow.eval_checkpoint import EvalCheckpoint, identity
 from barlow.interrupt import stop_requests
 from barlow.models import build_backbone
 from barlow.probe import epoch_logger
-from barlow.semisup import RUNS, finetune_and_test, run_backbone
-from barlow.stage import (data_option, live_option, machine_shape, open_live, params_option,
-                          run_in_workers, run_stage, weights_option)
+from barlow.semisup import SCRATCH, finetune_and_test, run_backbone
+from barlow.stage import (backbone_or_baselines, data_option, evaluated, live_option,
+                          machine_shape, open_live, params_option, run_in_workers, run_stage)
 
 
 @click.command()
 @params_option
 @data_option
-@weights_option
+@backbone_or_baselines
 @live_option
-def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
-    """Semi-supervised fine-tuning (paper Table 2) of WEIGHTS, and from scratch.
+def main(params: str, data_dir: Path, weights: Path | None, baselines: bool,
+         live_dir: Path) -> None:
+    """Semi-supervised fine-tuning (paper Table 2) of WEIGHTS, or (--baselines) from
+    scratch.
 
     Reads DATA/{train,test}.beton and their manifests, <data.subsets_dir>/S.txt for each
     subset S of semisup.subsets and semisup.val_subset, WEIGHTS, and the params semisup,
     machine, model (arch, width, layers) and data.subsets_dir. Writes LIVE/metrics.json
-    (semisup/S/<barlow|scratch>/top1_best, ...) and LIVE/plots/ (per-epoch curves).
-    Exit 2: bad params, data, subsets or weights; 4: pre-empted (SIGTERM/SIGUSR1),
-    LIVE/checkpoint.pt written."""
+    (semisup/S/barlow/top1_best, ...; with --baselines semisup/S/scratch/...) and
+    LIVE/plots/ (per-epoch curves). Exit 2: bad options, params, data, subsets or
+    weights; 4: pre-empted (SIGTERM/SIGUSR1), LIVE/checkpoint.pt written."""
     with run_stage("semisup"), contextlib.ExitStack() as stack:
         cfg = load_section(SemisupConfig, "semisup", params)
+        runs = evaluated(weights, [SCRATCH])
         shape = machine_shape(params, device="semisup")
         cfg.check_world(shape.devices)  # before any process is started
         run_in_workers("stages.semisup", shape.devices)
@@ -84,13 +90,15 @@ def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
         if env.is_main:
             click.echo(f"semisup: validation split: {len(val_idx)} images ({val_origin})")
 
-        # Check the weights file before any loader is compiled: a mismatch fails fast.
-        load_backbone_weights(build_backbone(model.arch, model.width, model.layers)[0], weights)
+        if weights is not None:  # checked before any loader is compiled: fails fast
+            load_backbone_weights(build_backbone(model.arch, model.width, model.layers)[0],
+                                  weights)
         checkpoint = EvalCheckpoint(live_dir / "checkpoint.pt", "semisup", {
             "semisup": as_dict(cfg), "model": [model.arch, model.width, list(model.layers)],
             "data": [m["inputs_sha256"] for m in (manifest, test_manifest)],
             "ffcv": manifest["ffcv"], "world_size": env.world_size,
-            "splits_and_weights": identity(val_idx, *subsets.values(), weights)},
+            "splits_and_weights": identity(val_idx, *subsets.values(),
+                                           *([weights] if weights else []))},
             env, stop_requested)
 
         mean, std = normalisation(manifest)
@@ -108,7 +116,7 @@ def main(params: str, data_dir: Path, weights: Path, live_dir: Path) -> None:
         live = open_live(live_dir, env)
         for name, epochs in zip(cfg.subsets, cfg.epochs):
             train = None
-            for run in RUNS:
+            for run in runs:
                 key, prefix = f"{name}/{run}", f"semisup/{name}/{run}"
                 rows: list[dict] = []
                 log_row = epoch_logger(live, prefix, epochs, keys=None)

@@ -1,10 +1,18 @@
-"""DVC stage `transfer`: frozen-feature transfer of the pretrained backbone to the
-offline transfer sets, to PASCAL VOC2007 when data.voc07_root is set, and to the
-ImageFolder sets of data.transfer_folders (Places-205, iNat18; paper Table 3
-protocols), with the random-init and raw-pixel baselines.
+"""DVC stages `transfer` and `transfer_baselines`: frozen-feature transfer of the
+pretrained backbone to the offline transfer sets, to PASCAL VOC2007 when
+data.voc07_root is set, and to the ImageFolder sets of data.transfer_folders
+(Places-205, iNat18; paper Table 3 protocols), and of the random-init and raw-pixel
+baselines.
 
     python -m stages.transfer --data data/transfer --pretrain-data data/ffcv \
         --weights models/pretrain/backbone.pt --live dvclive/transfer
+    python -m stages.transfer --data data/transfer --pretrain-data data/ffcv \
+        --baselines --live dvclive/transfer_baselines
+
+--weights evaluates the backbone alone; --baselines the embeddings of
+transfer.baselines alone, reading no weights, so that DVC runs them once per data, code
+and params and not after every pretraining. An empty transfer.baselines writes a
+metrics.json of ``{}``.
 
 Per data set NAME (NAME_train.beton / NAME_test.beton under --data: transfer.datasets,
 then voc07, then data.transfer_folders' names) and embedding:
@@ -41,8 +49,9 @@ from barlow.data.sources import split_indices
 from barlow.footprint import check_fits, per_embedding
 from barlow.probe import (Recipe, embedding, epoch_logger, gathered_features, log_summary,
                           multilabel_batches, probe_features, split_rows)
-from barlow.stage import (live_option, machine_shape, open_live, params_option, run_in_workers,
-                          run_stage, weights_option)
+from barlow.stage import (backbone_or_baselines, evaluated, live_option, machine_shape,
+                          open_live, params_option, run_in_workers, run_stage,
+                          write_no_evaluations)
 from barlow.precision import AUTOCAST
 from barlow.voc07 import voc07_svm_map, voc_devkit_targets
 
@@ -56,21 +65,28 @@ from barlow.voc07 import voc07_svm_map, voc_devkit_targets
 @click.option("--pretrain-data", "pretrain_dir", required=True, type=click.Path(path_type=Path),
               help="folder with the pretraining train.beton; its manifest gives the "
                    "normalisation the backbone was trained with")
-@weights_option
+@backbone_or_baselines
 @live_option
-def main(params: str, data_dir: Path, pretrain_dir: Path, weights: Path, live_dir: Path) -> None:
-    """Transfer evaluations (paper Table 3 protocols) of the frozen WEIGHTS backbone.
+def main(params: str, data_dir: Path, pretrain_dir: Path, weights: Path | None,
+         baselines: bool, live_dir: Path) -> None:
+    """Transfer evaluations (paper Table 3 protocols) of the frozen WEIGHTS backbone, or
+    (--baselines) of the baselines of transfer.baselines.
 
     Reads DATA/NAME_{train,test}.beton for each set (transfer.datasets, voc07 when
     data.voc07_root is set, data.transfer_folders' names), PRETRAIN_DATA/train.json (the
     normalisation), WEIGHTS, and the params transfer, machine, model (arch, width,
     layers), augment.resolution, data.voc07_root and data.transfer_folders. Writes
     LIVE/metrics.json (transfer/NAME/linear/EMBEDDING/top1_best, ...,
-    transfer/NAME/svm/EMBEDDING/map) and LIVE/plots/ (per-epoch curves). Exit 2: bad
-    params, data or weights."""
+    transfer/NAME/svm/EMBEDDING/map; EMBEDDING barlow, or with --baselines each of
+    transfer.baselines) and LIVE/plots/ (per-epoch curves). Exit 2: bad options, params,
+    data or weights."""
     with run_stage("transfer"), contextlib.ExitStack() as stack:
         cfg = load_section(TransferConfig, "transfer", params)
+        names = evaluated(weights, cfg.baselines)
         shape = machine_shape(params, device="transfer")
+        if not names:
+            write_no_evaluations(live_dir)
+            return
         run_in_workers("stages.transfer", shape.devices)
         env = stack.enter_context(dist.process_group(shape.collective_timeout_s))
         model = load_section(ModelConfig, "model", params)
@@ -88,8 +104,7 @@ def main(params: str, data_dir: Path, pretrain_dir: Path, weights: Path, live_di
             sizes[name] = (manifests[name]["num_images"], num_test)
         device = env.device
         autocast = AUTOCAST[cfg.precision]
-        embeds = {name: embedding(name, model, weights, cfg.seed, device)
-                  for name in ("barlow", *cfg.baselines)}
+        embeds = {name: embedding(name, model, weights, cfg.seed, device) for name in names}
         # Each set's splits, gathered per embedding, checked against the memory there is
         # before any set is read; the backbone's features named by the set's key.
         check_fits([g for name in sets for g in per_embedding(

@@ -93,17 +93,19 @@ def params(setup: dict, section: str, devices: int = 1, **overrides) -> dict:
                        **{section: {**sections[section], **overrides}})
 
 
-def run(setup: dict, tmp: Path, stage, nproc: int, **overrides) -> dict:
+def run(setup: dict, tmp: Path, stage, nproc: int, run_baselines: bool = False,
+        **overrides) -> dict:
     """The stage in one process (in-process, no torchrun variables) or, as dvc.yaml
     runs it, ``python -m stages.<name>`` with ``machine.devices: nproc``, which
-    starts ``nproc`` gloo workers through torchrun's launcher; returns its metrics,
-    files and console output."""
+    starts ``nproc`` gloo workers through torchrun's launcher (passing them --baselines
+    or --weights); returns its metrics, files and console output."""
     name = stage.__name__.rsplit(".", 1)[1]
     tmp.mkdir()
     (tmp / "params.yaml").write_text(yaml.safe_dump(
         params(setup, name, devices=nproc, **overrides)))
     args = ["--params", str(tmp / "params.yaml"), "--data", str(setup["data"]),
-            "--weights", str(setup["weights"]), "--live", str(tmp / "live")]
+            *(["--baselines"] if run_baselines else ["--weights", str(setup["weights"])]),
+            "--live", str(tmp / "live")]
     if nproc == 1:
         result = CliRunner().invoke(stage.main, args)
         assert result.exit_code == 0, result.output + repr(result.exception)
@@ -136,6 +138,18 @@ def test_linear_features_mode_equals_one_process(setup, tmp_path):
     assert len(matrix) == N_TEST
 
 
+def test_linear_baselines_equal_one_process(setup, tmp_path):
+    """--baselines reaches the launcher's workers: two processes probe the baselines
+    alone (raw pixels here, the cheap one) to the one process's figures."""
+    one = run(setup, tmp_path / "one", linear, 1, run_baselines=True,
+              baselines=["raw_pixels"])
+    two = run(setup, tmp_path / "two", linear, 2, run_baselines=True,
+              baselines=["raw_pixels"])
+    assert set(two["metrics"]) == {"raw_pixels"} and two["metrics"] == one["metrics"]
+    assert two["files"] == one["files"]
+    assert two["output"].count("linear: raw_pixels: test top-1") == 1
+
+
 def assert_whole_counts(metrics: dict) -> None:
     """Every test and val accuracy of a run is k/n of its split: each image once."""
     for key in ("top1_best", "top1_last", "top5_best", "top5_last"):
@@ -157,14 +171,17 @@ def test_linear_augment_mode_agrees_in_distribution(setup, tmp_path):
 
 
 def test_semisup_runs_on_two_processes(setup, tmp_path):
-    two = run(setup, tmp_path / "two", semisup, 2)
-    for run_name in ("barlow", "scratch"):
+    runs = {"barlow": run(setup, tmp_path / "two", semisup, 2),
+            "scratch": run(setup, tmp_path / "two_scratch", semisup, 2,
+                           run_baselines=True)}
+    for run_name, two in runs.items():
+        assert set(two["metrics"]["10percent"]) == {run_name}
         m2 = two["metrics"]["10percent"][run_name]
         assert_whole_counts(m2)
         assert_counts(m2["val_top1_best"], N_VAL)
         assert m2["best_epoch"] in range(8) and m2["weight_change"] > 0
         assert f"plots/metrics/semisup/10percent/{run_name}/val_top1.tsv" in two["files"]
-    assert two["output"].count("semisup: 10percent barlow") == 1
+        assert two["output"].count(f"semisup: 10percent {run_name}") == 1
 
 
 def test_only_rank_zero_opens_dvclive(tmp_path):

@@ -115,17 +115,25 @@ def test_paper_switch_runs_every_stage_through_dvc(tmp_path):
     pretrain = metrics["dvclive/pretrain/metrics.json"]["pretrain"]
     assert pretrain["epoch"] == 1.0 and "knn_top1" in pretrain
     linear = metrics["dvclive/linear/metrics.json"]["linear"]
-    # Every probe the switch lists, and no more (it leaves out the raw-pixel baseline).
+    baselines = metrics["dvclive/linear_baselines/metrics.json"]["linear"]
+    # The backbone's probe in `linear`; every baseline the switch lists, and no more (it
+    # leaves out the raw-pixel baseline), in `linear_baselines`.
     paper = yaml.safe_load((REPO / "configs/paper.yaml").read_text())
-    assert set(linear) == {"barlow", *paper["linear"]["baselines"]} == {"barlow", "random_init"}
-    semisup = metrics["dvclive/semisup/metrics.json"]["semisup"]
-    assert set(semisup) == {"1percent", "10percent"}
-    assert {"digits", "elpv"} <= set(metrics["dvclive/transfer/metrics.json"]["transfer"])
+    assert set(linear) == {"barlow"}
+    assert set(baselines) == set(paper["linear"]["baselines"]) == {"random_init"}
+    for stage, run_name in (("semisup", "barlow"), ("semisup_scratch", "scratch")):
+        semisup = metrics[f"dvclive/{stage}/metrics.json"]["semisup"]
+        assert set(semisup) == {"1percent", "10percent"}, stage
+        assert all(set(semisup[s]) == {run_name} for s in semisup), stage
+    for stage, names in (("transfer", {"barlow"}), ("transfer_baselines", {"random_init"})):
+        transfer = metrics[f"dvclive/{stage}/metrics.json"]["transfer"]
+        assert {"digits", "elpv"} <= set(transfer), stage
+        assert set(transfer["digits"]["svm"]) == names, stage
     params = exp["data"]["params"]["params.yaml"]["data"]
     assert params["model"]["arch"] == "resnet50" and params["pretrain"]["optimizer"] == "lars"
     assert params["linear"]["mode"] == "augment"
     assert (repo / "reports/report.md").is_file()
     # The deps follow data.subsets_dir: DVC tracked the lists the stages read.
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    for stage in ("linear", "semisup"):
+    for stage in ("linear", "semisup", "linear_baselines", "semisup_scratch"):
         assert "data/subsets/imagenet" in [d["path"] for d in lock[stage]["deps"]], stage

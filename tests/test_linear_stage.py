@@ -36,22 +36,35 @@ def setup(tiny_ffcv, tiny_subsets, pretrained_backbone) -> dict:
     return {"subsets": tiny_subsets, "data": tiny_ffcv, "weights": pretrained_backbone}
 
 
-def invoke(setup: dict, tmp: Path, weights: Path | None = None, **linear_overrides):
+#: Where each run writes: the backbone's (--weights, the `linear` stage) and the
+#: baselines' (--baselines, `linear_baselines`).
+LIVE = {"backbone": "live", "baselines": "live_baselines"}
+
+
+def invoke(setup: dict, tmp: Path, weights: Path | None = None, run: str = "backbone",
+           **linear_overrides):
     params = tmp / "params.yaml"
     params.write_text(yaml.safe_dump(linear_params(setup["subsets"], **linear_overrides)))
     args = ["--params", str(params), "--data", str(setup["data"]),
-            "--weights", str(weights or setup["weights"]), "--live", str(tmp / "live")]
+            *(["--weights", str(weights or setup["weights"])] if run == "backbone"
+              else ["--baselines"]), "--live", str(tmp / LIVE[run])]
     return CliRunner().invoke(linear.main, args)
 
 
 @pytest.fixture(scope="module", params=["features", "augment"])
 def finished(request, setup, tmp_path_factory) -> dict:
+    """Both runs, the backbone's and the baselines', in one mode: their outputs, live
+    folders and metrics (per run, and together as one name → figures mapping)."""
     tmp = tmp_path_factory.mktemp(f"linear_{request.param}")
-    result = invoke(setup, tmp, mode=request.param)
-    assert result.exit_code == 0, result.output + result.stderr + repr(result.exception)
-    live = tmp / "live"
-    return {"mode": request.param, "result": result, "live": live,
-            "metrics": json.loads((live / "metrics.json").read_text())["linear"]}
+    out: dict = {"mode": request.param, "output": "", "live": {}, "runs": {}}
+    for run, live in LIVE.items():
+        result = invoke(setup, tmp, run=run, mode=request.param)
+        assert result.exit_code == 0, result.output + result.stderr + repr(result.exception)
+        out["output"] += result.output
+        out["live"][run] = tmp / live
+        out["runs"][run] = json.loads((tmp / live / "metrics.json").read_text())["linear"]
+    out["metrics"] = out["runs"]["backbone"] | out["runs"]["baselines"]
+    return out
 
 
 @pytest.mark.slow
@@ -71,7 +84,18 @@ def test_every_metric_is_reported_and_sane(finished):
             assert m["top1_best"] == m["top1_last"]
     # The class is a bright quadrant: raw pixels separate it, chance is 25%.
     assert metrics["raw_pixels"]["top1_best"] >= 75.0
-    assert "linear: raw_pixels: test top-1" in finished["result"].output
+    assert "linear: raw_pixels: test top-1" in finished["output"]
+
+
+@pytest.mark.slow
+def test_each_run_writes_only_its_own_embeddings(finished):
+    """--weights: the backbone's probe alone (and its confusion matrix); --baselines:
+    linear.baselines' probes alone, under the same metric names, no confusion matrix."""
+    for run, names in (("backbone", {"barlow"}), ("baselines", {"random_init", "raw_pixels"})):
+        assert set(finished["runs"][run]) == names, run
+        plots = finished["live"][run] / "plots"
+        assert {p.name for p in (plots / "metrics" / "linear").iterdir()} == names, run
+        assert (plots / "sklearn").exists() == (run == "backbone"), run
 
 
 @pytest.mark.slow
@@ -91,12 +115,13 @@ def test_pretrained_backbone_beats_its_random_init(finished):
 
 @pytest.mark.slow
 def test_curves_and_confusion_matrix(finished, tiny_ffcv):
-    plots = finished["live"] / "plots"
     for name in EMBEDDINGS:
+        plots = finished["live"]["backbone" if name == "barlow" else "baselines"] / "plots"
         for key in ("train_loss", "val_loss", "val_top1", "val_top5"):
             rows = (plots / "metrics" / "linear" / name / f"{key}.tsv").read_text().splitlines()
             assert rows[0].split("\t") == ["step", key]
             assert [int(r.split("\t")[0]) for r in rows[1:]] == list(range(EPOCHS))
+    plots = finished["live"]["backbone"] / "plots"
     matrix = json.loads((plots / "sklearn" / "confusion_matrix.json").read_text())
     manifest = read_manifest(tiny_ffcv / "test.beton")
     assert len(matrix) == manifest["num_images"]
@@ -235,7 +260,7 @@ def test_a_baseline_this_machine_cannot_hold_is_refused_before_any_work(setup, t
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     result = CliRunner().invoke(linear.main, [
         "--params", str(tmp_path / "params.yaml"), "--data", str(setup["data"]),
-        "--weights", str(setup["weights"]), "--live", str(tmp_path / "live")])
+        "--baselines", "--live", str(tmp_path / "live")])
     assert result.exit_code == 2, result.output + result.stderr
     assert result.stderr.startswith(
         f"linear: error: params: linear.baselines: raw_pixels gathers 32 test rows ×"

@@ -401,16 +401,18 @@ def test_a_stop_signal_checkpoints_the_step_and_the_rerun_equals_uninterrupted(
 
 #: On PYTHONPATH with STOP_AT_STEP=k: SIGTERM to the stage's command at the k-th SGD step.
 STOP_HOOK = REPO / "tests" / "stop_at_step"
-# Each stage's sub-runs in order, as (name, epochs, batches per epoch) on tiny_ffcv with
-# conftest's settings; the linear stage in augment mode, 2 epochs, one baseline.
-EVAL_RUNS = {"semisup": [("1percent/barlow", 3, 1), ("1percent/scratch", 3, 1),
-                         ("10percent/barlow", 2, 2), ("10percent/scratch", 2, 2)],
-             "linear": [("barlow", 2, 3), ("random_init", 2, 3)]}
+# Each run's sub-runs in order, as (name, epochs, batches per epoch) on tiny_ffcv with
+# conftest's settings: semisup's with --weights (barlow) or --baselines (scratch); the
+# linear stage's with --baselines in augment mode, 2 epochs, two baselines.
+EVAL_RUNS = {("semisup", "weights"): [("1percent/barlow", 3, 1), ("10percent/barlow", 2, 2)],
+             ("semisup", "baselines"): [("1percent/scratch", 3, 1),
+                                        ("10percent/scratch", 2, 2)],
+             ("linear", "baselines"): [("random_init", 2, 3), ("raw_pixels", 2, 3)]}
 
 
-def eval_stop_point(stage: str, step: int) -> str:
-    """Where the stage stops after its ``step``-th step: "<run> at epoch e, batch b"."""
-    for run, epochs, batches in EVAL_RUNS[stage]:
+def eval_stop_point(stage: str, mode: str, step: int) -> str:
+    """Where the run stops after its ``step``-th step: "<run> at epoch e, batch b"."""
+    for run, epochs, batches in EVAL_RUNS[stage, mode]:
         if step <= epochs * batches:
             epoch, batch = divmod(step - 1, batches)
             return f"{run} at epoch {epoch}, batch {batch + 1}"
@@ -423,34 +425,37 @@ def live_files(live: Path) -> dict[str, bytes]:
             if p.is_file()}
 
 
-@pytest.mark.parametrize("stage, nproc", [("semisup", 1), ("semisup", 2), ("linear", 1)],
-                         ids=["semisup-1p", "semisup-2p", "linear-augment-1p"])
+@pytest.mark.parametrize("stage, mode, nproc", [
+    ("semisup", "weights", 1), ("semisup", "baselines", 2), ("linear", "baselines", 1)],
+    ids=["semisup-1p", "semisup-scratch-2p", "linear-augment-baselines-1p"])
 def test_a_stop_signal_mid_evaluation_checkpoints_and_the_rerun_equals_uninterrupted(
-        stage, nproc, tiny_ffcv, tiny_subsets, random_backbone, tmp_path, spawn):
-    """SIGTERM to the stage's command in the first batch of an epoch of its second or
-    later sub-run (2 processes: to the stage's launcher, which passes it on): exit 4,
-    rank 0's one line, LIVE/checkpoint.pt. The rerun skips the sub-runs done, resumes
-    mid-epoch and ends with the dvclive files of an uninterrupted run, byte for byte
-    (every curve point once, the same metrics), and no checkpoint left."""
+        stage, mode, nproc, tiny_ffcv, tiny_subsets, random_backbone, tmp_path, spawn):
+    """SIGTERM to the stage's command in a step of its second sub-run (2 processes: to
+    the stage's launcher, which passes it on): exit 4, rank 0's one line,
+    LIVE/checkpoint.pt. The rerun skips the sub-runs done, resumes mid-epoch and ends
+    with the dvclive files of an uninterrupted run, byte for byte (every curve point
+    once, the same metrics), and no checkpoint left. With --weights and with
+    --baselines (whose checkpoint identifies no weights file)."""
     settings = (semisup_params(tiny_subsets, nproc) if stage == "semisup" else
                 linear_params(tiny_subsets, nproc, mode="augment", epochs=2,
-                              baselines=["random_init"]))
+                              baselines=["random_init", "raw_pixels"]))
     params = write_params(tmp_path, settings)
+    what = ["--weights", str(random_backbone)] if mode == "weights" else ["--baselines"]
 
     def cmd(live: Path) -> list[str]:
         return [sys.executable, "-m", f"stages.{stage}", "--params", str(params), "--data",
-                str(tiny_ffcv), "--weights", str(random_backbone), "--live", str(live)]
+                str(tiny_ffcv), *what, "--live", str(live)]
 
     finish(cmd(tmp_path / "reference"))
-    # The first batch of an epoch of 2 or 3, past the first sub-run.
-    choices = range(7, 15, 2) if stage == "semisup" else [7, 8, 10, 11]
-    (step,) = kill_points(f"{stage}_{nproc}p", choices, 1)
+    # A step of the second sub-run, not its last (semisup: 10percent's steps 1-3 of 4).
+    choices = [4, 5, 6] if stage == "semisup" else [7, 8, 10, 11]
+    (step,) = kill_points(f"{stage}_{mode}_{nproc}p", choices, 1)
     live = tmp_path / "live"
     proc = spawn(cmd(live), {**ENV, "PYTHONPATH": f"{STOP_HOOK}:{REPO / 'src'}",
                              "STOP_AT_STEP": str(step)})
     assert proc.wait(timeout=HANG_S) == PREEMPTED, proc.outputs[1].read_text()[-3000:]
     lines = [line for line in proc.outputs[1].read_text().splitlines() if "stopped" in line]
-    assert lines == [f"{stage}: stopped on request in {stage}/{eval_stop_point(stage, step)};"
+    assert lines == [f"{stage}: stopped on request in {stage}/{eval_stop_point(stage, mode, step)};"
                      f" {live / 'checkpoint.pt'} holds it, the next run resumes there"]
     assert (live / "checkpoint.pt").is_file()
     result = finish(cmd(live))

@@ -48,19 +48,20 @@ def write_live(root: Path, stage: str, metrics: dict, curves: dict | None = None
 
 @pytest.fixture()
 def fabricated(tmp_path: Path) -> Path:
-    """pretrain, linear and semisup (1% only) ran; transfer did not."""
+    """pretrain, linear, semisup (1% only) and their baselines ran; transfer did not."""
     live = tmp_path / "dvclive"
     write_live(live, "pretrain", {"pretrain/loss": 120.0, "pretrain/knn_top1": 70.0},
                {"pretrain/loss": [(20, 400.0), (40, 250.0), (60, 120.0)],
                 "pretrain/on_diag": [(20, 300.0), (60, 60.0)],
                 "pretrain/off_diag": [(20, 9000.0), (60, 5000.0)],
                 "pretrain/knn_top1": [(30, 60.0), (60, 70.0)]})
-    write_live(live, "linear", {"linear/barlow/top1_best": 85.0, "linear/barlow/top5_best": 99.5,
-                                "linear/random_init/top1_best": 72.0,
-                                "linear/raw_pixels/top1_best": 83.0})
+    write_live(live, "linear", {"linear/barlow/top1_best": 85.0, "linear/barlow/top5_best": 99.5})
+    # The baselines, each evaluation's in a stage of its own, under the same names.
+    write_live(live, "linear_baselines", {"linear/random_init/top1_best": 72.0,
+                                          "linear/raw_pixels/top1_best": 83.0})
     # Barlow below scratch at 1%: the claim must be marked "not held".
-    write_live(live, "semisup", {"semisup/1percent/barlow/top1_best": 60.0,
-                                 "semisup/1percent/scratch/top1_best": 65.0})
+    write_live(live, "semisup", {"semisup/1percent/barlow/top1_best": 60.0})
+    write_live(live, "semisup_scratch", {"semisup/1percent/scratch/top1_best": 65.0})
     return tmp_path
 
 
@@ -105,11 +106,21 @@ def test_paper_vs_ours_table(fabricated: Path) -> None:
 
 def test_missing_stages_not_run(fabricated: Path) -> None:
     md, _ = build(fabricated)
-    assert "| transfer | not run |" in md
-    assert "| linear | ok |" in md
+    assert "| transfer | not run |" in md and "| transfer_baselines | not run |" in md
+    assert "| linear | ok |" in md and "| linear_baselines | ok |" in md
     assert "transfer: not run." in md
     assert "Cross-correlation" in md and "does not exist" in md
     assert "make ablations" in md  # ablations not run: the command is printed
+
+
+def test_a_baseline_stage_with_no_baseline_listed_is_ok(fabricated: Path) -> None:
+    """transfer.baselines: [] leaves transfer_baselines a metrics.json of {}: the stage
+    ran, with nothing to report, unlike a stage that never ran."""
+    (fabricated / "dvclive" / "transfer_baselines").mkdir()
+    (fabricated / "dvclive" / "transfer_baselines" / "metrics.json").write_text("{}")
+    md, _ = build(fabricated)
+    assert "| transfer_baselines | ok (no baselines listed) |" in md
+    assert "| transfer | not run |" in md
 
 
 def test_html_is_self_contained(fabricated: Path) -> None:
@@ -392,6 +403,11 @@ def test_profile_snapshot_set_beside_this_run(fabricated: Path, tmp_path: Path) 
         write_live(other, stage, {f"{stage}/barlow/top1_best": value,
                                   "pretrain/knn_top1": 80.0} if stage == "linear"
                    else {f"{stage}/x": value})
+    # The baselines' stages, each of which a finished run has run too.
+    for stage, name in (("linear_baselines", "linear/random_init/top1_best"),
+                        ("semisup_scratch", "semisup/1percent/scratch/top1_best"),
+                        ("transfer_baselines", "transfer/digits/linear/raw_pixels/top1_best")):
+        write_live(other, stage, {name: 50.0})
     long_params = yaml.safe_load((REPO / "params.yaml").read_text())
     quick_epochs = long_params["pretrain"]["epochs"]
     long_params["pretrain"]["epochs"] = 50

@@ -35,30 +35,38 @@ def setup(tiny_ffcv, tiny_subsets, random_backbone, tmp_path_factory) -> dict:
 
 
 def invoke(setup: dict, params: Path | None = None, weights: Path | None = None,
-           live: Path | None = None):
+           live: Path | None = None, scratch: bool = False):
+    """The backbone's run (--weights, the `semisup` stage), or with ``scratch`` the
+    from-scratch run (--baselines, `semisup_scratch`)."""
     args = ["--params", str(params or setup["params"]), "--data", str(setup["data"]),
-            "--weights", str(weights or setup["weights"]),
+            *(["--baselines"] if scratch else ["--weights", str(weights or setup["weights"])]),
             "--live", str(live or setup["root"] / "live")]
     return CliRunner().invoke(semisup.main, args)
 
 
 @pytest.fixture(scope="module")
 def finished(setup) -> dict:
+    """Both runs: the backbone's into ROOT/live, from scratch into ROOT/live_scratch."""
     before = {k: v.clone() for k, v in torch.load(setup["weights"]).items()}
-    result = invoke(setup)
-    assert result.exit_code == 0, result.output + result.stderr + repr(result.exception)
-    live = setup["root"] / "live"
-    return {"result": result, "before": before, "live": live,
-            "metrics": json.loads((live / "metrics.json").read_text())}
+    out: dict = {"before": before, "output": "", "runs": {}}
+    for run, scratch in (("barlow", False), ("scratch", True)):
+        live = setup["root"] / ("live_scratch" if scratch else "live")
+        result = invoke(setup, live=live, scratch=scratch)
+        assert result.exit_code == 0, result.output + result.stderr + repr(result.exception)
+        out["output"] += result.output
+        out["runs"][run] = {"live": live,
+                            "metrics": json.loads((live / "metrics.json").read_text())}
+    return out
 
 
 @pytest.mark.slow
 def test_end_to_end_metrics(finished):
-    metrics = finished["metrics"]["semisup"]
-    assert set(metrics) == {"1percent", "10percent"}
-    for subset, epochs in zip(("1percent", "10percent"), EPOCHS):
-        assert set(metrics[subset]) == {"barlow", "scratch"}
-        for run in ("barlow", "scratch"):
+    for run in ("barlow", "scratch"):
+        # Each run's metrics file holds that run's figures alone, under the same names.
+        metrics = finished["runs"][run]["metrics"]["semisup"]
+        assert set(metrics) == {"1percent", "10percent"}
+        for subset, epochs in zip(("1percent", "10percent"), EPOCHS):
+            assert set(metrics[subset]) == {run}
             m = metrics[subset][run]
             assert set(KEYS) <= set(m), f"{subset}/{run}: {sorted(m)}"
             assert m["best_epoch"] in range(epochs)
@@ -73,18 +81,20 @@ def test_end_to_end_metrics(finished):
                 assert m["top1_best"] == m["top1_last"]
             # The backbone is trained, not frozen (BN in train mode, lr_backbone > 0).
             assert m["weight_change"] > 0.0
-    assert "semisup: 10percent scratch" in finished["result"].output
+    assert "semisup: 10percent scratch" in finished["output"]
 
 
 @pytest.mark.slow
 def test_per_epoch_curves(finished):
-    plots = finished["live"] / "plots" / "metrics" / "semisup"
     for subset, epochs in zip(("1percent", "10percent"), EPOCHS):
         for run in ("barlow", "scratch"):
+            plots = finished["runs"][run]["live"] / "plots" / "metrics" / "semisup"
+            assert {p.name for p in (plots / subset).iterdir()} == {run}
             for name in ("train_loss", "val_top1", "val_top5", "lr_backbone", "lr_head"):
                 rows = (plots / subset / run / f"{name}.tsv").read_text().splitlines()
                 assert rows[0].split("\t")[0] == "step"
                 assert [int(r.split("\t")[0]) for r in rows[1:]] == list(range(epochs))
+    plots = finished["runs"]["barlow"]["live"] / "plots" / "metrics" / "semisup"
     lr = (plots / "1percent" / "barlow" / "lr_head.tsv").read_text().splitlines()[1:]
     assert float(lr[0].split("\t")[-1]) == pytest.approx(0.5)  # the paper's head lr
 

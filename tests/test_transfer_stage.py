@@ -64,8 +64,9 @@ def setup(tiny_ffcv, tmp_path_factory) -> dict:
 
 
 def stage_args(setup: dict, tmp: Path, weights: Path | None = None, data: dict | None = None,
-               devices: int = 1, **transfer_overrides) -> list[str]:
-    """The stage's command-line arguments, after writing its params file into ``tmp``."""
+               devices: int = 1, run: str = "backbone", **transfer_overrides) -> list[str]:
+    """The stage's command-line arguments, after writing its params file into ``tmp``:
+    run "backbone" (--weights, into tmp/live) or "baselines" (into tmp/live_baselines)."""
     params = tmp / "params.yaml"
     params.write_text(yaml.safe_dump(repo_params(
         model=MODEL, augment={"resolution": 16}, data=data or {}, machine=machine(devices),
@@ -74,23 +75,48 @@ def stage_args(setup: dict, tmp: Path, weights: Path | None = None, data: dict |
                   "extract_batch_size": 32, **transfer_overrides})))
     args = ["--params", str(params), "--data", str(setup["root"] / "data"),
             "--pretrain-data", str(setup["pretrain"]),
-            "--weights", str(weights or setup["weights"]), "--live", str(tmp / "live")]
+            *(["--weights", str(weights or setup["weights"])] if run == "backbone"
+              else ["--baselines"]), "--live", str(tmp / LIVE[run])]
     return args
 
 
+LIVE = {"backbone": "live", "baselines": "live_baselines"}
+
+
 def invoke(setup: dict, tmp: Path, weights: Path | None = None, data: dict | None = None,
-           **transfer_overrides):
-    return CliRunner().invoke(transfer.main, stage_args(setup, tmp, weights, data,
+           run: str = "backbone", **transfer_overrides):
+    return CliRunner().invoke(transfer.main, stage_args(setup, tmp, weights, data, run=run,
                                                         **transfer_overrides))
+
+
+def merged(*trees: dict) -> dict:
+    """Nested metrics trees merged key by key (the backbone's and the baselines')."""
+    out: dict = {}
+    for tree in trees:
+        for key, value in tree.items():
+            out[key] = merged(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def invoke_both(setup: dict, tmp: Path, **kwargs) -> dict:
+    """The backbone's run and the baselines' (the `transfer` and `transfer_baselines`
+    stages), each checked to succeed: their outputs, and metrics per run and merged."""
+    out: dict = {"outputs": {}, "runs": {}}
+    for run in LIVE:
+        result = invoke(setup, tmp, run=run, **kwargs)
+        assert result.exit_code == 0, result.output + result.stderr + repr(result.exception)
+        out["outputs"][run] = result.output
+        out["runs"][run] = json.loads(
+            (tmp / LIVE[run] / "metrics.json").read_text())["transfer"]
+    out["metrics"] = merged(*out["runs"].values())
+    out["output"] = "".join(out["outputs"].values())
+    return out
 
 
 @pytest.fixture(scope="module")
 def finished(setup, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("transfer_run")
-    result = invoke(setup, tmp)
-    assert result.exit_code == 0, result.output + result.stderr + repr(result.exception)
-    return {"result": result, "live": tmp / "live",
-            "metrics": json.loads((tmp / "live" / "metrics.json").read_text())["transfer"]}
+    return {**invoke_both(setup, tmp), "tmp": tmp}
 
 
 @pytest.mark.slow
@@ -116,21 +142,35 @@ def test_every_metric_is_reported_and_sane(finished):
         # The band position is plain in the pixels: raw pixels must find it.
         assert metrics[dataset]["linear"]["raw_pixels"]["top1_best"] >= 80.0
         assert metrics[dataset]["svm"]["raw_pixels"]["map"] >= 90.0
-    assert "transfer: large raw_pixels: linear top-1" in finished["result"].output
+    assert "transfer: large raw_pixels: linear top-1" in finished["output"]
+
+
+@pytest.mark.slow
+def test_each_run_writes_only_its_own_embeddings(finished):
+    """--weights: the backbone's figures alone; --baselines: transfer.baselines' alone,
+    under the same metric names."""
+    for run, names in (("backbone", {"barlow"}), ("baselines", {"random_init", "raw_pixels"})):
+        metrics = finished["runs"][run]
+        for dataset in ("small", "large"):
+            assert set(metrics[dataset]["linear"]) == names, run
+            assert set(metrics[dataset]["svm"]) == names, run
+        plots = finished["tmp"] / LIVE[run] / "plots" / "metrics" / "transfer" / "small" / "linear"
+        assert {p.name for p in plots.iterdir()} == names, run
 
 
 @pytest.mark.slow
 def test_two_processes_under_torchrun_give_the_same_metrics(setup, finished, tmp_path):
     """Two gloo ranks (torchrun started directly, as on several nodes) extract a share of every split each, gather
     the features in one-process order and fit the same heads and SVMs on them: every
-    metric equals the one-process run's, and rank 0 alone prints."""
+    metric equals the one-process run's, and rank 0 alone prints. The baselines' run:
+    two embeddings, the raw pixels' SVMs the slowest to agree."""
     env = {**os.environ, **NO_JIT, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "stages.transfer", *stage_args(setup, tmp_path, devices=2)]
+           "-m", "stages.transfer", *stage_args(setup, tmp_path, devices=2, run="baselines")]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())["transfer"]
-    assert metrics == finished["metrics"]
+    metrics = json.loads((tmp_path / "live_baselines" / "metrics.json").read_text())["transfer"]
+    assert metrics == finished["runs"]["baselines"]
     assert result.stdout.count("transfer: large raw_pixels: linear top-1") == 1
 
 
@@ -140,7 +180,7 @@ def test_a_baseline_this_machine_cannot_hold_is_refused_before_any_work(setup, t
     pixels exceed this machine's whole memory: one line naming transfer.baselines and
     the set, exit 2, before any feature is extracted or output written."""
     r = math.isqrt(psutil.virtual_memory().total // (90 * 3 * 4)) + 1
-    args = stage_args(setup, tmp_path, baselines=["raw_pixels"])
+    args = stage_args(setup, tmp_path, run="baselines", baselines=["raw_pixels"])
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     params["augment"]["resolution"] = r
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -150,14 +190,15 @@ def test_a_baseline_this_machine_cannot_hold_is_refused_before_any_work(setup, t
         "transfer: error: params: transfer.baselines: raw_pixels gathers 60 small train + 30"
         f" small test rows × {3 * r * r:,} float32 features on every rank: ")
     assert result.stderr.count("\n") == 1 and "features" not in result.stdout
-    assert not (tmp_path / "live").exists()
+    assert not (tmp_path / "live_baselines").exists()
 
 
 @pytest.mark.slow
 def test_curves_per_dataset_and_embedding(finished):
-    plots = finished["live"] / "plots" / "metrics" / "transfer"
     for dataset in ("small", "large"):
         for name in EMBEDDINGS:
+            live = LIVE["backbone" if name == "barlow" else "baselines"]
+            plots = finished["tmp"] / live / "plots" / "metrics" / "transfer"
             rows = (plots / dataset / "linear" / name / "val_top1.tsv").read_text().splitlines()
             assert [int(r.split("\t")[0]) for r in rows[1:]] == list(range(EPOCHS))
 
@@ -222,11 +263,11 @@ def scenes(setup, tmp_path_factory) -> dict:
 
 @pytest.mark.slow
 def test_folder_sets_run_last_with_their_own_epochs(setup, scenes, tmp_path):
-    result = invoke(setup, tmp_path, data=scenes, datasets=["small"],
-                    epochs_per_dataset={"scenes": FOLDER_EPOCHS})
-    assert result.exit_code == 0, result.output + result.stderr + repr(result.exception)
-    assert result.output.index("transfer: small") < result.output.index("transfer: scenes")
-    metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())["transfer"]
+    both = invoke_both(setup, tmp_path, data=scenes, datasets=["small"],
+                       epochs_per_dataset={"scenes": FOLDER_EPOCHS})
+    for output in both["outputs"].values():
+        assert output.index("transfer: small") < output.index("transfer: scenes"), output
+    metrics = both["metrics"]
     assert set(metrics) == {"small", "scenes"} and set(metrics["scenes"]) == {"linear", "svm"}
     for name in EMBEDDINGS:
         assert set(SUMMARY_KEYS) <= set(metrics["scenes"]["linear"][name])
@@ -235,9 +276,10 @@ def test_folder_sets_run_last_with_their_own_epochs(setup, scenes, tmp_path):
         assert metrics["scenes"]["linear"][name]["top1_best"] >= 60.0, name
         assert metrics["scenes"]["svm"][name]["map"] >= 60.0, name
     assert metrics["scenes"]["svm"]["raw_pixels"]["map"] >= 90.0
-    plots = tmp_path / "live" / "plots" / "metrics" / "transfer"
     for dataset, epochs in (("small", EPOCHS), ("scenes", FOLDER_EPOCHS)):
         for name in EMBEDDINGS:
+            live = LIVE["backbone" if name == "barlow" else "baselines"]
+            plots = tmp_path / live / "plots" / "metrics" / "transfer"
             rows = (plots / dataset / "linear" / name / "val_top1.tsv").read_text().splitlines()
             assert [int(r.split("\t")[0]) for r in rows[1:]] == list(range(epochs))
 
@@ -278,9 +320,8 @@ def voc(setup, tmp_path_factory) -> dict:
 
 @pytest.mark.slow
 def test_voc07_gets_the_svm_protocol_only(setup, voc, tmp_path):
-    result = invoke(setup, tmp_path, data=voc, datasets=["small"])
-    assert result.exit_code == 0, result.output + result.stderr + repr(result.exception)
-    metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())["transfer"]
+    both = invoke_both(setup, tmp_path, data=voc, datasets=["small"])
+    metrics = both["metrics"]
     assert set(metrics) == {"small", "voc07"}
     assert set(metrics["voc07"]) == {"svm"}  # a softmax head has no place on 20 labels
     assert set(metrics["voc07"]["svm"]) == set(EMBEDDINGS)
@@ -289,8 +330,9 @@ def test_voc07_gets_the_svm_protocol_only(setup, voc, tmp_path):
         assert 0.0 < metrics["voc07"]["svm"][name]["map"] <= 100.0
     # Each class lights its own cell: raw pixels rank the images almost perfectly.
     assert metrics["voc07"]["svm"]["raw_pixels"]["map"] >= 90.0
-    assert "transfer: voc07 raw_pixels: SVM mAP" in result.output
-    assert not (tmp_path / "live" / "plots" / "metrics" / "transfer" / "voc07").exists()
+    assert "transfer: voc07 raw_pixels: SVM mAP" in both["output"]
+    for live in LIVE.values():
+        assert not (tmp_path / live / "plots" / "metrics" / "transfer" / "voc07").exists()
 
 
 def test_voc07_set_but_not_converted_is_named(setup, tmp_path):

@@ -4,7 +4,8 @@ from-scratch baseline: the `semisup` stage's protocol, beside barlow.probe (line
 One run fine-tunes a backbone plus a fresh linear head with barlow.evaluate.finetune,
 chooses the epoch by top-1 on a validation split held out of the training data, and
 scores the test split twice only: with the weights of that epoch (kept in memory) and
-with the last ones. Two runs per subset:
+with the last ones. Two runs per subset, each in a stage of its own (`semisup` with
+--weights, `semisup_scratch` with --baselines):
     barlow   the pretrained backbone, weights loaded strictly from a file
     scratch  the same architecture, randomly initialised from a seed
 """
@@ -25,7 +26,8 @@ from barlow.features import Batches
 from barlow.models import build_backbone
 from barlow.precision import AUTOCAST
 
-RUNS = ("barlow", "scratch")
+SCRATCH = "scratch"
+RUNS = ("barlow", SCRATCH)
 
 
 def run_backbone(run: str, model: ModelConfig, weights: str | Path,

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import math
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, NoReturn
+from typing import TYPE_CHECKING, Any, Iterator, NoReturn, Sequence
 
 import click
 
@@ -38,12 +39,49 @@ params_option = click.option("--params", default="params.yaml", show_default=Tru
 data_option = click.option(
     "--data", "data_dir", required=True, type=click.Path(path_type=Path),
     help="folder with train.beton and test.beton (the convert stage's output)")
-weights_option = click.option(
-    "--weights", required=True, type=click.Path(path_type=Path),
-    help="backbone state dict in torchvision layout: the pretrain stage's backbone.pt, or "
-         "the official Barlow Twins resnet50.pth (with model.arch: resnet50)")
 live_option = click.option("--live", "live_dir", required=True, type=click.Path(path_type=Path),
                            help="dvclive folder (metrics.json, plots/)")
+_weights_help = ("backbone state dict in torchvision layout: the pretrain stage's backbone.pt,"
+                 " or the official Barlow Twins resnet50.pth (with model.arch: resnet50)")
+
+
+def backbone_or_baselines(command: Any) -> Any:
+    """The evaluation stages' choice of what they evaluate: ``--weights PATH`` (the
+    Barlow backbone alone: a DVC stage that reruns with every pretraining) or
+    ``--baselines`` (the baselines of the stage's params section alone, which read no
+    weights: a DVC stage of their own that pretraining never reruns). Exactly one,
+    checked before the stage reads anything: neither or both is a usage error (exit 2)."""
+
+    @functools.wraps(command)
+    def checked(*args: Any, weights: Path | None, baselines: bool, **kwargs: Any) -> Any:
+        if (weights is None) == (not baselines):
+            raise click.UsageError("give exactly one of --weights PATH (the backbone) or"
+                                   " --baselines")
+        return command(*args, weights=weights, baselines=baselines, **kwargs)
+
+    checked = click.option(
+        "--baselines", is_flag=True,
+        help="evaluate the baselines of the stage's params section instead of a backbone"
+             " (no weights read)")(checked)
+    return click.option("--weights", type=click.Path(path_type=Path), default=None,
+                        help=f"evaluate this backbone: {_weights_help}")(checked)
+
+
+def evaluated(weights: Path | None, baselines: Sequence[str]) -> tuple[str, ...]:
+    """What a stage of `backbone_or_baselines` evaluates: ("barlow",) with --weights,
+    else the ``baselines`` of its params section (possibly none)."""
+    return ("barlow",) if weights is not None else tuple(baselines)
+
+
+def write_no_evaluations(live_dir: Path) -> None:
+    """What --baselines writes when its params list no baseline: the outputs the
+    stage's dvc.yaml entry declares, LIVE/metrics.json holding ``{}`` and an empty
+    LIVE/plots/metrics, so that the stage succeeds (exit 0) without a probe, and a
+    report reads no baseline figures from it."""
+    from dvclive import Live
+
+    Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None).end()
+    (live_dir / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
 
 
 BAD_INPUT = 2
@@ -147,8 +185,13 @@ def run_in_workers(module: str, nproc_per_node: int) -> None:
     ctx = click.get_current_context()
     args = []
     for param in ctx.command.params:
-        if isinstance(param, click.Option) and ctx.params.get(param.name) is not None:
-            args += [param.opts[0], str(ctx.params[param.name])]
+        value = ctx.params.get(param.name)
+        if not isinstance(param, click.Option) or value is None:
+            continue
+        if param.is_flag:  # --baselines: the option alone, when set
+            args += [param.opts[0]] if value else []
+        else:
+            args += [param.opts[0], str(value)]
     sys.exit(launch.launch(module, args, nproc_per_node, REPORTED_EXITS))
 
 

@@ -9,9 +9,15 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-#: The evaluation stages whose dvclive metrics the report reads, in report order.
-STAGES = ("pretrain", "linear", "semisup", "transfer")
+#: The stages whose dvclive metrics the report reads, in report order: each evaluation,
+#: then the stage of its baselines (the same metric names, "…/random_init/…",
+#: "…/raw_pixels/…", "…/scratch/…", in a stage that does not read the backbone).
+STAGES = ("pretrain", "linear", "linear_baselines", "semisup", "semisup_scratch", "transfer",
+          "transfer_baselines")
+#: Stages whose params may list no baseline: they then write a metrics.json of {}.
+BASELINE_STAGES = ("linear_baselines", "transfer_baselines")
 NOT_RUN = "not run"
+NO_BASELINES = "ok (no baselines listed)"
 
 
 def flatten(tree: Mapping[str, Any], sep: str, prefix: str = "") -> dict[str, Any]:
@@ -37,7 +43,8 @@ def numeric_metrics(tree: Mapping[str, Any]) -> dict[str, float]:
 def load_metrics(live_root: Path, stages: Sequence[str] = STAGES
                  ) -> tuple[dict[str, float], dict[str, str]]:
     """All numeric metrics of LIVE_ROOT/<stage>/metrics.json, flattened with "/", and
-    each stage's status ("ok" or "not run")."""
+    each stage's status ("ok", "not run", or NO_BASELINES for a baseline stage whose
+    params list none: its metrics.json holds no metric)."""
     metrics: dict[str, float] = {}
     status: dict[str, str] = {}
     for stage in stages:
@@ -49,7 +56,8 @@ def load_metrics(live_root: Path, stages: Sequence[str] = STAGES
             status[stage] = NOT_RUN
             continue
         found = numeric_metrics(data)
-        status[stage] = "ok" if found else NOT_RUN
+        status[stage] = ("ok" if found else
+                         NO_BASELINES if stage in BASELINE_STAGES and not data else NOT_RUN)
         metrics.update(found)
     return metrics, status
 
