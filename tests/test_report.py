@@ -457,8 +457,8 @@ def test_seed_replicas_are_told_apart_from_profiles() -> None:
 
 def test_a_snapshot_from_before_colour_ops_on_is_a_seed_replica() -> None:
     """augment.colour_ops_on says where the colour ops run, not what they draw: a seed
-    snapshot made before the key existed (reports/profiles/seed1.json, seed2.json) is a
-    replica of a run with it at host, and so is one with it at device."""
+    snapshot made before the key existed is a replica of a run with it at host, and so
+    is one with it at device."""
     params = {"augment": {"resolution": 28, "colour_ops_on": "host"},
               "pretrain": {"seed": 0, "epochs": 16}}
     snap = lambda p: profile_snapshot("x", "r", p, {})  # noqa: E731
@@ -467,18 +467,6 @@ def test_a_snapshot_from_before_colour_ops_on_is_a_seed_replica() -> None:
     assert is_seed_replica(params, snap({**before, "augment": {"resolution": 28,
                                                                "colour_ops_on": "device"}}))
     assert not is_seed_replica(params, snap({**before, "augment": {"resolution": 32}}))
-    # The committed snapshots themselves: the run they replicate, with seeds 0 and the key.
-    for name in ("seed1", "seed2"):
-        saved = json.loads((REPO / "reports" / "profiles" / f"{name}.json").read_text())
-        assert "augment.colour_ops_on" not in saved["params"]
-        mine: dict = {}
-        for key, value in {**saved["params"], "augment.colour_ops_on": "host"}.items():
-            *path, last = key.split(".")
-            node = mine
-            for part in path:
-                node = node.setdefault(part, {})
-            node[last] = 0 if last == "seed" else value
-        assert is_seed_replica(mine, saved), name
 
 
 def test_a_snapshot_from_before_grad_allreduce_ran_with_fp32() -> None:
