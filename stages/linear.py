@@ -55,7 +55,7 @@ from barlow.precision import AUTOCAST
 @data_option
 @backbone_or_baselines
 @live_option
-def main(params: str, data_dir: Path, weights: Path | None, baselines: bool,
+def main(params: str, data_dir: Path, weights: Path | None,
          live_dir: Path) -> None:
     """Linear evaluation (paper Table 1) of the frozen WEIGHTS backbone on DATA, or
     (--baselines) of the baselines of linear.baselines.

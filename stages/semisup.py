@@ -56,7 +56,7 @@ from barlow.stage import (backbone_or_baselines, data_option, evaluated, live_op
 @data_option
 @backbone_or_baselines
 @live_option
-def main(params: str, data_dir: Path, weights: Path | None, baselines: bool,
+def main(params: str, data_dir: Path, weights: Path | None,
          live_dir: Path) -> None:
     """Semi-supervised fine-tuning (paper Table 2) of WEIGHTS, or (--baselines) from
     scratch.

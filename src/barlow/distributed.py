@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from barlow.errors import PEER_FAILED, Preempted
 from barlow.interrupt import die_with_parent
-from barlow.launch import report_to_launcher, under_torchrun
+from barlow.launch import report_error, under_torchrun
 from barlow.loss import (NORMALIZATIONS, LossTerms, Normalization, Variant, barlow_twins_loss,
                          combine, normalize, standardize)
 
@@ -128,9 +128,7 @@ class FailureWatch:
                 self.store.add(_SEEN_KEY, 1)
             except Exception:  # noqa: BLE001 — the store's host ended: nothing to watch
                 return
-            line = f"{stage}: stopping: rank {rank} failed: {reason}"
-            if not report_to_launcher(line):
-                print(line, file=sys.stderr, flush=True)
+            report_error(f"{stage}: stopping: rank {rank} failed: {reason}")
             os._exit(PEER_FAILED)
 
     def report(self, stage: str, reason: str, wait_s: float = 10.0) -> None:

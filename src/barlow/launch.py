@@ -22,7 +22,7 @@ import psutil
 from barlow.interrupt import STOP_SIGNALS
 
 
-#: Set by `launch` in its workers' environment (see `report_to_launcher`).
+#: Set by `launch` in its workers' environment (see `report_error`).
 _LAUNCHED = "BARLOW_LAUNCHED_WORKER"
 
 
@@ -76,7 +76,7 @@ def launch(module: str, args: Sequence[str], nproc_per_node: int,
     # The agent also logs each failure at ERROR level before raising; the exception's
     # report says the same, so a reported error stays one line.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    os.environ[_LAUNCHED] = "1"  # inherited by the workers: see report_to_launcher
+    os.environ[_LAUNCHED] = "1"  # inherited by the workers: see report_error
     # torchrun's own default for several processes, set here so that it does not print
     # a four-line notice saying so.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -113,17 +113,17 @@ def _pass_to_workers(signum: int, frame: object) -> None:
             worker.send_signal(signum)
 
 
-def report_to_launcher(line: str) -> bool:
+def report_error(line: str) -> None:
     """Hand a one-line error report to the `launch` that started this worker, which
     prints the first failing rank's line once (every rank usually meets the same bad
-    input); False when `launch` did not start this process: print it yourself.
+    input); print it on stderr when `launch` did not start this process.
 
     The line goes into torchrun's per-worker error file (TORCHELASTIC_ERROR_FILE), in
     the layout its ErrorHandler writes, which the launcher reads back on failure."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE") if os.environ.get(_LAUNCHED) else None
     if not path:
-        return False
+        print(line, file=sys.stderr, flush=True)
+        return
     report = {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}
     with open(path, "w") as f:
         json.dump({"message": report}, f)
-    return True

@@ -50,14 +50,15 @@ def backbone_or_baselines(command: Any) -> Any:
     Barlow backbone alone: a DVC stage that reruns with every pretraining) or
     ``--baselines`` (the baselines of the stage's params section alone, which read no
     weights: a DVC stage of their own that pretraining never reruns). Exactly one,
-    checked before the stage reads anything: neither or both is a usage error (exit 2)."""
+    checked before the stage reads anything: neither or both is a usage error (exit 2).
+    The command receives ``weights`` alone: None means the baselines."""
 
     @functools.wraps(command)
     def checked(*args: Any, weights: Path | None, baselines: bool, **kwargs: Any) -> Any:
         if (weights is None) == (not baselines):
             raise click.UsageError("give exactly one of --weights PATH (the backbone) or"
                                    " --baselines")
-        return command(*args, weights=weights, baselines=baselines, **kwargs)
+        return command(*args, weights=weights, **kwargs)
 
     checked = click.option(
         "--baselines", is_flag=True,
@@ -135,9 +136,7 @@ def fail(name: str, err: object, status: int) -> NoReturn:
     (`tell_other_ranks`) and exit with ``status``. A worker of barlow.launch.launch
     hands the line to the launcher instead, which prints the first failing rank's once
     for all."""
-    line = f"{name}: error: {err}"
-    if not launch.report_to_launcher(line):
-        print(line, file=sys.stderr, flush=True)
+    launch.report_error(f"{name}: error: {err}")
     tell_other_ranks(name, str(err))
     sys.exit(status)
 
