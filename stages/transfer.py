@@ -32,6 +32,10 @@ extraction, the GPU's part, is split over the ranks and gathered (barlow.probe);
 rank then fits the same heads on all rows, the ranks share the SVM fits
 (barlow.voc07.svm_share), the results are one process's, and rank 0 alone writes
 (docs/multi-gpu.md).
+
+A stop signal (SIGTERM, SIGUSR1) ends the run before the next sub-run (a set and an
+embedding) with status 4; LIVE/checkpoint.pt keeps the sub-runs done, which the next
+run logs again without redoing them (barlow.eval_checkpoint).
 """
 
 from __future__ import annotations
@@ -40,13 +44,18 @@ import contextlib
 from pathlib import Path
 
 import click
+from torch import nn
 
 from barlow import distributed as dist
 from barlow.config import AugmentConfig, DataConfig, ModelConfig, TransferConfig, load_section
 from barlow.data.convert import normalisation, read_manifest
-from barlow.data.loaders import eval_loader
+from barlow.data.loaders import SeekableLoader, eval_loader
 from barlow.data.sources import split_indices
+from barlow.eval_checkpoint import EvalCheckpoint, identity
+from barlow.evaluate import OnEpoch
 from barlow.footprint import check_fits, per_embedding
+from barlow.interrupt import stop_requests
+from barlow.params import as_dict
 from barlow.probe import (Recipe, embedding, epoch_logger, gathered_features, log_summary,
                           multilabel_batches, probe_features, split_rows)
 from barlow.stage import (backbone_or_baselines, evaluated, live_option, machine_shape,
@@ -68,7 +77,7 @@ from barlow.voc07 import voc07_svm_map, voc_devkit_targets
 @backbone_or_baselines
 @live_option
 def main(params: str, data_dir: Path, pretrain_dir: Path, weights: Path | None,
-         baselines: bool, live_dir: Path) -> None:
+         live_dir: Path) -> None:
     """Transfer evaluations (paper Table 3 protocols) of the frozen WEIGHTS backbone, or
     (--baselines) of the baselines of transfer.baselines.
 
@@ -79,7 +88,8 @@ def main(params: str, data_dir: Path, pretrain_dir: Path, weights: Path | None,
     LIVE/metrics.json (transfer/NAME/linear/EMBEDDING/top1_best, ...,
     transfer/NAME/svm/EMBEDDING/map; EMBEDDING barlow, or with --baselines each of
     transfer.baselines) and LIVE/plots/ (per-epoch curves). Exit 2: bad options, params,
-    data or weights."""
+    data or weights; 4: pre-empted (SIGTERM/SIGUSR1) between two sub-runs (a set and an
+    embedding), LIVE/checkpoint.pt written."""
     with run_stage("transfer"), contextlib.ExitStack() as stack:
         cfg = load_section(TransferConfig, "transfer", params)
         names = evaluated(weights, cfg.baselines)
@@ -88,6 +98,8 @@ def main(params: str, data_dir: Path, pretrain_dir: Path, weights: Path | None,
             write_no_evaluations(live_dir)
             return
         run_in_workers("stages.transfer", shape.devices)
+        # Until the process group is gone (as linear's).
+        stop_requested = stack.enter_context(stop_requests())
         env = stack.enter_context(dist.process_group(shape.collective_timeout_s))
         model = load_section(ModelConfig, "model", params)
         resolution = load_section(AugmentConfig, "augment", params).resolution
@@ -103,7 +115,6 @@ def main(params: str, data_dir: Path, pretrain_dir: Path, weights: Path | None,
             manifests[name] = read_manifest(train)
             sizes[name] = (manifests[name]["num_images"], num_test)
         device = env.device
-        autocast = AUTOCAST[cfg.precision]
         embeds = {name: embedding(name, model, weights, cfg.seed, device) for name in names}
         # Each set's splits, gathered per embedding, checked against the memory there is
         # before any set is read; the backbone's features named by the set's key.
@@ -114,55 +125,94 @@ def main(params: str, data_dir: Path, pretrain_dir: Path, weights: Path | None,
              "data.voc07_root" if name == "voc07" else "data.transfer_folders", name),
             model, resolution)], device)
 
+        checkpoint = EvalCheckpoint(live_dir / "checkpoint.pt", "transfer", {
+            "transfer": as_dict(cfg), "model": [model.arch, model.width, list(model.layers)],
+            "resolution": resolution, "normalisation": [mean, std],
+            "data": {name: [[m["inputs_sha256"], m["ffcv"]] for m in map(read_manifest, betons)]
+                     for name, betons in sets.items()},
+            "world_size": env.world_size,
+            "weights": identity(*([weights] if weights else []))}, env, stop_requested)
+
         live = open_live(live_dir, env)
         for dataset, betons in sets.items():
             multilabel = manifests[dataset].get("multilabel", False)
             recipe = Recipe(cfg.epochs_per_dataset.get(dataset, cfg.epochs), cfg.batch_size,
                             cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule, cfg.seed)
-            # Whole images (crop_ratio 1 keeps 8 px digits whole) resized to the model's
-            # input; sequential order, so rows line up across embeddings; this rank's share.
-            train_loader, test_loader = (
-                eval_loader(str(beton), cfg.extract_batch_size, shape.threads, resolution, mean,
-                            std, train_aug=False, crop_ratio=cfg.crop_ratio, device=device,
-                            indices=dist.shard(size, env))
-                for beton, size in zip(betons, sizes[dataset]))
+            loaders = None
             for name, embed in embeds.items():
                 prefix = f"transfer/{dataset}/linear/{name}"
-
-                def features(loader, split: str):
-                    batches = multilabel_batches(loader) if multilabel else loader
-                    feats, labels = gathered_features(embed, batches, device, autocast,
-                                                      label=f"{prefix} {split} features")
-                    return feats, voc_devkit_targets(labels) if multilabel else labels
-
-                train, test = features(train_loader, "train"), features(test_loader, "test")
-                linear = ""
-                if not multilabel:
-                    held_out = split_indices(train[1].numpy(), cfg.val_fraction, cfg.seed)[1]
-                    fit, val = split_rows(*train, held_out)
-                    result = probe_features(fit, val, test, manifests[dataset]["num_classes"],
-                                            recipe, device,
-                                            epoch_logger(live, prefix, recipe.epochs))
-                    log_summary(live, prefix, result)
-                    linear = (f"linear top-1 {result['top1_best']:.2f} (best-val epoch"
-                              f" {result['best_epoch']}), ")
-                svm = voc07_svm_map(*train, *test, costs=cfg.svm_costs, folds=cfg.svm_folds,
-                                    seed=cfg.seed, max_iter=cfg.svm_max_iter,
-                                    n_jobs=shape.threads,
-                                    label=f"transfer/{dataset}/svm/{name}", env=env)
-                live.log_metric(f"transfer/{dataset}/svm/{name}/map", svm["map"], plot=False)
-                if env.is_main:
-                    click.echo(f"transfer: {dataset} {name}: {linear}SVM mAP"
-                               f" {svm['map']:.2f}")
-                    if svm["not_converged"]:
-                        # Expected where features are far from separable (raw pixels at
-                        # large C): one line instead of scikit-learn's warning per fit.
-                        missed = svm["not_converged"]
-                        at = ", ".join(f"C={c:g}: {n}" for c, n in sorted(missed.items()))
-                        click.echo(f"transfer: {dataset} {name}: {sum(missed.values())} SVM"
-                                   f" fits stopped at transfer.svm_max_iter={cfg.svm_max_iter}"
-                                   f" without converging ({at})")
+                log = epoch_logger(live, prefix, recipe.epochs)
+                # A sub-run is one set and one embedding: its linear probe, then its SVMs.
+                done = checkpoint.done.get(f"{dataset}/{name}")
+                if done is not None:  # one the stopped run completed: logged again
+                    for row in done["linear"]["history"] if done["linear"] else ():
+                        log(row["epoch"], row)
+                else:
+                    checkpoint.stop_if_requested(f"{dataset}/{name}")
+                    if loaders is None:  # each compiles its pipeline once, for every embedding
+                        # Whole images (crop_ratio 1 keeps 8 px digits whole) resized to the
+                        # model's input; sequential order, so rows line up across
+                        # embeddings; this rank's share.
+                        loaders = [eval_loader(str(beton), cfg.extract_batch_size,
+                                               shape.threads, resolution, mean, std,
+                                               train_aug=False, crop_ratio=cfg.crop_ratio,
+                                               device=device, indices=dist.shard(size, env))
+                                   for beton, size in zip(betons, sizes[dataset])]
+                    done = evaluate_set(embed, loaders, multilabel, cfg, recipe,
+                                        manifests[dataset]["num_classes"], shape.threads, env,
+                                        prefix, f"transfer/{dataset}/svm/{name}", log)
+                    checkpoint.complete(f"{dataset}/{name}", done)
+                    if env.is_main:
+                        echo_results(dataset, name, done, cfg.svm_max_iter)
+                if done["linear"]:
+                    log_summary(live, prefix, done["linear"])
+                live.log_metric(f"transfer/{dataset}/svm/{name}/map", done["svm"]["map"],
+                                plot=False)
         live.end()
+        checkpoint.finish()
+
+
+def evaluate_set(embed: nn.Module, loaders: list[SeekableLoader], multilabel: bool,
+                 cfg: TransferConfig, recipe: Recipe, num_classes: int, jobs: int,
+                 env: dist.DistEnv, prefix: str, svm_label: str, log: OnEpoch) -> dict:
+    """One sub-run: ``embed``'s features of the set's (train, test) ``loaders``, its
+    linear probe (single-label sets; curves through ``log``) and its SVMs. Returns
+    {"linear": the probe's result or None, "svm": voc07_svm_map's}."""
+    device = env.device
+
+    def features(loader, split: str):
+        batches = multilabel_batches(loader) if multilabel else loader
+        feats, labels = gathered_features(embed, batches, device, AUTOCAST[cfg.precision],
+                                          label=f"{prefix} {split} features")
+        return feats, voc_devkit_targets(labels) if multilabel else labels
+
+    train, test = (features(loader, split) for loader, split in zip(loaders, ("train", "test")))
+    linear = None
+    if not multilabel:
+        held_out = split_indices(train[1].numpy(), cfg.val_fraction, cfg.seed)[1]
+        fit, val = split_rows(*train, held_out)
+        linear = probe_features(fit, val, test, num_classes, recipe, device, log)
+    svm = voc07_svm_map(*train, *test, costs=cfg.svm_costs, folds=cfg.svm_folds,
+                        seed=cfg.seed, max_iter=cfg.svm_max_iter, n_jobs=jobs,
+                        label=svm_label, env=env)
+    return {"linear": linear, "svm": {"map": svm["map"],
+                                      "not_converged": svm["not_converged"]}}
+
+
+def echo_results(dataset: str, name: str, done: dict, max_iter: int) -> None:
+    """Rank 0's lines for a sub-run: its figures, and the SVM fits that stopped at
+    ``max_iter``."""
+    probe = done["linear"]
+    linear = (f"linear top-1 {probe['top1_best']:.2f} (best-val epoch {probe['best_epoch']}), "
+              if probe else "")
+    click.echo(f"transfer: {dataset} {name}: {linear}SVM mAP {done['svm']['map']:.2f}")
+    missed = done["svm"]["not_converged"]
+    if missed:
+        # Expected where features are far from separable (raw pixels at large C): one
+        # line instead of scikit-learn's warning per fit.
+        at = ", ".join(f"C={c:g}: {n}" for c, n in sorted(missed.items()))
+        click.echo(f"transfer: {dataset} {name}: {sum(missed.values())} SVM fits stopped at"
+                   f" transfer.svm_max_iter={max_iter} without converging ({at})")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -172,6 +175,51 @@ def test_two_processes_under_torchrun_give_the_same_metrics(setup, finished, tmp
     metrics = json.loads((tmp_path / "live_baselines" / "metrics.json").read_text())["transfer"]
     assert metrics == finished["runs"]["baselines"]
     assert result.stdout.count("transfer: large raw_pixels: linear top-1") == 1
+
+
+def live_files(live: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(live)): p.read_bytes() for p in sorted(live.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_stop_signal_ends_the_run_between_sub_runs_and_the_rerun_equals_uninterrupted(
+        setup, tmp_path):
+    """SIGTERM to the stage's command at the first step of its second sub-run's probe
+    (small × raw_pixels, with --baselines): that sub-run finishes (probe and SVMs), the
+    stage stops before the third (large × random_init) with exit 4 and one line,
+    LIVE/checkpoint.pt written. The rerun logs the two sub-runs done again without
+    building the small set's loaders, runs the other two, and ends with the dvclive
+    files of an uninterrupted run byte for byte, and no checkpoint left."""
+    env = {**os.environ, **NO_JIT, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+
+    def run(tmp: Path, stop_at_step: int | None = None) -> subprocess.CompletedProcess:
+        tmp.mkdir(exist_ok=True)
+        hook = ({"PYTHONPATH": f"{REPO / 'tests' / 'stop_at_step'}:{REPO / 'src'}",
+                 "STOP_AT_STEP": str(stop_at_step)} if stop_at_step else {})
+        return subprocess.run([sys.executable, "-m", "stages.transfer",
+                               *stage_args(setup, tmp, run="baselines")], cwd=REPO,
+                              env={**env, **hook}, capture_output=True, text=True, timeout=600)
+
+    reference = run(tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    # A probe's steps: 48 training rows (60 less the stratified 20 % that choose the
+    # epoch) in batches of 16, EPOCHS times.
+    stopped = run(tmp_path / "stopped", stop_at_step=EPOCHS * 3 + 1)
+    live = tmp_path / "stopped" / LIVE["baselines"]
+    assert stopped.returncode == 4, stopped.stderr[-3000:]
+    assert [line for line in stopped.stderr.splitlines() if "stopped" in line] == [
+        f"transfer: stopped on request in transfer/large/random_init at its start;"
+        f" {live / 'checkpoint.pt'} holds it, the next run resumes there"]
+    assert (live / "checkpoint.pt").is_file()
+    resumed = run(tmp_path / "stopped")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"transfer: resumed from {live / 'checkpoint.pt'}: 2 run(s) done" in resumed.stdout
+    redone = resumed.stdout + resumed.stderr
+    assert "transfer/small/linear/random_init train features" not in redone
+    assert "transfer/small/svm" not in redone
+    assert live_files(live) == live_files(tmp_path / "reference" / LIVE["baselines"])
+    assert not (live / "checkpoint.pt").exists()
 
 
 @pytest.mark.slow
@@ -395,3 +443,54 @@ def test_devkit_targets_mapping():
     np.testing.assert_array_equal(voc_devkit_targets(devkit), [[1, 0, -1]])
     with pytest.raises(ValueError, match="must be 1, -1 or 0"):
         voc_devkit_targets(np.array([[2]]))
+
+
+def ignores_sigterm(proc: psutil.Process) -> bool:
+    """Whether ``proc`` ignores SIGTERM (the SigIgn mask of /proc/PID/status)."""
+    try:
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+    except OSError:  # ended
+        return False
+    mask = int(next(line for line in status.splitlines() if line.startswith("SigIgn:"))
+               .split()[1], 16)
+    return bool(mask >> (signal.SIGTERM - 1) & 1)
+
+
+@pytest.mark.slow
+def test_svm_workers_outlive_a_stop_signal_sent_to_every_process():
+    """A scheduler may signal every process of a job. The SVM search's joblib workers
+    ignore SIGTERM once they run a fit, so a search whose two workers are signalled
+    mid-way ends with the figures of one never signalled, where a worker ended by it
+    would fail the search (TerminatedWorkerError); the stage stops on its own flag."""
+    rng = np.random.default_rng(0)
+    labels, test_labels = rng.integers(0, 4, 900), rng.integers(0, 4, 300)
+    feats = rng.normal(size=(900, 128)) + 0.3 * np.eye(128)[labels]
+    test_feats = rng.normal(size=(300, 128)) + 0.3 * np.eye(128)[test_labels]
+    kwargs = {"costs": (1e-3, 0.1, 10.0, 100.0), "folds": 3, "max_iter": 3000}
+    reference = voc07_svm_map(feats, labels, test_feats, test_labels, n_jobs=1, **kwargs)
+    searching, signalled = threading.Event(), []
+
+    def signal_the_workers() -> None:
+        me = psutil.Process()
+        while searching.is_set():
+            workers = [p for p in me.children(recursive=True)
+                       if "LokyProcess" in " ".join(p.cmdline()) and ignores_sigterm(p)]
+            if len(workers) == 2:
+                for worker in workers:
+                    worker.send_signal(signal.SIGTERM)
+                signalled.extend(workers)
+                return
+            time.sleep(0.01)
+
+    searching.set()
+    watcher = threading.Thread(target=signal_the_workers)
+    watcher.start()
+    try:
+        out = voc07_svm_map(feats, labels, test_feats, test_labels, n_jobs=2, **kwargs)
+    finally:
+        searching.clear()
+        watcher.join()
+    assert len(signalled) == 2, "the search ended before both workers had run a fit"
+    assert all(worker.is_running() for worker in signalled)
+    assert {k: out[k] for k in ("map", "ap", "cv_ap", "cost")} == \
+        {k: reference[k] for k in ("map", "ap", "cv_ap", "cost")}

@@ -3,7 +3,8 @@ the one a stop interrupted, so that the next run of the stage skips the first an
 resumes the second (barlow.evaluate.Preemption).
 
 Sub-runs: the semisup stage's fine-tunings (each subset × barlow, scratch), the linear
-stage's probes (barlow and each baseline). A completed sub-run is kept as the rows and
+stage's probes (barlow and each baseline), the transfer stage's evaluations (each set ×
+embedding: its probe and SVMs, which resume only whole). A completed sub-run is kept as the rows and
 figures it logged, which the next run logs again in the same order, so its dvclive
 metrics and curves equal those of a run never stopped.
 

@@ -10,8 +10,10 @@ definitions it reports; ``voc_devkit_targets`` reads the devkit's label conventi
 
 from __future__ import annotations
 
+import os
+import signal
 import warnings
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from joblib import Parallel, delayed
@@ -23,6 +25,7 @@ from torch import Tensor
 
 from barlow import distributed as dist
 from barlow.distributed import DistEnv
+from barlow.interrupt import STOP_SIGNALS
 from barlow.progress import Progress
 
 # The cost grid of the Goyal et al. (2019) benchmark's VOC07 SVM instructions
@@ -103,6 +106,19 @@ def _fit_svm(cost: float, seed: int, max_iter: int, feats: np.ndarray,
         warnings.simplefilter("ignore", ConvergenceWarning)
         svm = _svm(cost, seed, max_iter).fit(feats, target)
     return svm, bool(svm.n_iter_ < max_iter)
+
+
+def _in_worker(parent: int, task: Callable[..., Any], *args: Any) -> Any:
+    """``task(*args)``, in a joblib worker process deaf to the stop signals from then on.
+
+    A scheduler may send its SIGTERM to every process of a job, and a worker it ended
+    would fail the whole search (joblib's TerminatedWorkerError): the stage stops on its
+    own flag instead (barlow.interrupt.stop_requests), after the fits under way. Run by
+    the ``parent`` process itself (one job), it changes nothing."""
+    if os.getpid() != parent:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+    return task(*args)
 
 
 def _fold_ap(cost: float, seed: int, max_iter: int, feats: np.ndarray, target: np.ndarray,
@@ -196,7 +212,7 @@ def voc07_svm_map(
     them, and each then refits its share of the classes and pools their test APs. Each
     fit is the one a single process would make (same rows, same seed), so every figure
     equals the one-process result exactly. A rank runs its fits in ``n_jobs``
-    processes; with a ``label``, rank 0's progress lines over its fits name it."""
+    processes, which ignore the stop signals (`_in_worker`); with a ``label``, rank 0's progress lines over its fits name it."""
     train_feats, test_feats = _l2_normalise(_numpy(train_feats)), _l2_normalise(_numpy(test_feats))
     train_labels, test_labels = _numpy(train_labels), _numpy(test_labels)
     num_classes = (train_labels.shape[1] if train_labels.ndim == 2
@@ -220,7 +236,8 @@ def voc07_svm_map(
             split = list(cv.split(train_feats, y))
             for t in search[search // per_class == c]:
                 k, f = divmod(int(t) % per_class, folds)
-                yield delayed(_fold_ap)(costs[k], seed, max_iter, train_feats, y, *split[f])
+                yield delayed(_in_worker)(os.getpid(), _fold_ap, costs[k], seed, max_iter,
+                                          train_feats, y, *split[f])
 
     progress = Progress(label, len(search), "fit") if label else None
     fits = []
@@ -246,8 +263,8 @@ def voc07_svm_map(
     refit = svm_share(num_classes, rank, world)
     keep = test_targets != -1
     tested = _pooled(refit, list(parallel(
-        delayed(_test_aps)(chosen[c], seed, max_iter, train_feats, target(c),
-                           test_feats[keep[:, c]], test_targets[keep[:, c], c])
+        delayed(_in_worker)(os.getpid(), _test_aps, chosen[c], seed, max_iter, train_feats,
+                            target(c), test_feats[keep[:, c]], test_targets[keep[:, c], c])
         for c in refit)), env)
     out = {name: [] for name in ("ap", "ap_11point", "ap_sklearn")}
     for cost, (aps, converged) in zip(chosen, tested):
