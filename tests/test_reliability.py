@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -800,6 +801,42 @@ def test_a_class_left_empty_by_skip_bad_is_refused(tmp_path):
         f"convert: error: imagefolder:{tree / 'train'} train: no images of class b"
         " (1 skipped by data.skip_bad)\n")), result.stderr
     assert not list((tmp_path / "ffcv").glob("*"))
+
+
+def unraisable_from(filename: str, error: type[Exception]):
+    """What sys.unraisablehook receives when a weakref finalizer named ``finalizer``,
+    compiled as if it lived in ``filename``, raises ``error`` (as numba's dispatcher
+    finalizer does when the garbage collector frees a compiled FFCV pipeline)."""
+    scope: dict = {}
+    exec(compile(f"def finalizer():\n    raise {error.__name__}('key')\n", filename, "exec"),
+         scope)
+    seen, hook = [], sys.unraisablehook
+    sys.unraisablehook = seen.append
+    try:
+        owner = type("Owner", (), {})()
+        weakref.finalize(owner, scope["finalizer"])
+        del owner
+    finally:
+        sys.unraisablehook = hook
+    (args,) = seen
+    return args
+
+
+def test_numbas_finalizer_key_error_is_dropped_and_every_other_printed(capsys):
+    """The stages' unraisable hook drops the KeyError of numba's dispatcher finalizer
+    (a harmless traceback that `transfer` printed mid-run) and passes every other
+    unraisable error, another file's or another type's, to Python's hook."""
+    from barlow.stage import _unraisable, numba_finalizer_error
+    numba = str(Path("site-packages") / "numba" / "core" / "dispatcher.py")
+    cases = {"numba's KeyError": unraisable_from(numba, KeyError),
+             "numba's ValueError": unraisable_from(numba, ValueError),
+             "another file's KeyError": unraisable_from(str(REPO / "x.py"), KeyError)}
+    assert [numba_finalizer_error(args) for args in cases.values()] == [True, False, False]
+    for args in cases.values():
+        _unraisable(args)
+    printed = capsys.readouterr().err
+    assert printed.count("Exception ignored") == 2
+    assert "ValueError: key" in printed and "KeyError: 'key'" in printed
 
 
 def test_a_non_finite_metric_is_refused_and_leaves_no_metrics(tmp_path, capsys):

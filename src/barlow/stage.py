@@ -5,7 +5,7 @@ Exit statuses: 0 done; 2 bad input (params, data, a checkpoint from other params
 reported in one line; 3 a fault mid-run the stage reported in one line (a non-finite
 loss, a run that took no optimisation step, a process it started that died); 4
 pre-empted: stopped on SIGTERM or SIGUSR1 after writing its checkpoint, in one line, and
-the next run resumes (pretrain, semisup, linear); 5 the
+the next run resumes (pretrain, semisup, linear, transfer); 5 the
 file system refused an output (no space left, a read-only or vanished folder, a
 file-size limit), reported in one line naming the file, an earlier version of it intact;
 6 stopped because another rank of the process group failed (barlow.distributed's
@@ -102,13 +102,35 @@ class NonFiniteMetric(RuntimeError):
     not results."""
 
 
+def numba_finalizer_error(args: Any) -> bool:
+    """Whether an unraisable error (sys.unraisablehook's ``args``) is the KeyError that
+    numba's dispatcher finalizer (numba/core/dispatcher.py) raises when the garbage
+    collector frees a compiled FFCV pipeline mid-run: the finalizer only releases
+    compiled code, which no result depends on, and its traceback reads like a failure."""
+    tb = args.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code if tb is not None else None
+    return (isinstance(args.exc_value, KeyError) and code is not None
+            and code.co_name == "finalizer"
+            and Path(code.co_filename).parts[-3:] == ("numba", "core", "dispatcher.py"))
+
+
+def _unraisable(args: Any) -> None:
+    """The stages' sys.unraisablehook: Python's own, less `numba_finalizer_error`."""
+    if not numba_finalizer_error(args):
+        sys.__unraisablehook__(args)
+
+
 @contextlib.contextmanager
 def run_stage(name: str) -> Iterator[None]:
     """Run a stage body; a BadInput (ConfigError, DataError, CheckpointError) exits with
     status 2 and its message, a NonFiniteMetric with status 3 (a fault mid-run), a
     Preempted with status 4 and its message from rank 0 (every rank stops alike), a
     write the file system refused with status 5 (module docstring). A crash is told
-    to the other ranks (`tell_other_ranks`), then raised."""
+    to the other ranks (`tell_other_ranks`), then raised. From here to the process's
+    end, the unraisable errors go to `_unraisable`."""
+    sys.unraisablehook = _unraisable
     try:
         yield
     except BadInput as err:
