@@ -109,11 +109,12 @@ def main(params: str, data_dir: Path, pretrain_dir: Path, weights: Path | None,
         voc07 = ("voc07",) if data.voc07_root else ()
         sets = {name: (data_dir / f"{name}_train.beton", data_dir / f"{name}_test.beton")
                 for name in (*cfg.datasets, *voc07, *data.transfer_folders)}
-        manifests, sizes = {}, {}
+        manifests, test_manifests = {}, {}
         for name, (train, test) in sets.items():
-            num_test = read_manifest(test)["num_images"]  # missing: fails now, not later
+            test_manifests[name] = read_manifest(test)  # missing: fails now, not later
             manifests[name] = read_manifest(train)
-            sizes[name] = (manifests[name]["num_images"], num_test)
+        sizes = {name: (manifests[name]["num_images"], test_manifests[name]["num_images"])
+                 for name in sets}
         device = env.device
         embeds = {name: embedding(name, model, weights, cfg.seed, device) for name in names}
         # Each set's splits, gathered per embedding, checked against the memory there is
@@ -128,8 +129,8 @@ def main(params: str, data_dir: Path, pretrain_dir: Path, weights: Path | None,
         checkpoint = EvalCheckpoint(live_dir / "checkpoint.pt", "transfer", {
             "transfer": as_dict(cfg), "model": [model.arch, model.width, list(model.layers)],
             "resolution": resolution, "normalisation": [mean, std],
-            "data": {name: [[m["inputs_sha256"], m["ffcv"]] for m in map(read_manifest, betons)]
-                     for name, betons in sets.items()},
+            "data": {name: [[m["inputs_sha256"], m["ffcv"]]
+                            for m in (manifests[name], test_manifests[name])] for name in sets},
             "world_size": env.world_size,
             "weights": identity(*([weights] if weights else []))}, env, stop_requested)
 

@@ -1,9 +1,11 @@
 """Shared fixtures: a tiny labelled image set as FFCV datasets, the tiny model and run
 settings the pretraining tests use, and the subsets, backbone and settings of the
-evaluation stages' tests."""
+evaluation stages' tests; what the stop-signal tests read of a run (its dvclive files, a
+process's signal masks)."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +160,18 @@ def random_backbone(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("random_backbone") / "backbone.pt"
     torch.save(backbone.state_dict(), path)
     return path
+
+
+def live_files(live: Path) -> dict[str, bytes]:
+    """Every file under a dvclive folder, by relative path: what two runs compare."""
+    return {str(p.relative_to(live)): p.read_bytes() for p in sorted(live.rglob("*"))
+            if p.is_file()}
+
+
+def in_signal_mask(pid: int, mask: str, sig: signal.Signals) -> bool:
+    """Whether ``sig`` is in process ``pid``'s ``mask`` of /proc/PID/status ("SigCgt":
+    a handler catches it, "SigIgn": ignored); OSError once the process has ended."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{mask}:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False

@@ -35,8 +35,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from barlow.stage import PREEMPTED
-from conftest import (REPO, TINY_PARAMS, linear_params, machine, repo_params,
-                      semisup_params)
+from conftest import (REPO, TINY_PARAMS, in_signal_mask, linear_params, live_files, machine,
+                      repo_params, semisup_params)
 from stages import convert, pretrain
 
 # Every test runs a stage as a subprocess, most of them killing it part-way.
@@ -311,14 +311,6 @@ STOP_PARAMS = {**PARAMS, "pretrain": {**PARAMS["pretrain"], "epochs": 2, "log_ev
 STOP_STEPS = 8  # 2 epochs × 4 steps
 
 
-def catches(pid: int, sig: signal.Signals) -> bool:
-    """Whether process ``pid`` has a handler for ``sig`` (the SigCgt mask in /proc)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("SigCgt:"):
-            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
-    return False
-
-
 def stop_mid_run(launcher: subprocess.Popen, workers: list[psutil.Process], run: Path,
                  target: int, sig: signal.Signals) -> int:
     """Once ``run`` has logged step ``target``, freeze the run (SIGSTOP), read its last
@@ -327,7 +319,8 @@ def stop_mid_run(launcher: subprocess.Popen, workers: list[psutil.Process], run:
     and that of L + 1. Returns L. Target 0: as soon as the launcher catches ``sig``
     (L = 0 unless a step was logged meanwhile)."""
     if target == 0:
-        wait_until(launcher, lambda: catches(launcher.pid, sig), f"a {sig.name} handler")
+        wait_until(launcher, lambda: in_signal_mask(launcher.pid, "SigCgt", sig),
+                   f"a {sig.name} handler")
     while True:
         wait_until(launcher, lambda: logged_step(run) >= target, f"step {target}")
         frozen = [psutil.Process(launcher.pid), *workers]
@@ -419,11 +412,6 @@ def eval_stop_point(stage: str, mode: str, step: int) -> str:
             return f"{run} at epoch {epoch}, batch {batch + 1}"
         step -= epochs * batches
     raise ValueError("past the last step")
-
-
-def live_files(live: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(live)): p.read_bytes() for p in sorted(live.rglob("*"))
-            if p.is_file()}
 
 
 @pytest.mark.parametrize("stage, mode, nproc", [

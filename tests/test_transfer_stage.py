@@ -33,7 +33,7 @@ from barlow.data.sources import Source
 from barlow.voc07 import voc07_svm_map, voc_devkit_targets
 from barlow.models import build_backbone
 from barlow.probe import SUMMARY_KEYS
-from conftest import NO_JIT, REPO, machine, repo_params
+from conftest import NO_JIT, REPO, in_signal_mask, live_files, machine, repo_params
 from stages import transfer
 EMBEDDINGS = ("barlow", "random_init", "raw_pixels")
 EPOCHS = 6
@@ -175,11 +175,6 @@ def test_two_processes_under_torchrun_give_the_same_metrics(setup, finished, tmp
     metrics = json.loads((tmp_path / "live_baselines" / "metrics.json").read_text())["transfer"]
     assert metrics == finished["runs"]["baselines"]
     assert result.stdout.count("transfer: large raw_pixels: linear top-1") == 1
-
-
-def live_files(live: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(live)): p.read_bytes() for p in sorted(live.rglob("*"))
-            if p.is_file()}
 
 
 @pytest.mark.slow
@@ -446,14 +441,11 @@ def test_devkit_targets_mapping():
 
 
 def ignores_sigterm(proc: psutil.Process) -> bool:
-    """Whether ``proc`` ignores SIGTERM (the SigIgn mask of /proc/PID/status)."""
+    """Whether ``proc`` ignores SIGTERM; False once it has ended."""
     try:
-        status = Path(f"/proc/{proc.pid}/status").read_text()
-    except OSError:  # ended
+        return in_signal_mask(proc.pid, "SigIgn", signal.SIGTERM)
+    except OSError:
         return False
-    mask = int(next(line for line in status.splitlines() if line.startswith("SigIgn:"))
-               .split()[1], 16)
-    return bool(mask >> (signal.SIGTERM - 1) & 1)
 
 
 @pytest.mark.slow

@@ -212,7 +212,8 @@ def voc07_svm_map(
     them, and each then refits its share of the classes and pools their test APs. Each
     fit is the one a single process would make (same rows, same seed), so every figure
     equals the one-process result exactly. A rank runs its fits in ``n_jobs``
-    processes, which ignore the stop signals (`_in_worker`); with a ``label``, rank 0's progress lines over its fits name it."""
+    processes, which ignore the stop signals (`_in_worker`); with a ``label``, rank 0's
+    progress lines over its fits name it."""
     train_feats, test_feats = _l2_normalise(_numpy(train_feats)), _l2_normalise(_numpy(test_feats))
     train_labels, test_labels = _numpy(train_labels), _numpy(test_labels)
     num_classes = (train_labels.shape[1] if train_labels.ndim == 2
@@ -221,7 +222,7 @@ def voc07_svm_map(
     test_targets = _label_matrix(test_labels, num_classes)
     rank, world = (env.rank, env.world_size) if env is not None else (0, 1)
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    parallel = Parallel(n_jobs=n_jobs, return_as="generator")
+    parallel, parent = Parallel(n_jobs=n_jobs, return_as="generator"), os.getpid()
 
     def target(c: int) -> np.ndarray:
         return np.where(train_targets[:, c] == 1, 1, -1)  # difficult trains as negative
@@ -236,7 +237,7 @@ def voc07_svm_map(
             split = list(cv.split(train_feats, y))
             for t in search[search // per_class == c]:
                 k, f = divmod(int(t) % per_class, folds)
-                yield delayed(_in_worker)(os.getpid(), _fold_ap, costs[k], seed, max_iter,
+                yield delayed(_in_worker)(parent, _fold_ap, costs[k], seed, max_iter,
                                           train_feats, y, *split[f])
 
     progress = Progress(label, len(search), "fit") if label else None
@@ -263,7 +264,7 @@ def voc07_svm_map(
     refit = svm_share(num_classes, rank, world)
     keep = test_targets != -1
     tested = _pooled(refit, list(parallel(
-        delayed(_in_worker)(os.getpid(), _test_aps, chosen[c], seed, max_iter, train_feats,
+        delayed(_in_worker)(parent, _test_aps, chosen[c], seed, max_iter, train_feats,
                             target(c), test_feats[keep[:, c]], test_targets[keep[:, c], c])
         for c in refit)), env)
     out = {name: [] for name in ("ap", "ap_11point", "ap_sklearn")}
