@@ -23,7 +23,7 @@ from ffcv.writer import DatasetWriter
 
 from barlow.augment import CROP_UNIFORMS, crop_box, uniforms
 from barlow.data.loaders import (ViewSpec, batches_per_epoch, eval_loader, paper_views,
-                                 pretrain_loader, view_operations)
+                                 pretrain_loader, progressive_resolution, view_operations)
 
 # numba's dispatcher finalisers raise a harmless KeyError when loaders are collected.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -340,3 +340,48 @@ def test_batches_per_epoch_over_processes():
     assert batches_per_epoch(62, 32, 2, True) == 0
     assert batches_per_epoch(62, 32, 2, False) == 1
 
+
+
+def test_progressive_resolution_is_the_ramp_formula():
+    """r(e) = step·⌊(min + f·(R − min))/step + ½⌋, f = clip((e/E − ramp0)/(ramp1 − ramp0),
+    0, 1), and R itself from e/E ≥ ramp1 on."""
+    sides = [progressive_resolution(e, 10, 28, 16, (0.1, 0.8), 4) for e in range(10)]
+    # f = 0, 0, 1/7, 2/7, …: 16 + 12f = 16, 16, 17.7, 19.4, 21.1, 22.9, 24.6, 26.3, then R.
+    assert sides == [16, 16, 16, 20, 20, 24, 24, 28, 28, 28]
+    # FFCV's ImageNet ramp (160 → 192 px over epochs 2…13 of 16, multiples of 32; its
+    # interpolation is on the epoch index itself, here e/E).
+    assert [progressive_resolution(e, 16, 192, 160, (2 / 16, 13 / 16), 32)
+            for e in (0, 2, 7, 8, 12, 13, 15)] == [160, 160, 160, 192, 192, 192, 192]
+    # A step that does not divide the sides: rounded, then clipped to [min, R].
+    assert [progressive_resolution(e, 4, 30, 17, (0.0, 1.0), 8) for e in range(4)] == [17, 24, 24, 24]
+    assert progressive_resolution(3, 4, 30, 17, (0.0, 1.0), 64) == 17  # 26.75 → 0
+    assert progressive_resolution(3, 4, 30, 17, (0.0, 1.0), 40) == 30  # 26.75 → 40
+    # A ramp of zero width is a jump; a ramp ending at 1 never reaches R.
+    assert [progressive_resolution(e, 4, 28, 12, (0.5, 0.5), 4) for e in range(4)] == [12, 12, 28, 28]
+    assert progressive_resolution(3, 4, 28, 13, (0.0, 1.0), 1) == 24  # 13 + 0.75·15 = 24.25
+
+
+def test_progressive_resizing_resizes_the_same_crops_each_epoch(square):
+    """With ``resolution_at`` epoch e is the batch a loader fixed at resolution_at(e)
+    yields for epoch e (the same boxes, flips and colours, resized otherwise), from the
+    start or after a seek, and every later epoch follows the schedule."""
+    path = square[0]
+    schedule = {0: 12, 1: 28, 2: 20}.__getitem__
+    views = paper_views_28()
+
+    def loader(side=None, **kwargs):
+        fixed = views if side is None else tuple(replace(v, resolution=side) for v in views)
+        return pretrain_loader(path, 8, 1, fixed, MEAN, STD, seed=PAPER_SEED,
+                               indices=np.arange(16), **kwargs)
+
+    with python_mode():
+        ramped = loader(resolution_at=schedule)
+        epochs = [collect(ramped) for _ in range(3)]
+        for epoch, got in enumerate(epochs):
+            fixed = loader(schedule(epoch))
+            fixed.seek(epoch)
+            assert_same_batches(got, collect(fixed))
+            assert got[0][0].shape == (8, 3, schedule(epoch), schedule(epoch))
+        resumed = loader(resolution_at=schedule)
+        resumed.seek(2, 1)
+        assert_same_batches(collect(resumed), epochs[2][1:])

@@ -108,6 +108,39 @@ def test_resume_equals_uninterrupted(uninterrupted, data_dir, tmp_path):
     assert strip_timing(resumed["logged"]) == strip_timing(full["logged"])
 
 
+PROGRESSIVE = {**PARAMS, "pretrain": {**PARAMS["pretrain"], "progressive_resize": {
+    "min_resolution": 8, "ramp": [0.5, 0.5], "step": 4}}}  # epochs 0, 1 at 8, 16 px
+
+
+@pytest.mark.slow
+def test_progressive_resizing_crops_smaller_early_and_resumes_exactly(data_dir, tmp_path,
+                                                                       capsys):
+    """min_resolution 8 and a jump at half the epochs: epoch 0 trains on 8 px views,
+    epoch 1 on augment.resolution's 16; the logged side says so, and a run resumed
+    in epoch 0 (checkpoint at step 3) ends with the uninterrupted run's weights."""
+    setup = setup_from(PROGRESSIVE)
+    full = run(setup, data_dir, tmp_path / "full")
+    assert [(step, m["resolution"]) for step, m in full["logged"]] == [
+        (2, 8), (4, 8), (6, 16), (8, 16)]
+    out = capsys.readouterr().out
+    assert "epoch 0: views cropped at 8 px" in out and "epoch 1: views cropped at 16 px" in out
+    run(setup, data_dir, tmp_path / "resumed", stop_after_steps=3)
+    resumed = run(setup, data_dir, tmp_path / "resumed")
+    for key, value in full["model"].state_dict().items():
+        assert torch.equal(value, resumed["model"].state_dict()[key]), key
+    assert strip_timing(resumed["logged"]) == strip_timing(full["logged"])
+
+
+@pytest.mark.parametrize("min_resolution, on", [(8, True), (15, True), (16, False), (28, False)])
+def test_progressive_resizing_is_off_from_the_final_side_up(min_resolution, on):
+    params = {**PROGRESSIVE, "pretrain": {**PROGRESSIVE["pretrain"], "progressive_resize": {
+        "min_resolution": min_resolution, "ramp": [0.0, 0.5], "step": 1}}}
+    resolution_at = setup_from(params).resolution_at()  # augment.resolution: 16
+    assert (resolution_at is not None) == on
+    if on:
+        assert [resolution_at(e) for e in (0, 1)] == [min_resolution, 16]
+
+
 def with_other_code(path: Path, **changes) -> None:
     """Rewrite a checkpoint as if written by other code: barlow.loss's hash changed."""
     ckpt = torch.load(path, weights_only=True)

@@ -188,6 +188,26 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
+class ProgressiveResizeConfig:
+    """`pretrain.progressive_resize:` — the side of the pretraining crops per epoch
+    (barlow.data.loaders.progressive_resolution): ``min_resolution`` px up to the
+    fraction ``ramp[0]`` of the epochs, augment.resolution from ``ramp[1]`` on, linear
+    between, rounded to a multiple of ``step``; from augment.resolution up, every epoch
+    crops at full size (barlow.train.PretrainSetup.resolution_at)."""
+
+    min_resolution: int
+    ramp: tuple[float, float]  # fractions of pretrain.epochs
+    step: int
+
+    def check(self, section: str) -> None:
+        require(self.min_resolution >= 8, f"{section}.min_resolution", "must be >= 8")
+        start, end = self.ramp
+        require(0.0 <= start <= end <= 1.0, f"{section}.ramp",
+                f"{[start, end]} is not 0 <= start <= end <= 1 (fractions of the epochs)")
+        require(self.step >= 1, f"{section}.step", "must be >= 1")
+
+
+@dataclass(frozen=True)
 class PretrainConfig:
     """`pretrain:` — optimisation, precision, checkpoints and monitoring (barlow.train)."""
 
@@ -216,6 +236,7 @@ class PretrainConfig:
     knn_k: int
     knn_temperature: float
     knn_bank_size: int  # training images in the kNN memory bank
+    progressive_resize: ProgressiveResizeConfig
 
     def check(self, section: str) -> None:
         require(self.epochs >= 1, f"{section}.epochs", "must be >= 1")

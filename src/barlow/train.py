@@ -24,6 +24,7 @@ and one checkpoint write after the signal, nothing is lost.
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import time
 from dataclasses import dataclass
@@ -39,7 +40,8 @@ from barlow.checkpoint import (CheckpointError, code_hashes, load_resumable, non
 from barlow.config import (AugmentConfig, LossConfig, ModelConfig, PretrainConfig, as_dict,
                            fingerprint)
 from barlow.data.convert import normalisation, read_manifest
-from barlow.data.loaders import config_views, eval_loader, pretrain_loader, require_batches
+from barlow.data.loaders import (config_views, eval_loader, pretrain_loader,
+                                 progressive_resolution, require_batches)
 from barlow.errors import Preempted
 from barlow.features import extract_features, knn_top1
 from barlow.models import BarlowTwins, Projector, backbone_state_dict, build_backbone
@@ -84,6 +86,18 @@ class PretrainSetup:
         return {"model": as_dict(self.model), "loss": as_dict(self.loss),
                 "augment": augment, "pretrain": pretrain,
                 "data": data, "world_size": world_size}
+
+    def resolution_at(self) -> Callable[[int], int] | None:
+        """Epoch → side of the views' crops under pretrain.progressive_resize
+        (barlow.data.loaders.progressive_resolution), or None when every epoch crops at
+        augment.resolution: min_resolution at or above it (so a smaller
+        augment.resolution, -S augment.resolution=16, needs no second edit)."""
+        resize, final = self.pretrain.progressive_resize, self.augment.resolution
+        if resize.min_resolution >= final:
+            return None
+        return functools.partial(progressive_resolution, epochs=self.pretrain.epochs,
+                                 resolution=final, min_resolution=resize.min_resolution,
+                                 ramp=resize.ramp, step=resize.step)
 
 
 def build_model(model: ModelConfig) -> BarlowTwins:
@@ -175,6 +189,7 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
     written."""
     cfg = setup.pretrain
     cfg.check_world(env.world_size)
+    resolution_at = setup.resolution_at()
     manifest = read_manifest(train_beton)
     test_manifest = read_manifest(test_beton)
     mean, std = normalisation(manifest)
@@ -215,7 +230,8 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
                              config_views(setup.augment), mean, std, seed=cfg.seed,
                              distributed=env.world_size > 1, device=env.device,
                              channels_last=cfg.channels_last,
-                             colour_ops_on=setup.augment.colour_ops_on)
+                             colour_ops_on=setup.augment.colour_ops_on,
+                             resolution_at=resolution_at)
     steps_per_epoch = len(loader)
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), total_steps)
@@ -285,10 +301,15 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
     amp = (torch.autocast(env.device.type, dtype=autocast_dtype) if autocast_dtype
            else contextlib.nullcontext())
     window_start = epoch_start = time.perf_counter()
+    shown_side = None
     while step < total_steps:
         # Mid-epoch after a resume: skip the batches the checkpointed run trained on.
         epoch = step // steps_per_epoch
         loader.seek(epoch, step % steps_per_epoch)
+        side = setup.augment.resolution if resolution_at is None else resolution_at(epoch)
+        if resolution_at is not None and env.is_main and side != shown_side:
+            print(f"pretrain: epoch {epoch}: views cropped at {side} px", flush=True)
+        shown_side = side
         model.train()
         for y1, y2 in loader:
             lrs = {name: warmup_cosine(step, total_steps, warmup_steps, lr, cfg.final_lr_ratio)
@@ -321,6 +342,8 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
                 metrics.update(lr_weights=lrs["weights"], lr_biases=lrs["biases"],
                                epoch=step / steps_per_epoch,
                                pairs_per_s=window_steps * cfg.batch_size / elapsed)
+                if resolution_at is not None:
+                    metrics["resolution"] = side
                 if epoch_done:
                     metrics["epoch_time_s"] = time.perf_counter() - epoch_start
                     if cfg.knn_every_epochs and (epoch + 1) % cfg.knn_every_epochs == 0:

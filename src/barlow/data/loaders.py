@@ -72,7 +72,8 @@ from barlow.augment import (ColorJitter, ColourParams, GaussianBlur, RandomGrays
 from barlow.config import AugmentConfig, require
 
 __all__ = ["ViewSpec", "paper_views", "config_views", "view_operations", "colour_params",
-           "pretrain_loader", "eval_loader", "SeekableLoader", "COLOUR_OPS_ON"]
+           "pretrain_loader", "eval_loader", "SeekableLoader", "COLOUR_OPS_ON",
+           "progressive_resolution"]
 
 Order = Literal["random", "sequential", "quasi_random"]
 
@@ -242,16 +243,50 @@ def _image_tail(mean: Sequence[float], std: Sequence[float], device: torch.devic
             NormalizeOnDevice(mean, std, gpu_dtype, channels_last)]
 
 
-class SeekableLoader(Loader):
-    """ffcv's Loader with ``seek``: resume at any (epoch, batch) of a run."""
+def progressive_resolution(epoch: int, epochs: int, resolution: int, min_resolution: int,
+                           ramp: Tuple[float, float], step: int) -> int:
+    """The side of epoch ``epoch``'s crops under progressive resizing (FFCV's ImageNet
+    recipe), for epochs 0 … ``epochs`` − 1 ending at ``resolution``:
 
-    def __init__(self, *args, finish: Optional[Callable[[tuple], tuple]] = None, **kwargs):
+        t    = epoch / epochs,   f = clip((t − ramp[0]) / (ramp[1] − ramp[0]), 0, 1)
+        r(e) = step · ⌊(min_resolution + f · (resolution − min_resolution)) / step + ½⌋
+
+    clipped to [min_resolution, resolution]; from t ≥ ramp[1] on (also when ramp[0] =
+    ramp[1]) the epochs crop at ``resolution`` exactly. A step's cost
+    falls faster than r² at small sides, which is what the early epochs save; the
+    features then adapt to the full side in the epochs after the ramp.
+    """
+    start, end = ramp
+    t = epoch / epochs
+    if t >= end:
+        return resolution
+    f = 0.0 if t <= start else (t - start) / (end - start)
+    side = step * int((min_resolution + f * (resolution - min_resolution)) / step + 0.5)
+    return min(max(side, min_resolution), resolution)
+
+
+class SeekableLoader(Loader):
+    """ffcv's Loader with ``seek``: resume at any (epoch, batch) of a run; with
+    ``resolution_at``, the crop decoders ``crops`` output ``resolution_at(e)`` px in
+    epoch e (progressive resizing)."""
+
+    def __init__(self, *args, finish: Optional[Callable[[tuple], tuple]] = None,
+                 crops: Sequence[RandomResizedCrop] = (),
+                 resolution_at: Optional[Callable[[int], int]] = None, **kwargs):
         self._skip_batches = 0  # read by next_traversal_order, which Loader.__init__ calls
         #: Applied to every batch (pretrain_loader's colour_ops_on="device"), or None.
         self.finish = finish
+        self.crops, self.resolution_at = tuple(crops), resolution_at
         super().__init__(*args, **kwargs)
 
     def __iter__(self):
+        if self.resolution_at is not None:
+            # ffcv sizes every buffer from the decoder's output_size when an epoch starts
+            # (Loader.__iter__ → allocate_memory); the compiled code reads shapes from
+            # its arrays, so a new side needs no recompilation.
+            side = self.resolution_at(self.next_epoch)
+            for crop in self.crops:
+                crop.output_size = (side, side)
         batches = super().__iter__()
         return batches if self.finish is None else map(self.finish, batches)
 
@@ -314,7 +349,8 @@ def pretrain_loader(beton_path: str, batch_size: int, num_workers: int,
                     drop_last: bool = True, order: Order = "random",
                     indices: Optional[Sequence[int]] = None,
                     gpu_dtype: torch.dtype = torch.float32, batches_ahead: int = 3,
-                    colour_ops_on: str = "host") -> SeekableLoader:
+                    colour_ops_on: str = "host",
+                    resolution_at: Optional[Callable[[int], int]] = None) -> SeekableLoader:
     """A Loader yielding (view_a, view_b): two augmentations of the same images.
 
     Both views read the field 'image' (two PipelineSpecs with source 'image'); labels
@@ -322,14 +358,15 @@ def pretrain_loader(beton_path: str, batch_size: int, num_workers: int,
     CUDA, normalised as (x/255 − mean)/std with mean and std in [0, 1] units.
     With ``distributed`` each process gets its 1/world_size share (needs an initialised
     process group); ``seed`` must then be the same on every process.
-    ``colour_ops_on``: "host" or "device" (module docstring).
+    ``colour_ops_on``: "host" or "device" (module docstring). ``resolution_at``: epoch →
+    side of both views' crops (``progressive_resolution``); None: the views' resolution.
     """
     if colour_ops_on not in COLOUR_OPS_ON:
         raise ValueError(f"colour_ops_on must be one of {COLOUR_OPS_ON}, got {colour_ops_on!r}")
     device = torch.device(device)
     on_host = colour_ops_on == "host"
     pipelines = {"image": None, "label": None}
-    params, thresholds = {}, []
+    params, thresholds, crops = {}, [], []
     for index, (name, view) in enumerate(zip(("view_a", "view_b"), views, strict=True)):
         ops = view_operations(view, seed, index, colour_ops=on_host)
         if on_host:
@@ -343,6 +380,7 @@ def pretrain_loader(beton_path: str, batch_size: int, num_workers: int,
                                                     transforms=[colour, ToTensor()])
             thresholds.append(colour.solarize.threshold)
         pipelines[name] = PipelineSpec("image", decoder=ops[0], transforms=ops[1:] + tail)
+        crops.append(ops[0])
     pipelines.update(params)  # after both views: the loader yields pipelines in this order
     finish = None if on_host else _ColourOnDevice(
         thresholds, mean, std, device, torch.float32 if device.type == "cpu" else gpu_dtype,
@@ -350,7 +388,8 @@ def pretrain_loader(beton_path: str, batch_size: int, num_workers: int,
     return SeekableLoader(str(beton_path), batch_size=batch_size, num_workers=num_workers,
                   order=_order(order), distributed=distributed, seed=seed,
                   indices=indices, pipelines=pipelines, drop_last=drop_last,
-                  batches_ahead=batches_ahead, finish=finish)
+                  batches_ahead=batches_ahead, finish=finish, crops=crops,
+                  resolution_at=resolution_at)
 
 
 def eval_loader(beton_path: str, batch_size: int, num_workers: int, resolution: int,
