@@ -135,8 +135,11 @@ def test_progressive_resizing_crops_smaller_early_and_resumes_exactly(data_dir, 
 def test_progressive_resizing_is_off_from_the_final_side_up(min_resolution, on):
     params = {**PROGRESSIVE, "pretrain": {**PROGRESSIVE["pretrain"], "progressive_resize": {
         "min_resolution": min_resolution, "ramp": [0.0, 0.5], "step": 1}}}
-    resolution_at = setup_from(params).resolution_at()  # augment.resolution: 16
+    setup = setup_from(params)
+    resolution_at = setup.resolution_at()  # augment.resolution: 16
     assert (resolution_at is not None) == on
+    # Off, the ramp changes no weight: checkpoints of runs before the key existed resume.
+    assert ("progressive_resize" in setup.resume_config({}, 1)["pretrain"]) == on
     if on:
         assert [resolution_at(e) for e in (0, 1)] == [min_resolution, 16]
 

@@ -79,6 +79,10 @@ class PretrainSetup:
         batches than the interrupted run."""
         pretrain = as_dict(self.pretrain)
         pretrain.pop("checkpoint_every_steps")
+        if self.resolution_at() is None:
+            # Every epoch at full size, whatever the ramp's other values: the same
+            # weights as a run of the code before progressive resizing, which resumes.
+            pretrain.pop("progressive_resize")
         # Where the colour ops run changes no draw, only a rare last rounding (±1 grey
         # level, as compiled vs uncompiled): a run may resume on the other side.
         augment = as_dict(self.augment)
