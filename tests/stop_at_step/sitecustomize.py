@@ -9,6 +9,7 @@ import os
 
 if "STOP_AT_STEP" in os.environ and os.environ.get("RANK", "0") == "0":
     import signal
+    import time
 
     import torch
 
@@ -18,10 +19,25 @@ if "STOP_AT_STEP" in os.environ and os.environ.get("RANK", "0") == "0":
         out = _step(self, *args, **kwargs)
         _steps[0] += 1
         if _steps[0] == _stop_at:
-            launched = "BARLOW_LAUNCHED_WORKER" in os.environ
-            os.kill(os.getppid() if launched else os.getpid(), signal.SIGTERM)
-            if launched:
-                signal.pause()  # returns once the launcher's SIGTERM was handled here
+            if "BARLOW_LAUNCHED_WORKER" not in os.environ:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return out
+            # Wait until the launcher's copy has been handled here (Python runs the
+            # handler in this thread, whichever thread the kernel gave the signal to).
+            # A kill followed by pause() would wait forever when that copy came and was
+            # handled between the two calls, and the other ranks would time out.
+            handler, handled = signal.getsignal(signal.SIGTERM), []
+
+            def note(signum, frame):
+                handled.append(signum)
+                if callable(handler):  # the stage's stop handler (barlow.interrupt)
+                    handler(signum, frame)
+
+            signal.signal(signal.SIGTERM, note)
+            os.kill(os.getppid(), signal.SIGTERM)
+            while not handled:
+                time.sleep(0.001)
+            signal.signal(signal.SIGTERM, handler)
         return out
 
     torch.optim.SGD.step = _step_then_stop
