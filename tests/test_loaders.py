@@ -341,10 +341,9 @@ def test_batches_per_epoch_over_processes():
     assert batches_per_epoch(62, 32, 2, False) == 1
 
 
-
 def test_progressive_resolution_is_the_ramp_formula():
-    """r(e) = step·⌊(min + f·(R − min))/step + ½⌋, f = clip((e/E − ramp0)/(ramp1 − ramp0),
-    0, 1), and R itself from e/E ≥ ramp1 on."""
+    """r(e) = step·⌊(min + f·(R − min))/step + ½⌋ with
+    f = clip((e/E − ramp0)/(ramp1 − ramp0), 0, 1), and R itself from e/E ≥ ramp1 on."""
     sides = [progressive_resolution(e, 10, 28, 16, (0.1, 0.8), 4) for e in range(10)]
     # f = 0, 0, 1/7, 2/7, …: 16 + 12f = 16, 16, 17.7, 19.4, 21.1, 22.9, 24.6, 26.3, then R.
     assert sides == [16, 16, 16, 20, 20, 24, 24, 28, 28, 28]
@@ -353,11 +352,13 @@ def test_progressive_resolution_is_the_ramp_formula():
     assert [progressive_resolution(e, 16, 192, 160, (2 / 16, 13 / 16), 32)
             for e in (0, 2, 7, 8, 12, 13, 15)] == [160, 160, 160, 192, 192, 192, 192]
     # A step that does not divide the sides: rounded, then clipped to [min, R].
-    assert [progressive_resolution(e, 4, 30, 17, (0.0, 1.0), 8) for e in range(4)] == [17, 24, 24, 24]
+    assert [progressive_resolution(e, 4, 30, 17, (0.0, 1.0), 8)
+            for e in range(4)] == [17, 24, 24, 24]
     assert progressive_resolution(3, 4, 30, 17, (0.0, 1.0), 64) == 17  # 26.75 → 0
     assert progressive_resolution(3, 4, 30, 17, (0.0, 1.0), 40) == 30  # 26.75 → 40
     # A ramp of zero width is a jump; a ramp ending at 1 never reaches R.
-    assert [progressive_resolution(e, 4, 28, 12, (0.5, 0.5), 4) for e in range(4)] == [12, 12, 28, 28]
+    assert [progressive_resolution(e, 4, 28, 12, (0.5, 0.5), 4)
+            for e in range(4)] == [12, 12, 28, 28]
     assert progressive_resolution(3, 4, 28, 13, (0.0, 1.0), 1) == 24  # 13 + 0.75·15 = 24.25
 
 

@@ -64,6 +64,12 @@ def strip_timing(rows):
     return [(step, {k: v for k, v in m.items() if k not in TIMING}) for step, m in rows]
 
 
+def assert_same_weights(a: dict, b: dict) -> None:
+    """Two runs' models hold bit-identical tensors."""
+    for key, value in a["model"].state_dict().items():
+        assert torch.equal(value, b["model"].state_dict()[key]), key
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
@@ -103,8 +109,7 @@ def test_resume_equals_uninterrupted(uninterrupted, data_dir, tmp_path):
     assert first["step"] == 5
     resumed = run(setup, data_dir, tmp_path)
     assert resumed["step"] == 8
-    for key, value in full["model"].state_dict().items():
-        assert torch.equal(value, resumed["model"].state_dict()[key]), key
+    assert_same_weights(full, resumed)
     assert strip_timing(resumed["logged"]) == strip_timing(full["logged"])
 
 
@@ -126,8 +131,7 @@ def test_progressive_resizing_crops_smaller_early_and_resumes_exactly(data_dir, 
     assert "epoch 0: views cropped at 8 px" in out and "epoch 1: views cropped at 16 px" in out
     run(setup, data_dir, tmp_path / "resumed", stop_after_steps=3)
     resumed = run(setup, data_dir, tmp_path / "resumed")
-    for key, value in full["model"].state_dict().items():
-        assert torch.equal(value, resumed["model"].state_dict()[key]), key
+    assert_same_weights(full, resumed)
     assert strip_timing(resumed["logged"]) == strip_timing(full["logged"])
 
 
@@ -167,8 +171,7 @@ def test_a_finished_run_of_other_code_starts_over(uninterrupted, data_dir, tmp_p
     with_other_code(ckpt_path, model=stale)
     rerun = run(setup_from(PARAMS), data_dir, tmp_path)
     assert "a finished run of other code (changed: barlow.loss); starting over" in capsys.readouterr().out
-    for key, value in full["model"].state_dict().items():
-        assert torch.equal(value, rerun["model"].state_dict()[key]), key
+    assert_same_weights(full, rerun)
     assert torch.load(ckpt_path, weights_only=True)["code"]["barlow.loss"] != "0" * 16
 
 
@@ -183,8 +186,7 @@ def test_an_interrupted_run_of_other_code_resumes_and_says_so(uninterrupted, dat
     output = capsys.readouterr().out
     assert "resuming an interrupted run although the code changed since" in output
     assert "resumed from" in output and resumed["step"] == 8
-    for key, value in full["model"].state_dict().items():
-        assert torch.equal(value, resumed["model"].state_dict()[key]), key
+    assert_same_weights(full, resumed)
 
 
 @pytest.mark.slow

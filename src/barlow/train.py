@@ -310,10 +310,11 @@ def pretrain(setup: PretrainSetup, train_beton: Path, test_beton: Path, out_dir:
         # Mid-epoch after a resume: skip the batches the checkpointed run trained on.
         epoch = step // steps_per_epoch
         loader.seek(epoch, step % steps_per_epoch)
-        side = setup.augment.resolution if resolution_at is None else resolution_at(epoch)
-        if resolution_at is not None and env.is_main and side != shown_side:
-            print(f"pretrain: epoch {epoch}: views cropped at {side} px", flush=True)
-        shown_side = side
+        if resolution_at is not None:
+            side = resolution_at(epoch)
+            if env.is_main and side != shown_side:
+                print(f"pretrain: epoch {epoch}: views cropped at {side} px", flush=True)
+            shown_side = side
         model.train()
         for y1, y2 in loader:
             lrs = {name: warmup_cosine(step, total_steps, warmup_steps, lr, cfg.final_lr_ratio)

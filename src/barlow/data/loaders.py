@@ -252,9 +252,9 @@ def progressive_resolution(epoch: int, epochs: int, resolution: int, min_resolut
         r(e) = step · ⌊(min_resolution + f · (resolution − min_resolution)) / step + ½⌋
 
     clipped to [min_resolution, resolution]; from t ≥ ramp[1] on (also when ramp[0] =
-    ramp[1]) the epochs crop at ``resolution`` exactly. A step's cost
-    falls faster than r² at small sides, which is what the early epochs save; the
-    features then adapt to the full side in the epochs after the ramp.
+    ramp[1]) the epochs crop at ``resolution`` exactly. A step's cost falls roughly
+    as r², which is what the early epochs save; the features then adapt to the full
+    side in the epochs after the ramp.
     """
     start, end = ramp
     t = epoch / epochs
